@@ -1,0 +1,146 @@
+"""The contract every quantization method implements.
+
+A method is a class with a registry ``name``, a nested pydantic ``Config`` for its options
+and its ``capabilities`` as data. The runner drives the lifecycle; the method never sees
+YAML, MLflow, files (other than the export path) or clocks::
+
+    prepare(model) -> calibrate(model, forward_loop) -> train(model, train_loop)
+        -> convert(model) -> export(model, example_inputs, path)
+
+Each step returns the model and the runner always uses the returned value. ``calibrate``
+is called only when ``capabilities.needs_calibration``, ``train`` only when
+``capabilities.needs_training``. The runner owns the data: ``forward_loop(model)`` runs the
+calibration batches through ``model``; ``train_loop(model, optimizer, steps)`` runs
+``steps`` optimisation steps of the task loss with the method's optimizer.
+
+A complete plugin, weight-only round-to-nearest with one scale per tensor, simulated in
+fp32 (so it is honestly not smaller)::
+
+    import torch
+    from pydantic import Field
+    from qatbench.methods.base import Capabilities, MethodConfig, QuantMethod
+
+    class PerTensorRtn(QuantMethod):
+        name = "per_tensor_rtn"
+        capabilities = Capabilities(weight_bits=frozenset({4, 8}), weight_only=True)
+
+        class Config(MethodConfig):
+            skip_last: bool = Field(False, description="keep the classifier in fp32")
+
+        def convert(self, model: torch.nn.Module) -> torch.nn.Module:
+            linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+            if self.config.skip_last:
+                linears = linears[:-1]
+            qmax = 2 ** (self.bits.weight - 1) - 1
+            with torch.no_grad():
+                for layer in linears:
+                    scale = layer.weight.abs().max().clamp(min=1e-12) / qmax
+                    layer.weight.copy_((layer.weight / scale).round().clamp(-qmax, qmax) * scale)
+            return model
+
+Register it in the plugin package's ``pyproject.toml``::
+
+    [project.entry-points."qatbench.methods"]
+    per_tensor_rtn = "my_package.rtn:PerTensorRtn"
+
+and name it in an experiment: ``methods: [{name: per_tensor_rtn, options: {skip_last: true}}]``
+with ``bits: [w4, w8]``. ``tests/test_method_contract.py`` runs the contract kit over every
+registered method; ``qatbench.methods.contract.check_method`` runs it on one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from qatbench.bitwidth import FP32, BitWidth
+
+ForwardLoop = Callable[[torch.nn.Module], None]
+TrainLoop = Callable[[torch.nn.Module, torch.optim.Optimizer, int], None]
+
+ALL_RUNTIMES = frozenset({"torch", "onnxruntime"})
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's options: unknown keys rejected, values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do, as data the spec checks before anything is built.
+
+    ``weight_bits`` empty means the method does not quantize (it runs once, as ``fp32``).
+    ``activation_bits`` lists the activation widths of ``wNaM`` labels; ``weight_only``
+    says whether ``wN`` labels (activations left in floating point) are accepted.
+    """
+
+    weight_bits: frozenset[int] = frozenset()
+    activation_bits: frozenset[int] = frozenset()
+    weight_only: bool = False
+    needs_calibration: bool = False
+    needs_training: bool = False
+    runtimes: frozenset[str] = field(default_factory=lambda: ALL_RUNTIMES)
+
+    @property
+    def quantizes(self) -> bool:
+        return bool(self.weight_bits)
+
+    def allowed_bits(self) -> list[str]:
+        """Every bit-width label this method accepts, for error messages and listings."""
+        if not self.quantizes:
+            return ["fp32"]
+        labels = [f"w{w}" for w in sorted(self.weight_bits)] if self.weight_only else []
+        labels += [f"w{w}a{a}" for w in sorted(self.weight_bits) for a in sorted(self.activation_bits)]
+        return labels
+
+    def accepts(self, bits: BitWidth) -> bool:
+        if not self.quantizes:
+            return bits == FP32
+        if bits.weight not in self.weight_bits:
+            return False
+        if bits.weight_only:
+            return self.weight_only
+        return bits.activation in self.activation_bits
+
+
+class QuantMethod:
+    """Base class of quantization methods; override the lifecycle steps you need."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    capabilities: ClassVar[Capabilities] = Capabilities()
+
+    def __init__(self, config: MethodConfig | None = None, bits: BitWidth = FP32) -> None:
+        self.config: Any = config if config is not None else self.Config()
+        self.bits = bits
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Insert observers or fake-quant modules; return the model to calibrate/train."""
+        return model
+
+    def calibrate(self, model: torch.nn.Module, forward_loop: ForwardLoop) -> torch.nn.Module:
+        """Run ``forward_loop(model)`` to collect activation statistics."""
+        return model
+
+    def train(self, model: torch.nn.Module, train_loop: TrainLoop) -> torch.nn.Module:
+        """Fine-tune with ``train_loop(model, optimizer, steps)``."""
+        return model
+
+    def convert(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Return the deployable model (real integers where the method claims them)."""
+        return model
+
+    def export(
+        self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path
+    ) -> Path:
+        """Write the converted model as ONNX to ``path`` and return it."""
+        from qatbench.export import export_onnx
+
+        return export_onnx(model, example_inputs, path)

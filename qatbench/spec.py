@@ -1,0 +1,312 @@
+"""Experiment files: YAML -> validated :class:`ExperimentSpec` -> ``expand()`` -> trials.
+
+Everything is checked when the file is loaded, before any model is built: unknown keys,
+types, method options (each method's own ``Config``), names of models, methods, runtimes
+and datasets, and whether a method can do a bit-width on a runtime. Errors are
+:class:`ConfigError` with one line naming the file, the key path, the bad value and what is
+allowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from qatbench import registry
+from qatbench.bitwidth import FP32, BitWidth
+from qatbench.errors import ConfigError, UnknownNameError
+from qatbench.expectations import Expectation, parse_expectation
+
+SPEC_SCHEMA_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.]*$"  # safe in trial ids, paths and MLflow names
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+ExpectList = list[str]
+
+
+class ModelEntry(_Strict):
+    """A model of the grid: a registered name, or ``factory: package.module:function``."""
+
+    name: Name
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    options: dict[str, Any] = Field(default_factory=dict)
+    expect: ExpectList = Field(default_factory=list)
+
+
+class MethodEntry(_Strict):
+    """A method of the grid with its options and, optionally, its own bit-widths."""
+
+    name: Name
+    options: dict[str, Any] = Field(default_factory=dict)
+    bits: list[str] | None = None
+    expect: ExpectList = Field(default_factory=list)
+
+
+class DataSpec(_Strict):
+    """Which dataset feeds calibration, training and evaluation, and how much of it."""
+
+    dataset: Literal["digits", "synthetic"] = "digits"
+    calibration_samples: int = Field(256, ge=1, le=100_000)
+    eval_samples: int = Field(512, ge=1, le=100_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    pretrain_epochs: int = Field(30, ge=0, le=1000)
+
+
+class MeasureSpec(_Strict):
+    """How latency is measured: batch sizes, warm-up, calibrated rounds, a time budget."""
+
+    batch_sizes: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(
+        default_factory=lambda: [1, 64], min_length=1
+    )
+    warmup_s: float = Field(0.2, ge=0, le=60)
+    min_round_s: float = Field(0.002, gt=0, le=10)
+    min_rounds: int = Field(15, ge=3, le=100_000)
+    max_time_s: float = Field(4.0, gt=0, le=3600)
+    threads: int = Field(1, ge=1, le=1024)
+    per_layer: bool = True
+
+
+class TrackingSpec(_Strict):
+    """Where results are logged; ``uri: null`` is the embedded store under ``mlruns/``."""
+
+    uri: str | None = None
+    experiment: Name | None = None
+
+
+class ExperimentSpec(_Strict):
+    """A whole experiment file, validated."""
+
+    schema_version: Literal[1] = 1
+    name: Name
+    description: str = ""
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    models: list[ModelEntry] = Field(min_length=1)
+    methods: list[MethodEntry] = Field(min_length=1)
+    bits: list[str] = Field(default_factory=lambda: ["w8a8"], min_length=1)
+    runtimes: list[Literal["torch", "onnxruntime"]] = Field(
+        default_factory=lambda: ["torch"], min_length=1
+    )
+    exclude: list[dict[Literal["model", "method", "bits", "runtime"], str]] = Field(
+        default_factory=list
+    )
+    data: DataSpec = Field(default_factory=DataSpec)
+    measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    timeout_s: float = Field(900, gt=0, le=86_400)
+    expect: ExpectList = Field(default_factory=list)
+
+    @field_validator("models", "methods", mode="before")
+    @classmethod
+    def _names_to_entries(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_parse(cls, value: list[str]) -> list[str]:
+        return [BitWidth.parse(v).label for v in value]
+
+    def expand(self) -> list[TrialSpec]:
+        """The grid models x methods x bits x runtimes, minus exclusions and combinations
+        a method's capabilities rule out. A method that does not quantize runs once per
+        model and runtime with bits ``fp32``."""
+        trials: list[TrialSpec] = []
+        for model in self.models:
+            for method in self.methods:
+                caps = registry.methods.get(method.name).capabilities
+                labels = method.bits if method.bits is not None else self.bits
+                if not caps.quantizes:
+                    labels = [FP32.label]
+                for bits in labels:
+                    if not caps.accepts(BitWidth.parse(bits)):
+                        continue
+                    for runtime in self.runtimes:
+                        if runtime not in caps.runtimes:
+                            continue
+                        axes = {"model": model.name, "method": method.name, "bits": bits,
+                                "runtime": runtime}
+                        if any(all(axes[k] == v for k, v in ex.items()) for ex in self.exclude):
+                            continue
+                        trials.append(TrialSpec(
+                            experiment=self.name, model=model, method=method, bits=bits,
+                            runtime=runtime, data=self.data, measure=self.measure,
+                            seed=self.seed, timeout_s=self.timeout_s,
+                            expect=tuple(self.expect) + tuple(model.expect) + tuple(method.expect),
+                        ))
+        return trials
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One cell of the grid: plain picklable data handed to a worker process."""
+
+    experiment: str
+    model: ModelEntry
+    method: MethodEntry
+    bits: str
+    runtime: str
+    data: DataSpec
+    measure: MeasureSpec
+    seed: int
+    timeout_s: float
+    expect: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return f"{self.model.name}-{self.method.name}-{self.bits}-{self.runtime}"
+
+    def expectations(self) -> list[Expectation]:
+        return [parse_expectation(e) for e in self.expect]
+
+
+def load_experiment(path: str | Path) -> ExperimentSpec:
+    """Read and validate an experiment file; raises ConfigError naming file, key and value."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such experiment file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not an experiment file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    return validate_experiment(data, source=str(path))
+
+
+def validate_experiment(data: Any, source: str = "<experiment>") -> ExperimentSpec:
+    """Validate a parsed YAML document (see :func:`load_experiment`)."""
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty; an experiment needs name, models, methods")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of keys, got {type(data).__name__}"
+        )
+    version = data.get("schema_version", SPEC_SCHEMA_VERSION)
+    if version != SPEC_SCHEMA_VERSION:
+        raise ConfigError(
+            f"{source}: schema_version: {version!r} is not supported; allowed: {SPEC_SCHEMA_VERSION}"
+        )
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    _check_names_and_capabilities(spec, source)
+    if not spec.expand():
+        raise ConfigError(f"{source}: the grid is empty after exclusions and capabilities")
+    return spec
+
+
+def _describe(exc: ValidationError) -> str:
+    """First validation error as 'key.path: message (got value)' plus how many more."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = _key_path(first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{loc or '(top level)'}: {msg}{shown}{more}"
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
+    for i, model in enumerate(spec.models):
+        where = f"{source}: models[{i}].name"
+        if model.factory:
+            _resolve_factory(model.factory, f"{source}: models[{i}].factory")
+        elif model.name not in registry.models:
+            raise UnknownNameError("model", model.name, registry.models.names(), where=where)
+    for i, method in enumerate(spec.methods):
+        where = f"{source}: methods[{i}]"
+        cls = registry.methods.get(method.name, where=f"{where}.name")
+        try:
+            cls.Config.model_validate(method.options)
+        except ValidationError as exc:
+            raise ConfigError(f"{where}.options.{_describe(exc)}") from None
+        caps = cls.capabilities
+        own_bits = method.bits is not None
+        for j, label in enumerate(method.bits or []):
+            try:
+                bits = BitWidth.parse(label)
+            except ValueError as exc:
+                raise ConfigError(f"{where}.bits[{j}]: {exc}") from None
+            if not caps.accepts(bits):
+                raise ConfigError(
+                    f"{where}.bits[{j}]: method {method.name!r} cannot do {label!r}; "
+                    f"allowed: {', '.join(caps.allowed_bits())}"
+                )
+        if caps.quantizes and not own_bits and not any(
+            caps.accepts(BitWidth.parse(b)) for b in spec.bits
+        ):
+            raise ConfigError(
+                f"{source}: bits: method {method.name!r} can do none of {spec.bits}; "
+                f"allowed: {', '.join(caps.allowed_bits())}"
+            )
+        if not any(r in caps.runtimes for r in spec.runtimes):
+            raise ConfigError(
+                f"{source}: runtimes: method {method.name!r} runs on none of {spec.runtimes}; "
+                f"allowed: {', '.join(sorted(caps.runtimes))}"
+            )
+    for i, rule in enumerate(spec.exclude):
+        if not rule:
+            raise ConfigError(f"{source}: exclude[{i}]: an empty rule would exclude everything")
+    for where, items in _expect_lists(spec):
+        for j, text in enumerate(items):
+            try:
+                parse_expectation(text)
+            except ValueError as exc:
+                raise ConfigError(f"{source}: {where}[{j}]: {exc}") from None
+
+
+def _expect_lists(spec: ExperimentSpec) -> list[tuple[str, list[str]]]:
+    lists = [("expect", spec.expect)]
+    lists += [(f"models[{i}].expect", m.expect) for i, m in enumerate(spec.models)]
+    lists += [(f"methods[{i}].expect", m.expect) for i, m in enumerate(spec.methods)]
+    return lists
+
+
+def _resolve_factory(target: str, where: str) -> Any:
+    """Import ``package.module:function``. This runs the user's own code, by design."""
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's module: any import failure is their error
+        raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}".splitlines()[0]) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"{where}: {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def resolve_model_factory(entry: ModelEntry) -> Any:
+    """The callable that builds ``entry``'s model: a registered model or a user factory."""
+    if entry.factory:
+        return _resolve_factory(entry.factory, f"model {entry.name}")
+    return registry.models.get(entry.name)
+
