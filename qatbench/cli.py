@@ -1,0 +1,155 @@
+"""The thin command line: ``run``, ``validate``, ``list``, ``report``.
+
+User errors (:class:`QatbenchError`) are caught once, in :func:`main`, and printed as one
+line without a traceback. Exit codes: 0 all ran and every expectation held; 1 a trial
+failed or an expectation was breached; 2 the command line or an experiment file is wrong.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from qatbench import registry
+from qatbench.errors import ConfigError, QatbenchError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Benchmark quantization methods from YAML experiments; results go to MLflow.",
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def _expand(patterns: list[str]) -> list[Path]:
+    """Files named or matched by glob patterns (for shells that leave them unexpanded)."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise ConfigError(f"{pattern}: no experiment file matches")
+        paths += [Path(m) for m in matches]
+    return paths
+
+
+@app.command()
+def run(
+    files: Annotated[list[str], typer.Argument(help="experiment YAML files or globs")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: the YAML's, else ./mlruns)")
+    ] = None,
+    output_dir: Annotated[Path, typer.Option(help="folder for per-run reports")] = Path("reports"),
+) -> None:
+    """Run experiments: every model x method x bits x runtime trial, logged and reported."""
+    from qatbench.runner import run_experiment
+
+    paths = _expand(files)
+    for path in paths:  # validate everything before running anything
+        from qatbench.spec import load_experiment
+
+        load_experiment(path)
+    code = 0
+    for path in paths:
+        outcome = run_experiment(path, tracking_uri=tracking_uri, output_root=output_dir)
+        finished = sum(t.ok for t in outcome.record.trials)
+        out.print(
+            f"{outcome.record.experiment['name']}: {finished} finished, "
+            f"{len(outcome.failed)} failed"
+        )
+        for breach in outcome.breaches:
+            out.print(f"[red]expectation breached[/] {breach}")
+        out.print(f"report.json: {outcome.report_json}")
+        out.print(f"report.html: {outcome.report_html}")
+        out.print(f"mlflow: {outcome.record.tracking.get('uri')} "
+                  f"(experiment {outcome.record.tracking.get('experiment')})")
+        code = max(code, outcome.exit_code)
+    raise typer.Exit(code)
+
+
+@app.command()
+def validate(
+    files: Annotated[list[str], typer.Argument(help="experiment YAML files or globs")],
+) -> None:
+    """Check experiment files without building any model; list the trials they expand to."""
+    from qatbench.spec import load_experiment
+
+    for path in _expand(files):
+        spec = load_experiment(path)
+        trials = spec.expand()
+        out.print(f"{path}: ok, {len(trials)} trials")
+        for trial in trials:
+            out.print(f"  {trial.id}")
+
+
+class Kind(str, Enum):
+    methods = "methods"
+    models = "models"
+
+
+@app.command("list")
+def list_plugins(kind: Annotated[Kind, typer.Argument(help="methods or models")]) -> None:
+    """List registered methods (with options and capabilities) or models."""
+    if kind is Kind.models:
+        for name in registry.models.names():
+            out.print(name)
+    else:
+        table = Table("method", "bits", "calibration", "training", "runtimes", "options")
+        for name in registry.methods.names():
+            cls = registry.methods.get(name)
+            caps = cls.capabilities
+            options = ", ".join(
+                f"{key}={field.get_default(call_default_factory=True)!r}"
+                if not field.is_required() else key
+                for key, field in cls.Config.model_fields.items()
+            )
+            table.add_row(
+                name, " ".join(caps.allowed_bits()), _yes(caps.needs_calibration),
+                _yes(caps.needs_training), " ".join(sorted(caps.runtimes)), options or "-",
+            )
+        out.print(table)
+    for name, reason in getattr(registry, kind.value).failed().items():
+        err.print(f"[yellow]warning[/] plugin {name!r} failed to load: {reason}")
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
+
+
+@app.command()
+def report(
+    source: Annotated[Path, typer.Argument(help="a report.json")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML path")] = None,
+) -> None:
+    """Regenerate report.html from a report.json."""
+    from qatbench.report.html import write_html
+    from qatbench.results import RunRecord
+
+    record = RunRecord.load(source)
+    path = write_html(record, output or source.with_name("report.html"))
+    out.print(f"report.html: {path}")
+
+
+def main() -> None:
+    """Console-script entry point: the one place user errors are caught."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        code = app(standalone_mode=False)
+    except QatbenchError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage errors: click's own one-line message
+        exc.show()
+        sys.exit(2)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

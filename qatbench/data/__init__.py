@@ -1,0 +1,1 @@
+"""Seeded datasets and the loops the runner hands to methods (calibration, training)."""

@@ -1,0 +1,1 @@
+"""Measurements of a trial: size, latency, memory, error, environment; statistics (pure)."""

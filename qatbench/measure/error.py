@@ -1,0 +1,74 @@
+"""Output error of a model against its fp32 reference, whole-model and per layer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+
+def output_error(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
+    """``mse``, ``max_abs_error``, ``sqnr_db`` and ``cosine`` of ``actual`` against ``reference``."""
+    ref = reference.detach().double().flatten()
+    out = actual.detach().double().flatten()
+    noise = ref - out
+    mse = float(noise.pow(2).mean())
+    signal = float(ref.pow(2).mean())
+    sqnr = math.inf if mse == 0 else 10 * math.log10(max(signal, 1e-300) / mse)
+    cosine = float(torch.nn.functional.cosine_similarity(ref, out, dim=0, eps=1e-12))
+    return {
+        "mse": mse,
+        "max_abs_error": float(noise.abs().max()),
+        "sqnr_db": min(sqnr, 400.0),  # identical outputs: capped, so the value stays a number
+        "cosine": cosine,
+    }
+
+
+def accuracy_percent(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * float((logits.argmax(dim=-1) == labels).double().mean())
+
+
+def layer_errors(
+    reference: torch.nn.Module,
+    candidate: torch.nn.Module,
+    inputs: torch.Tensor,
+    run_candidate_layer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
+) -> list[dict[str, float | str]]:
+    """Each replaced layer's output against the fp32 layer's on the same inputs.
+
+    A layer is "replaced" when the candidate's module at the same qualified name has a
+    different type from the reference's (e.g. ``QuantizedLinear`` for ``Linear``). Both see
+    the input the fp32 layer saw in the fp32 model, so errors do not compound. Sorted
+    worst (lowest SQNR) first.
+    """
+    ref_modules = dict(reference.named_modules())
+    pairs = {
+        name: (ref_modules[name], module)
+        for name, module in candidate.named_modules()
+        if name and name in ref_modules and type(ref_modules[name]) is not type(module)
+    }
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def save(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], _out: object) -> None:
+            captured.setdefault(name, args[0].detach())
+        return save
+
+    handles = [ref.register_forward_hook(hook(n)) for n, (ref, _) in pairs.items()]
+    try:
+        with torch.no_grad():
+            reference(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows: list[dict[str, float | str]] = []
+    with torch.no_grad():
+        for name, (ref, cand) in pairs.items():
+            if name not in captured:
+                continue
+            x = captured[name]
+            out = run_candidate_layer(cand, x) if run_candidate_layer else cand(x)
+            err = output_error(ref(x), out)
+            rows.append({"layer": name, "type": type(cand).__name__, **err})
+    return sorted(rows, key=lambda r: float(r["sqnr_db"]))

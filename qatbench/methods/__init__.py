@@ -1,0 +1,1 @@
+"""Quantization methods. Each module holds one method; all register via entry points."""

@@ -1,0 +1,1 @@
+"""Shared quantization primitives: affine (de)quantization, observers, integer packing."""

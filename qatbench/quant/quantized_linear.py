@@ -1,0 +1,148 @@
+"""A Linear layer that stores integers and computes with integer kernels.
+
+Weights: symmetric per-output-channel, 8 bits stored as int8, 4 bits packed two per byte.
+Activations: static, asymmetric uint8 (7-bit range by default, see ``from_float``) with
+calibrated input and output ranges.
+
+Eager execution runs PyTorch's x86/fbgemm quantized GEMM (``quantized::linear``) on
+prepacked weights built once, never a dequantize-per-call. The ONNX graph is the QDQ form
+(QuantizeLinear/DequantizeLinear around MatMul) that onnxruntime fuses into its integer
+kernels; see :class:`_QdqLinearExport`.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+
+from qatbench.quant.affine import asymmetric_qparams, quantize_weight_per_channel
+from qatbench.quant.packing import pack_int4, unpack_int4
+
+
+# PyTorch announces the deprecation of quantized tensors on every call; qatbench records the
+# dependency in its README instead of repeating it once per layer per trial.
+warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
+
+# Prepacked GEMM operands live beside the modules, not on them: an attribute holding a
+# TorchScript object would break tracing for ONNX export and pickling.
+_PREPACKED: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+class QuantizedLinear(torch.nn.Module):
+    """Integer replacement of ``nn.Linear`` built by :meth:`from_float`."""
+
+    weight_q: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor
+    input_scale: torch.Tensor
+    input_zero_point: torch.Tensor
+    output_scale: torch.Tensor
+    output_zero_point: torch.Tensor
+
+    def __init__(self, in_features: int, out_features: int, weight_bits: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.weight_bits = in_features, out_features, weight_bits
+        n = in_features * out_features
+        packed = weight_bits <= 4
+        self.register_buffer(
+            "weight_q",
+            torch.zeros((n + 1) // 2 if packed else n, dtype=torch.uint8 if packed else torch.int8),
+        )
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features))
+        for name in ("input", "output"):
+            self.register_buffer(f"{name}_scale", torch.tensor(1.0))
+            self.register_buffer(f"{name}_zero_point", torch.tensor(0, dtype=torch.uint8))
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: torch.nn.Linear,
+        weight_bits: int,
+        input_range: tuple[torch.Tensor, torch.Tensor],
+        output_range: tuple[torch.Tensor, torch.Tensor],
+        reduce_range: bool = True,
+    ) -> QuantizedLinear:
+        """Quantize ``linear``'s weights; activation qparams from calibrated ranges.
+
+        ``reduce_range`` maps inputs onto 7 bits: x86 u8s8 kernels without VNNI (fbgemm,
+        onnxruntime's MLAS) sum byte products pairwise into saturating int16, which
+        overflows with full-range 8-bit inputs and 8-bit weights.
+        """
+        layer = cls(linear.in_features, linear.out_features, weight_bits)
+        q, scale = quantize_weight_per_channel(linear.weight, weight_bits)
+        layer.weight_q = pack_int4(q) if weight_bits <= 4 else q.flatten()
+        layer.weight_scale = scale
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().float().clone()
+        layer.input_scale, zp = asymmetric_qparams(*input_range, bits=7 if reduce_range else 8)
+        layer.input_zero_point = zp.to(torch.uint8)
+        layer.output_scale, zp = asymmetric_qparams(*output_range, bits=8)
+        layer.output_zero_point = zp.to(torch.uint8)
+        return layer
+
+    def int_weight(self) -> torch.Tensor:
+        """The weight integers as an ``[out, in]`` int8 tensor (unpacked if sub-byte)."""
+        shape = (self.out_features, self.in_features)
+        if self.weight_bits <= 4:
+            return unpack_int4(self.weight_q, shape)
+        return self.weight_q.reshape(shape)
+
+    def _prepacked(self) -> Any:
+        packed = _PREPACKED.get(self)
+        if packed is None:
+            qweight = torch._make_per_channel_quantized_tensor(
+                self.int_weight(), self.weight_scale.double(),
+                torch.zeros(self.out_features, dtype=torch.long), 0,
+            )
+            packed = _PREPACKED[self] = torch.ops.quantized.linear_prepack(qweight, self.bias)
+        return packed
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        _PREPACKED.pop(self, None)  # new integers: prepack again on the next call
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():
+            # Unpacked outside the traced graph, so the integers become one int8 initializer.
+            w_t = torch.from_numpy(self.int_weight().numpy().T.copy())
+            return _QdqLinearExport.apply(
+                x, w_t, self.weight_scale, self.bias,
+                self.input_scale, self.input_zero_point, self.output_scale, self.output_zero_point,
+            )
+        xq = torch.quantize_per_tensor(
+            x, float(self.input_scale), int(self.input_zero_point), torch.quint8
+        )
+        yq = torch.ops.quantized.linear(
+            xq, self._prepacked(), float(self.output_scale), int(self.output_zero_point)
+        )
+        return yq.dequantize()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w{self.weight_bits}a8 static"
+
+
+class _QdqLinearExport(torch.autograd.Function):
+    """Only used while exporting: emits the QDQ pattern onnxruntime fuses to integer ops."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w_t: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        # The traced value is irrelevant to the graph; shape and dtype must be right.
+        return x.new_zeros((*x.shape[:-1], w_t.shape[1]))
+
+    @staticmethod
+    def symbolic(  # the legacy exporter's hook; names follow torch's convention
+        g: Any, x: Any, w_t: Any, w_scale: Any, bias: Any,
+        in_scale: Any, in_zp: Any, out_scale: Any, out_zp: Any,
+    ) -> Any:
+        w_zp = g.op("Constant", value_t=torch.zeros(1, dtype=torch.int8))
+        w_zp = g.op("Expand", w_zp, g.op("Shape", w_scale))
+        xq = g.op("QuantizeLinear", x, in_scale, in_zp)
+        xdq = g.op("DequantizeLinear", xq, in_scale, in_zp)
+        wdq = g.op("DequantizeLinear", w_t, w_scale, w_zp, axis_i=1)
+        y = g.op("Add", g.op("MatMul", xdq, wdq), bias)
+        yq = g.op("QuantizeLinear", y, out_scale, out_zp)
+        return g.op("DequantizeLinear", yq, out_scale, out_zp)

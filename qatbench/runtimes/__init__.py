@@ -1,0 +1,1 @@
+"""How a converted model is executed: torch eager or an onnxruntime session."""

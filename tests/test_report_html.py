@@ -1,0 +1,293 @@
+"""report.html: the view-model, escaping, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from qatbench.report.html import build_view, pareto_front, render_html, write_html
+from qatbench.results import RunRecord, TrialResult
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking"]
+TIMES = "\u00d7"  # the multiplication sign that follows a ratio
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
+
+
+def _model(view: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(m for m in view["models"] if m["name"] == name)
+
+
+def _row(model: dict[str, Any], trial_id: str) -> dict[str, Any]:
+    return next(r for r in model["rows"] if r["id"] == trial_id)
+
+
+def _cell(model: dict[str, Any], trial_id: str, metric: str) -> dict[str, str]:
+    index = [c["metric"] for c in model["columns"]].index(metric)
+    return _row(model, trial_id)["cells"][index]
+
+
+def _chart_numbers(chart: dict[str, Any]) -> list[float]:
+    """Every coordinate of a chart's geometry, flattened."""
+    marks = chart["marks"]
+    coords = [v for mk in marks for v in (mk["cx"], mk["cy"])]
+    coords += [v for mk in marks if mk["bar"] for v in mk["bar"].values()]
+    coords += [t["pos"] for t in chart["x_ticks"] + chart["y_ticks"]] + [chart["ref_x"]]
+    return coords + [float(v) for v in _NUMBER.findall(chart["frontier"])]
+
+
+def _many_trials(models: int = 3) -> RunRecord:
+    """A 30-trial record: per model fp32 and ptq at four bit-widths, on two runtimes."""
+    trials = []
+    for m in range(models):
+        for k, (method, bits) in enumerate([("fp32", "fp32"), ("ptq", "w8a8"), ("ptq", "w6a8"),
+                                            ("ptq", "w4a8"), ("ptq", "w3a8")]):
+            for runtime, speed in (("torch", 0.5), ("onnxruntime", 2.0)):
+                ratio = 32 / int(bits[1:].split("a")[0]) if method == "ptq" else 1.0
+                speedup = 1.0 if (method, runtime) == ("fp32", "torch") else speed + 0.1 * k
+                trials.append(TrialResult(
+                    id=f"m{m}-{method}-{bits}-{runtime}", model=f"m{m}", method=method,
+                    bits=bits, runtime=runtime, status="finished",
+                    metrics={"size_bytes": 4e5 / ratio, "compression_ratio": ratio,
+                             "speedup_vs_fp32_b1": speedup, "speedup_ci_low_b1": speedup - 0.1,
+                             "speedup_ci_high_b1": speedup + 0.1, "latency_p50_ms_b1": 1 / speedup,
+                             "mse": 10.0 ** (k - 6), "accuracy": 0.9 - 0.01 * k}))
+    return RunRecord(experiment={"name": "sweep"}, created="2025-11-29T00:00:00+00:00",
+                     env={"python": "3.11"}, trials=tuple(trials))
+
+
+# --- view-model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("points", "front"), [
+    ([], []),
+    ([("a", 1.0, 0.5)], ["a"]),
+    ([("a", 1.0, 0.5), ("b", 2.0, 0.1)], ["b"]),  # b is better on both
+    ([("a", 1.0, 0.1), ("b", 2.0, 0.5), ("c", 1.5, 0.6)], ["a", "b"]),
+    ([("a", 2.0, 0.1), ("b", 2.0, 0.1)], ["a", "b"]),  # equal points do not dominate
+    ([("a", 2.0, 0.1), ("b", 2.0, 0.2)], ["a"]),  # same x, worse error
+])
+def test_pareto_front_maximises_x_and_minimises_error(points, front) -> None:
+    assert pareto_front(points) == front
+
+
+def test_pareto_sets_per_model(sample_record: RunRecord) -> None:
+    mlp = _model(build_view(sample_record), "mlp")
+    assert mlp["pareto"]["size"] == ["fp32 · torch", "fp32 · onnxruntime", "ptq w8a8 · torch",
+                                     "ptq w4a8 · torch"]
+    assert mlp["pareto"]["speed"] == ["fp32 · torch", "fp32 · onnxruntime",
+                                      "ptq w8a8 · onnxruntime"]
+    assert _row(mlp, "mlp-ptq-w8a8-onnxruntime")["fronts"] == ["speed"]
+    assert _row(mlp, "mlp-ptq-w4a8-onnxruntime")["fronts"] == []
+
+
+def test_best_methods_on_size_speed_and_error(sample_record: RunRecord) -> None:
+    best = _model(build_view(sample_record), "mlp")["best"]
+    picked = {key: (b["id"], b["text"]) for key, b in best.items()}
+    assert picked == {
+        "size": ("mlp-ptq-w4a8-torch", f"6.42{TIMES}"),
+        "speed": ("mlp-ptq-w8a8-onnxruntime", f"2.71{TIMES}"),
+        # fp32 (mse 0) is no candidate for the lowest error: only quantized trials are
+        "error": ("mlp-ptq-w8a8-torch", "2.10e-04"),
+    }
+    assert best["error"]["label"] == "ptq w8a8 · torch"
+
+
+def test_size_and_accuracy_deltas_against_the_fp32_torch_baseline(sample_record) -> None:
+    mlp = _model(build_view(sample_record), "mlp")
+    assert mlp["baseline"] == "mlp-fp32-fp32-torch"
+    assert _row(mlp, "mlp-fp32-fp32-torch")["baseline"]
+    assert _cell(mlp, "mlp-ptq-w8a8-torch", "size_bytes")["note"] == "-72.8% vs fp32"
+    assert _cell(mlp, "mlp-ptq-w8a8-torch", "accuracy")["note"] == "Δ -0.0017"
+    assert _cell(mlp, "mlp-fp32-fp32-torch", "size_bytes")["note"] == ""  # itself
+
+
+def test_accuracy_delta_is_derived_from_the_baseline_when_not_recorded(sample_record) -> None:
+    trials = tuple(replace(t, metrics={k: v for k, v in t.metrics.items()
+                                       if k != "accuracy_delta_vs_fp32"})
+                   for t in sample_record.trials)
+    mlp = _model(build_view(replace(sample_record, trials=trials)), "mlp")
+    assert _cell(mlp, "mlp-ptq-w4a8-torch", "accuracy")["note"] == "Δ -0.0111"
+
+
+def test_no_baseline_means_no_deltas(sample_record: RunRecord) -> None:
+    trials = tuple(t for t in sample_record.trials if t.method != "fp32")
+    mlp = _model(build_view(replace(sample_record, trials=trials)), "mlp")
+    assert mlp["baseline"] == ""
+    assert _cell(mlp, "mlp-ptq-w4a8-torch", "size_bytes")["note"] == ""
+
+
+def test_columns_follow_the_metrics_and_batch_sizes_present(sample_record) -> None:
+    view = build_view(sample_record)
+    mlp = [c["metric"] for c in _model(view, "mlp")["columns"]]
+    assert mlp[:3] == ["size_bytes", "compression_ratio", "weight_bytes"]
+    assert "speedup_vs_fp32_b64" in mlp and "throughput_per_s_b16" not in mlp
+    other = [c["metric"] for c in view["models"][1]["columns"]]
+    assert "throughput_per_s_b16" in other and "onnx_size_bytes" in other
+    assert not any(m.startswith("speedup_ci_") or m.endswith("_delta_vs_fp32") for m in mlp)
+
+
+def test_cells_carry_sortable_values_and_the_speedup_interval(sample_record) -> None:
+    mlp = _model(build_view(sample_record), "mlp")
+    cell = _cell(mlp, "mlp-ptq-w8a8-onnxruntime", "speedup_vs_fp32_b1")
+    assert (cell["text"], cell["value"], cell["note"]) == (f"2.71{TIMES}", "2.71", "[2.59, 2.83]")
+    other = build_view(sample_record)["models"][1]
+    failed = _cell(other, other["rows"][-1]["id"], "size_bytes")
+    assert (failed["text"], failed["value"]) == ("—", "")
+
+
+def test_header_failures_and_environment(sample_record: RunRecord) -> None:
+    view = build_view(sample_record)
+    assert view["counts"] == {"total": 12, "finished": 11, "failed": 1}
+    assert view["tracking"] == {"uri": "file:///work/main/mlruns", "experiment_id": "417263801"}
+    assert [(f["phase"], f["model"]) for f in view["failed"]] == [
+        ("convert", "<script>alert(1)</script>")]
+    env = {e["key"]: e["value"] for e in view["env"]}
+    assert env["cpu_model"] == "Intel(R) Xeon(R) Platinum 8480+"
+    assert env["versions"].startswith('{"mlflow": "3.5.1"')
+    assert env["git_dirty"] == "false"
+
+
+def test_charts_are_finite_and_draw_the_frontier(sample_record: RunRecord) -> None:
+    for model in build_view(sample_record)["models"]:
+        for chart in model["charts"]:
+            assert chart["marks"] and chart["frontier"]
+            assert all(math.isfinite(v) for v in _chart_numbers(chart))
+        speed = model["charts"][1]
+        assert all(mk["bar"] for mk in speed["marks"])  # every trial has a speed-up CI
+
+
+def test_single_point_and_missing_metrics_are_handled(sample_record: RunRecord) -> None:
+    lone = replace(sample_record.trials[2], metrics={"mse": 0.0, "compression_ratio": 1.0})
+    view = build_view(replace(sample_record, trials=(lone,)))
+    size, speed = view["models"][0]["charts"]
+    assert len(size["marks"]) == 1 and size["marks"][0]["floor"]
+    assert all(math.isfinite(v) for v in _chart_numbers(size))
+    assert "speedup_vs_fp32_b1" in speed["empty"]
+    assert view["models"][0]["best"]["speed"] is None
+    assert "NaN" not in render_html(replace(sample_record, trials=(lone,)))
+
+
+def test_runs_link_to_an_http_mlflow_server_only(sample_record: RunRecord) -> None:
+    served = replace(sample_record, tracking={"uri": "http://mlflow:5000/", "experiment_id": 0})
+    view = build_view(served)
+    row = view["models"][0]["rows"][0]
+    assert view["tracking"]["experiment_id"] == "0"
+    assert row["run_link"] == f"http://mlflow:5000/#/experiments/0/runs/{row['run_id']}"
+    assert build_view(sample_record)["models"][0]["rows"][0]["run_link"] == ""  # file: store
+
+
+def test_an_empty_record_renders() -> None:
+    record = RunRecord(experiment={"name": "empty"}, created="2025-01-01T00:00:00+00:00", env={})
+    assert "The record holds no environment." in render_html(record)
+
+
+# --- escaping --------------------------------------------------------------------------
+
+
+def test_user_strings_are_escaped(sample_record: RunRecord) -> None:
+    html = render_html(sample_record)
+    assert "<script>alert" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;b&gt;CPU&lt;/b&gt;" in html  # the failure reason
+    assert html.count("<script") == 1  # only the page's own inline script
+
+
+def test_write_html_is_one_self_contained_file(sample_record, tmp_path: Path) -> None:
+    path = write_html(sample_record, tmp_path / "out" / "report.html")
+    html = path.read_text()
+    assert path == tmp_path / "out" / "report.html"
+    assert not re.search(r"""(?:src|href)=["']?(?:https?:)?//""", html)
+    assert "<link" not in html and "@import" not in html
+    assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # no temporary left
+
+
+# --- in a real browser -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's headless Chromium driven by Playwright; skips when either is missing."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="playwright is missing (pip install playwright)")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+def _open(browser: Any, path: Path) -> tuple[Any, dict[str, list[str]], float]:
+    """Open ``path``; returns the page, its console errors/page errors/requests, load seconds."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    seen: dict[str, list[str]] = {"console": [], "errors": [], "requests": [], "dialogs": []}
+    page.on("console", lambda m: seen["console"].append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: seen["errors"].append(str(e)))
+    page.on("request", lambda r: seen["requests"].append(r.url))
+    page.on("dialog", lambda d: (seen["dialogs"].append(d.message), d.dismiss()))
+    start = time.perf_counter()
+    page.goto(path.as_uri(), wait_until="load")
+    return page, seen, time.perf_counter() - start
+
+
+def _column(page: Any, table: str, header: str) -> list[str]:
+    headers = [h.strip() for h in page.locator(f"#{table} thead th").all_inner_texts()]
+    return page.eval_on_selector_all(f"#{table} tbody tr",
+                                     "(rows, i) => rows.map(r => r.cells[i].dataset.value)",
+                                     headers.index(header))
+
+
+def test_page_in_chromium(browser, sample_record: RunRecord, tmp_path: Path) -> None:
+    path = write_html(sample_record, tmp_path / "report.html")
+    page, seen, _ = _open(browser, path)
+    assert seen["console"] == [] and seen["errors"] == [] and seen["dialogs"] == []
+    assert seen["requests"] == [path.as_uri()]
+
+    before = _column(page, "model-0-table", "compression")
+    page.locator("#model-0-table thead th", has_text="compression").click()
+    ascending = _column(page, "model-0-table", "compression")
+    page.locator("#model-0-table thead th", has_text="compression").click()
+    descending = _column(page, "model-0-table", "compression")
+    assert ascending != before
+    assert [float(v) for v in ascending] == sorted(float(v) for v in before)
+    assert descending == ascending[::-1]
+
+    search = page.locator("input[data-filter='model-0-table']")
+    search.fill("w4a8")
+    assert page.locator("#model-0-table tbody tr:visible").count() == 2
+    search.fill("")
+    assert page.locator("#model-0-table tbody tr:visible").count() == 6
+
+    charts = page.locator("figure.chart svg")
+    assert charts.count() == 4
+    for i in range(charts.count()):
+        assert charts.nth(i).locator("circle").count() > 0
+
+    shot = page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    if artifacts := os.environ.get("QATBENCH_TEST_ARTIFACTS"):
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "report.png", Path(artifacts) / "report.png")
+    assert shot[:8] == b"\x89PNG\r\n\x1a\n"
+    page.close()
+
+
+def test_thirty_trials_render_small_and_load_fast(browser, tmp_path: Path) -> None:
+    record = _many_trials()
+    assert len(record.trials) == 30
+    path = write_html(record, tmp_path / "report.html")
+    assert path.stat().st_size < 5 * 1024 * 1024
+    page, seen, seconds = _open(browser, path)
+    assert seconds < 2.0
+    assert seen["errors"] == [] and page.locator("figure.chart svg circle").count() == 60
+    page.close()

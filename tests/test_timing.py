@@ -1,0 +1,135 @@
+"""The timer: calibration against fake clocks, round counts, ABBA order, gc, a 2x workload."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import pytest
+
+from qatbench.measure.timing import (
+    TimingSettings,
+    calibrate_calls,
+    clock_resolution_ns,
+    time_callable,
+    time_paired,
+)
+
+QUICK = TimingSettings(warmup_s=0.01, min_round_s=0.001, min_rounds=5, max_time_s=0.05)
+
+
+class FakeClock:
+    """A clock advanced by ``read_ns`` per read and ``call_ns`` per call of :meth:`work`."""
+
+    def __init__(self, read_ns: int, call_ns: int, tick_ns: int = 1) -> None:
+        self.now_ns = 0
+        self.read_ns, self.call_ns, self.tick_ns = read_ns, call_ns, tick_ns
+
+    def __call__(self) -> int:
+        self.now_ns += self.read_ns
+        return self.now_ns // self.tick_ns * self.tick_ns
+
+    def work(self) -> None:
+        self.now_ns += self.call_ns
+
+
+def test_calibration_reaches_min_round_time() -> None:
+    # 1 us per call, 100 us per round -> 100 calls; growth is 1 -> 10 -> 100
+    clock = FakeClock(read_ns=1, call_ns=1_000)
+    assert calibrate_calls(clock.work, min_round_s=100e-6, clock=clock) == 100
+
+
+def test_calibration_respects_a_coarse_clock() -> None:
+    # a clock that ticks every 1 us needs rounds of >= 1000 ticks = 1 ms, not the asked 1 us
+    clock = FakeClock(read_ns=1, call_ns=1_000, tick_ns=1_000)
+    assert clock_resolution_ns(clock) == 1_000
+    calls = calibrate_calls(clock.work, min_round_s=1e-6, clock=clock)
+    assert 1_000 <= calls <= 1_100
+
+
+def test_a_function_slower_than_the_round_gets_one_call() -> None:
+    clock = FakeClock(read_ns=1, call_ns=10_000_000)
+    assert calibrate_calls(clock.work, min_round_s=0.002, clock=clock) == 1
+
+
+def test_a_fast_function_gets_many_calls_per_round() -> None:
+    timing = time_callable(lambda: None, QUICK)
+    assert timing.calls_per_round > 1
+    assert len(timing.per_call_s) >= QUICK.min_rounds
+    assert timing.summary.n == len(timing.per_call_s)
+    assert all(t > 0 for t in timing.per_call_s)
+
+
+def test_min_rounds_are_kept_even_without_budget() -> None:
+    settings = TimingSettings(warmup_s=0.0, min_round_s=0.0005, min_rounds=7, max_time_s=0.0)
+    assert len(time_callable(lambda: None, settings).per_call_s) == 7
+    paired = time_paired(lambda: None, lambda: None, settings)
+    assert len(paired.baseline.per_call_s) == len(paired.candidate.per_call_s) == 7
+
+
+def test_paired_rounds_alternate_abba() -> None:
+    # each call sleeps longer than a round, so every round is exactly one call;
+    # calibration times each function twice with that one call
+    calls: list[str] = []
+
+    def tagged(tag: str) -> None:
+        calls.append(tag)
+        time.sleep(0.002)
+
+    settings = TimingSettings(warmup_s=0.0, min_round_s=0.001, min_rounds=4, max_time_s=0.0)
+    paired = time_paired(lambda: tagged("b"), lambda: tagged("c"), settings)
+    assert paired.baseline.calls_per_round == paired.candidate.calls_per_round == 1
+    calibration, rounds = calls[:4], calls[4:]
+    assert calibration == ["b", "b", "c", "c"]
+    assert rounds == ["b", "c", "c", "b", "b", "c", "c", "b"]
+
+
+def test_gc_is_off_while_timing_and_restored_after() -> None:
+    seen: list[bool] = []
+    assert gc.isenabled()
+    time_callable(lambda: seen.append(gc.isenabled()), QUICK)
+    assert seen[-1] is False
+    assert gc.isenabled()
+
+
+def test_gc_is_restored_when_the_function_raises() -> None:
+    calls = 0
+
+    def fails_after_warm_up() -> None:
+        nonlocal calls
+        calls += 1
+        if not gc.isenabled():
+            raise RuntimeError(f"boom after {calls} calls")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        time_callable(fails_after_warm_up, QUICK)
+    assert gc.isenabled()
+
+
+def test_gc_left_disabled_stays_disabled() -> None:
+    gc.disable()
+    try:
+        time_callable(lambda: None, QUICK)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_twice_the_work_is_half_the_speed() -> None:
+    k = 2_000
+    settings = TimingSettings(warmup_s=0.05, min_round_s=0.002, min_rounds=15, max_time_s=0.6)
+    for _ in range(3):  # a busy machine may spoil one run; a broken timer spoils all three
+        paired = time_paired(lambda: sum(range(k)), lambda: sum(range(2 * k)), settings)
+        if 0.3 < paired.speedup.value < 0.8:
+            break
+    speedup = paired.speedup
+    assert 0.3 < speedup.value < 0.8
+    assert speedup.ci_low <= speedup.value <= speedup.ci_high
+    assert speedup.ci_low < 0.8 and speedup.ci_high > 0.3
+
+
+def test_settings_are_validated() -> None:
+    with pytest.raises(ValueError):
+        TimingSettings(min_rounds=0)
+    with pytest.raises(ValueError):
+        TimingSettings(min_round_s=0.0)
