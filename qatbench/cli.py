@@ -10,7 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +23,9 @@ from qatbench import registry
 from qatbench.errors import ConfigError, QatbenchError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
     help="Benchmark quantization methods from YAML experiments; results go to MLflow.",
 )
 out = Console()
@@ -69,8 +71,10 @@ def run(
             out.print(f"[red]expectation breached[/] {breach}")
         out.print(f"report.json: {outcome.report_json}")
         out.print(f"report.html: {outcome.report_html}")
-        out.print(f"mlflow: {outcome.record.tracking.get('uri')} "
-                  f"(experiment {outcome.record.tracking.get('experiment')})")
+        out.print(
+            f"mlflow: {outcome.record.tracking.get('uri')} "
+            f"(experiment {outcome.record.tracking.get('experiment')})"
+        )
         code = max(code, outcome.exit_code)
     raise typer.Exit(code)
 
@@ -90,7 +94,7 @@ def validate(
             out.print(f"  {trial.id}")
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     methods = "methods"
     models = "models"
 
@@ -108,12 +112,17 @@ def list_plugins(kind: Annotated[Kind, typer.Argument(help="methods or models")]
             caps = cls.capabilities
             options = ", ".join(
                 f"{key}={field.get_default(call_default_factory=True)!r}"
-                if not field.is_required() else key
+                if not field.is_required()
+                else key
                 for key, field in cls.Config.model_fields.items()
             )
             table.add_row(
-                name, " ".join(caps.allowed_bits()), _yes(caps.needs_calibration),
-                _yes(caps.needs_training), " ".join(sorted(caps.runtimes)), options or "-",
+                name,
+                " ".join(caps.allowed_bits()),
+                _yes(caps.needs_calibration),
+                _yes(caps.needs_training),
+                " ".join(sorted(caps.runtimes)),
+                options or "-",
             )
         out.print(table)
     for name, reason in getattr(registry, kind.value).failed().items():

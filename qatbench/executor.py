@@ -99,6 +99,11 @@ def _died(trial: TrialSpec, phase: str, process: Any) -> TrialResult:
 
 def _failed(trial: TrialSpec, phase: str, reason: str) -> TrialResult:
     return TrialResult(
-        id=trial.id, model=trial.model.name, method=trial.method.name, bits=trial.bits,
-        runtime=trial.runtime, status="failed", error=TrialFailure(phase, reason),
+        id=trial.id,
+        model=trial.model.name,
+        method=trial.method.name,
+        bits=trial.bits,
+        runtime=trial.runtime,
+        status="failed",
+        error=TrialFailure(phase, reason),
     )

@@ -17,21 +17,30 @@ OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
-def export_onnx(model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path) -> Path:
+def export_onnx(
+    model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path
+) -> Path:
     """Export with a dynamic batch dimension; returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    input_names = [INPUT_NAME] if len(example_inputs) == 1 else [
-        f"{INPUT_NAME}{i}" for i in range(len(example_inputs))
-    ]
+    input_names = (
+        [INPUT_NAME]
+        if len(example_inputs) == 1
+        else [f"{INPUT_NAME}{i}" for i in range(len(example_inputs))]
+    )
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter announces its own deprecation on every call.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
         warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
-            model.eval(), example_inputs, str(path), dynamo=False, opset_version=OPSET,
-            input_names=input_names, output_names=[OUTPUT_NAME],
+            model.eval(),
+            example_inputs,
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=[OUTPUT_NAME],
             dynamic_axes={name: {0: "batch"} for name in [*input_names, OUTPUT_NAME]},
         )
     return path

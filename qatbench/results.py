@@ -131,7 +131,9 @@ class RunRecord:
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such report") from None
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not a JSON report ({exc.msg} at line {exc.lineno})") from None
+            raise ConfigError(
+                f"{path}: not a JSON report ({exc.msg} at line {exc.lineno})"
+            ) from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: not a qatbench report (top level is not an object)")
         return cls.from_dict(data, source=str(path))

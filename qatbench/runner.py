@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -30,6 +31,9 @@ from qatbench.measure.env import fingerprint
 from qatbench.report.html import write_html
 from qatbench.results import RunRecord, TrialResult
 from qatbench.spec import ExperimentSpec, TrialSpec, load_experiment
+
+if TYPE_CHECKING:
+    from qatbench.tracking import Tracker
 
 
 @dataclass
@@ -72,8 +76,11 @@ def run_experiment(
         experiment={"name": spec.name, "source": str(path), "spec": spec.model_dump(mode="json")},
         created=created.isoformat(timespec="seconds"),
         env=fingerprint(threads=spec.measure.threads),
-        tracking={"uri": tracker.uri, "experiment_id": tracker.experiment_id,
-                  "experiment": tracker.experiment_name},
+        tracking={
+            "uri": tracker.uri,
+            "experiment_id": tracker.experiment_id,
+            "experiment": tracker.experiment_name,
+        },
     )
     json_path, html_path = run_dir / "report.json", run_dir / "report.html"
     record.save(json_path)
@@ -89,7 +96,9 @@ def run_experiment(
                 record.save(json_path)
                 advance(trial.id, True)
                 if not result.ok and result.error:
-                    console.print(f"[red]failed[/] {trial.id}: {result.error.phase}: {result.error.reason}")
+                    console.print(
+                        f"[red]failed[/] {trial.id}: {result.error.phase}: {result.error.reason}"
+                    )
     finally:
         executor.stop()
         record.save(json_path)
@@ -113,9 +122,11 @@ def check_expectations(spec: ExperimentSpec, record: RunRecord) -> list[str]:
     return lines
 
 
-def _log(tracker: object, result: TrialResult, tags: dict[str, str], console: Console) -> str | None:
+def _log(
+    tracker: Tracker, result: TrialResult, tags: dict[str, str], console: Console
+) -> str | None:
     try:
-        return tracker.log_trial(result, params=result.params, tags=tags)  # type: ignore[attr-defined]  # Tracker lives behind a lazy import
+        return tracker.log_trial(result, params=result.params, tags=tags)
     except QatbenchError as exc:
         console.print(f"[yellow]warning[/] {result.id}: not logged to MLflow: {exc}")
         warnings.warn(f"{result.id}: not logged to MLflow: {exc}", stacklevel=2)
@@ -132,8 +143,12 @@ def _env_tags(env: dict[str, object]) -> dict[str, str]:
 @contextmanager
 def _progress(console: Console, total: int) -> Iterator[Callable[[str, bool], None]]:
     columns = (
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task("starting", total=total)

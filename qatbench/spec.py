@@ -31,6 +31,12 @@ class _Strict(BaseModel):
 
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
+Runtime = Literal["torch", "onnxruntime"]
+
+
+def _default_runtimes() -> list[Runtime]:
+    return ["torch"]
+
 ExpectList = list[str]
 
 
@@ -93,9 +99,7 @@ class ExperimentSpec(_Strict):
     models: list[ModelEntry] = Field(min_length=1)
     methods: list[MethodEntry] = Field(min_length=1)
     bits: list[str] = Field(default_factory=lambda: ["w8a8"], min_length=1)
-    runtimes: list[Literal["torch", "onnxruntime"]] = Field(
-        default_factory=lambda: ["torch"], min_length=1
-    )
+    runtimes: list[Runtime] = Field(default_factory=_default_runtimes, min_length=1)
     exclude: list[dict[Literal["model", "method", "bits", "runtime"], str]] = Field(
         default_factory=list
     )
@@ -134,16 +138,30 @@ class ExperimentSpec(_Strict):
                     for runtime in self.runtimes:
                         if runtime not in caps.runtimes:
                             continue
-                        axes = {"model": model.name, "method": method.name, "bits": bits,
-                                "runtime": runtime}
+                        axes = {
+                            "model": model.name,
+                            "method": method.name,
+                            "bits": bits,
+                            "runtime": runtime,
+                        }
                         if any(all(axes[k] == v for k, v in ex.items()) for ex in self.exclude):
                             continue
-                        trials.append(TrialSpec(
-                            experiment=self.name, model=model, method=method, bits=bits,
-                            runtime=runtime, data=self.data, measure=self.measure,
-                            seed=self.seed, timeout_s=self.timeout_s,
-                            expect=tuple(self.expect) + tuple(model.expect) + tuple(method.expect),
-                        ))
+                        trials.append(
+                            TrialSpec(
+                                experiment=self.name,
+                                model=model,
+                                method=method,
+                                bits=bits,
+                                runtime=runtime,
+                                data=self.data,
+                                measure=self.measure,
+                                seed=self.seed,
+                                timeout_s=self.timeout_s,
+                                expect=tuple(self.expect)
+                                + tuple(model.expect)
+                                + tuple(method.expect),
+                            )
+                        )
         return trials
 
 
@@ -202,7 +220,8 @@ def validate_experiment(data: Any, source: str = "<experiment>") -> ExperimentSp
     version = data.get("schema_version", SPEC_SCHEMA_VERSION)
     if version != SPEC_SCHEMA_VERSION:
         raise ConfigError(
-            f"{source}: schema_version: {version!r} is not supported; allowed: {SPEC_SCHEMA_VERSION}"
+            f"{source}: schema_version: {version!r} is not supported; "
+            f"allowed: {SPEC_SCHEMA_VERSION}"
         )
     try:
         spec = ExperimentSpec.model_validate(data)
@@ -261,8 +280,10 @@ def _check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                     f"{where}.bits[{j}]: method {method.name!r} cannot do {label!r}; "
                     f"allowed: {', '.join(caps.allowed_bits())}"
                 )
-        if caps.quantizes and not own_bits and not any(
-            caps.accepts(BitWidth.parse(b)) for b in spec.bits
+        if (
+            caps.quantizes
+            and not own_bits
+            and not any(caps.accepts(BitWidth.parse(b)) for b in spec.bits)
         ):
             raise ConfigError(
                 f"{source}: bits: method {method.name!r} can do none of {spec.bits}; "
@@ -297,7 +318,9 @@ def _resolve_factory(target: str, where: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # the user's module: any import failure is their error
-        raise ConfigError(f"{where}: cannot import {module_name!r}: {exc}".splitlines()[0]) from None
+        raise ConfigError(
+            f"{where}: cannot import {module_name!r}: {exc}".splitlines()[0]
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ConfigError(f"{where}: {module_name!r} has no callable {attr!r}")
@@ -309,4 +332,3 @@ def resolve_model_factory(entry: ModelEntry) -> Any:
     if entry.factory:
         return _resolve_factory(entry.factory, f"model {entry.name}")
     return registry.models.get(entry.name)
-

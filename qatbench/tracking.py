@@ -16,6 +16,7 @@ import fcntl
 import importlib.metadata
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -26,7 +27,9 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from mlflow import MlflowClient
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # before mlflow is imported
+
+from mlflow import MlflowClient  # must follow the telemetry opt-out
 from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH

@@ -58,8 +58,11 @@ def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = No
     params = {
         "model": {"name": trial.model.name, "factory": trial.model.factory, **trial.model.options},
         "method": {"name": trial.method.name, **trial.method.options},
-        "bits": trial.bits, "runtime": trial.runtime, "seed": trial.seed,
-        "data": trial.data.model_dump(), "measure": trial.measure.model_dump(),
+        "bits": trial.bits,
+        "runtime": trial.runtime,
+        "seed": trial.seed,
+        "data": trial.data.model_dump(),
+        "measure": trial.measure.model_dump(),
     }
     try:
         _lifecycle(trial, Path(out_dir), state, report)
@@ -70,10 +73,18 @@ def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = No
     if state.warnings:
         state.details["warnings"] = state.warnings
     return TrialResult(
-        id=trial.id, model=trial.model.name, method=trial.method.name, bits=trial.bits,
-        runtime=trial.runtime, status=status,  # type: ignore[arg-type]  # one of two literals
-        metrics=state.metrics, phases=state.phases, artifacts=state.artifacts,
-        params=params, details=state.details, error=failure,
+        id=trial.id,
+        model=trial.model.name,
+        method=trial.method.name,
+        bits=trial.bits,
+        runtime=trial.runtime,
+        status=status,  # type: ignore[arg-type]  # one of two literals
+        metrics=state.metrics,
+        phases=state.phases,
+        artifacts=state.artifacts,
+        params=params,
+        details=state.details,
+        error=failure,
     )
 
 
@@ -107,7 +118,10 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     torch.set_num_threads(threads)
     torch.manual_seed(trial.seed)
     rss_before = psutil.Process().memory_info().rss
-    step = _phase_factory(state, report)
+
+    def step(name: str) -> contextlib.AbstractContextManager[None]:
+        return _phase(state, report, name)
+
 
     with step("build"):
         model, example = _build(trial)
@@ -115,11 +129,16 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         data = load_data(trial.data, example[0], trial.seed)
     if data.labelled and trial.data.pretrain_epochs:
         with step("pretrain"):
-            key = {"model": trial.model.model_dump(exclude={"expect"}), "data": data.name,
-                   "epochs": trial.data.pretrain_epochs, "seed": trial.seed,
-                   "torch": torch.__version__}
-            model, hit = pretrained(model, key, data, trial.data.pretrain_epochs,
-                                    trial.data.batch_size, trial.seed)
+            key = {
+                "model": trial.model.model_dump(exclude={"expect"}),
+                "data": data.name,
+                "epochs": trial.data.pretrain_epochs,
+                "seed": trial.seed,
+                "torch": torch.__version__,
+            }
+            model, hit = pretrained(
+                model, key, data, trial.data.pretrain_epochs, trial.data.batch_size, trial.seed
+            )
             state.details["pretrained_from_cache"] = hit
     model.eval()
     state.metrics["model_rss_delta_bytes"] = float(psutil.Process().memory_info().rss - rss_before)
@@ -166,11 +185,9 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
 
     with step("measure"):
         _measure(trial, out_dir, state, fp32, candidate, session, data, reference_out, example)
-    state.metrics["peak_rss_bytes"] = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-def _phase_factory(state: _State, report: PhaseReporter) -> Callable[[str], Any]:
-    return lambda name: _phase(state, report, name)
+    state.metrics["peak_rss_bytes"] = float(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
 
 
 def _build(trial: TrialSpec) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -186,7 +203,9 @@ def _build(trial: TrialSpec) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]
     )
 
 
-def _predict(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int) -> torch.Tensor:
+def _predict(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
+) -> torch.Tensor:
     with torch.inference_mode():
         return torch.cat([fn(xb) for xb in x.split(batch)])
 
@@ -197,8 +216,14 @@ def _batch(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _measure(
-    trial: TrialSpec, out_dir: Path, state: _State, fp32: torch.nn.Module,
-    candidate: torch.nn.Module, session: Any, data: TaskData, reference_out: torch.Tensor,
+    trial: TrialSpec,
+    out_dir: Path,
+    state: _State,
+    fp32: torch.nn.Module,
+    candidate: torch.nn.Module,
+    session: Any,
+    data: TaskData,
+    reference_out: torch.Tensor,
     example: tuple[torch.Tensor, ...],
 ) -> None:
     m = state.metrics
@@ -236,15 +261,21 @@ def _measure(
             m["worst_layer_sqnr_db"] = float(layers[0]["sqnr_db"])
 
     settings = TimingSettings(
-        warmup_s=trial.measure.warmup_s, min_round_s=trial.measure.min_round_s,
-        min_rounds=trial.measure.min_rounds, max_time_s=trial.measure.max_time_s,
+        warmup_s=trial.measure.warmup_s,
+        min_round_s=trial.measure.min_round_s,
+        min_rounds=trial.measure.min_rounds,
+        max_time_s=trial.measure.max_time_s,
     )
     samples: dict[str, Any] = {}
     for n in trial.measure.batch_sizes:
         x = _batch(data.eval_x, n)
         with torch.inference_mode():
             base_fn = _bind(fp32, x)
-            cand_fn = ortrt.runner_for(session, x) if trial.runtime == "onnxruntime" else _bind(candidate, x)
+            cand_fn = (
+                ortrt.runner_for(session, x)
+                if trial.runtime == "onnxruntime"
+                else _bind(candidate, x)
+            )
             paired = time_paired(base_fn, cand_fn, settings)
         s = paired.candidate.summary
         m[f"latency_p50_ms_b{n}"] = s.median * 1e3
@@ -259,7 +290,9 @@ def _measure(
         m[f"speedup_ci_high_b{n}"] = paired.speedup.ci_high
         m[f"latency_cv_b{n}"] = s.cv
         if s.unstable:
-            state.warnings.append(f"unstable timing at batch {n}: cv {s.cv:.2f}, {s.outliers} outliers")
+            state.warnings.append(
+                f"unstable timing at batch {n}: cv {s.cv:.2f}, {s.outliers} outliers"
+            )
         samples[f"b{n}"] = {
             "candidate_ms": [t * 1e3 for t in paired.candidate.per_call_s],
             "fp32_ms": [t * 1e3 for t in paired.baseline.per_call_s],

@@ -53,9 +53,11 @@ def _digits(spec: DataSpec, seed: int) -> TaskData:
     calib_idx = train_idx[: spec.calibration_samples]
     return TaskData(
         name="digits",
-        train_x=x[train_idx], train_y=y[train_idx],
+        train_x=x[train_idx],
+        train_y=y[train_idx],
         calib_x=x[calib_idx],
-        eval_x=x[eval_idx], eval_y=y[eval_idx],
+        eval_x=x[eval_idx],
+        eval_y=y[eval_idx],
         num_classes=10,
     )
 
@@ -66,8 +68,13 @@ def _synthetic(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
     calib = torch.randn((spec.calibration_samples, *shape), generator=gen)
     evaluation = torch.randn((spec.eval_samples, *shape), generator=gen)
     return TaskData(
-        name="synthetic", train_x=calib, train_y=None, calib_x=calib,
-        eval_x=evaluation, eval_y=None, num_classes=None,
+        name="synthetic",
+        train_x=calib,
+        train_y=None,
+        calib_x=calib,
+        eval_x=evaluation,
+        eval_y=None,
+        num_classes=None,
     )
 
 

@@ -55,8 +55,12 @@ def cache_dir() -> Path:
 
 
 def pretrained(
-    model: torch.nn.Module, key: dict[str, object], data: TaskData, epochs: int,
-    batch_size: int, seed: int,
+    model: torch.nn.Module,
+    key: dict[str, object],
+    data: TaskData,
+    epochs: int,
+    batch_size: int,
+    seed: int,
 ) -> tuple[torch.nn.Module, bool]:
     """Train ``model`` on ``data`` for ``epochs``, or load cached weights of the same key.
 

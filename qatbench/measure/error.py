@@ -9,7 +9,7 @@ import torch
 
 
 def output_error(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
-    """``mse``, ``max_abs_error``, ``sqnr_db`` and ``cosine`` of ``actual`` against ``reference``."""
+    """``mse``, ``max_abs_error``, ``sqnr_db`` and ``cosine`` of ``actual`` vs ``reference``."""
     ref = reference.detach().double().flatten()
     out = actual.detach().double().flatten()
     noise = ref - out
@@ -53,6 +53,7 @@ def layer_errors(
     def hook(name: str) -> Callable[..., None]:
         def save(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], _out: object) -> None:
             captured.setdefault(name, args[0].detach())
+
         return save
 
     handles = [ref.register_forward_hook(hook(n)) for n, (ref, _) in pairs.items()]

@@ -97,7 +97,9 @@ class Capabilities:
         if not self.quantizes:
             return ["fp32"]
         labels = [f"w{w}" for w in sorted(self.weight_bits)] if self.weight_only else []
-        labels += [f"w{w}a{a}" for w in sorted(self.weight_bits) for a in sorted(self.activation_bits)]
+        labels += [
+            f"w{w}a{a}" for w in sorted(self.weight_bits) for a in sorted(self.activation_bits)
+        ]
         return labels
 
     def accepts(self, bits: BitWidth) -> bool:

@@ -53,7 +53,8 @@ class PtqMethod(QuantMethod):
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         targets = [
-            name for name, module in model.named_modules()
+            name
+            for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and name not in self.config.skip_layers
         ]
         for name in targets:

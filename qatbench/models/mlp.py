@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ class Mlp(nn.Module):
         self.config = config
         widths = (config.in_features, *config.hidden)
         layers: list[nn.Module] = [nn.Flatten()]
-        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+        for w_in, w_out in itertools.pairwise(widths):
             layers += [nn.Linear(w_in, w_out), nn.ReLU()]
         layers.append(nn.Linear(widths[-1], config.num_classes))
         self.net = nn.Sequential(*layers)
@@ -37,8 +38,10 @@ def build_mlp(**options: object) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     if "hidden" in options:
         options["hidden"] = tuple(options["hidden"])  # type: ignore[arg-type]  # YAML gives a list
     config = MlpConfig(**options)  # type: ignore[arg-type]  # validated by the dataclass itself
-    side = int(round(config.in_features**0.5))
-    example = torch.zeros(1, side, side) if side * side == config.in_features else torch.zeros(
-        1, config.in_features
+    side = round(config.in_features**0.5)
+    example = (
+        torch.zeros(1, side, side)
+        if side * side == config.in_features
+        else torch.zeros(1, config.in_features)
     )
     return Mlp(config), (example,)

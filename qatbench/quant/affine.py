@@ -12,7 +12,7 @@ EPS = torch.finfo(torch.float32).eps
 
 
 def int_range(bits: int, signed: bool = True) -> tuple[int, int]:
-    """The integer range of a ``bits``-wide integer (signed: symmetric-friendly two's complement)."""
+    """The integer range of a ``bits``-wide integer, two's complement when ``signed``."""
     if signed:
         return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     return 0, 2**bits - 1

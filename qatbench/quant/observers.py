@@ -8,6 +8,9 @@ import torch
 class MinMaxObserver(torch.nn.Module):
     """Running per-tensor minimum and maximum of everything passed through ``observe``."""
 
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("min_val", torch.tensor(float("inf")))

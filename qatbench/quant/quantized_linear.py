@@ -21,7 +21,6 @@ import torch
 from qatbench.quant.affine import asymmetric_qparams, quantize_weight_per_channel
 from qatbench.quant.packing import pack_int4, unpack_int4
 
-
 # PyTorch announces the deprecation of quantized tensors on every call; qatbench records the
 # dependency in its README instead of repeating it once per layer per trial.
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
@@ -44,7 +43,11 @@ class QuantizedLinear(torch.nn.Module):
 
     def __init__(self, in_features: int, out_features: int, weight_bits: int) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.weight_bits = in_features, out_features, weight_bits
+        self.in_features, self.out_features, self.weight_bits = (
+            in_features,
+            out_features,
+            weight_bits,
+        )
         n = in_features * out_features
         packed = weight_bits <= 4
         self.register_buffer(
@@ -95,8 +98,10 @@ class QuantizedLinear(torch.nn.Module):
         packed = _PREPACKED.get(self)
         if packed is None:
             qweight = torch._make_per_channel_quantized_tensor(
-                self.int_weight(), self.weight_scale.double(),
-                torch.zeros(self.out_features, dtype=torch.long), 0,
+                self.int_weight(),
+                self.weight_scale.double(),
+                torch.zeros(self.out_features, dtype=torch.long),
+                0,
             )
             packed = _PREPACKED[self] = torch.ops.quantized.linear_prepack(qweight, self.bias)
         return packed
@@ -110,8 +115,14 @@ class QuantizedLinear(torch.nn.Module):
             # Unpacked outside the traced graph, so the integers become one int8 initializer.
             w_t = torch.from_numpy(self.int_weight().numpy().T.copy())
             return _QdqLinearExport.apply(
-                x, w_t, self.weight_scale, self.bias,
-                self.input_scale, self.input_zero_point, self.output_scale, self.output_zero_point,
+                x,
+                w_t,
+                self.weight_scale,
+                self.bias,
+                self.input_scale,
+                self.input_zero_point,
+                self.output_scale,
+                self.output_zero_point,
             )
         xq = torch.quantize_per_tensor(
             x, float(self.input_scale), int(self.input_zero_point), torch.quint8
@@ -135,8 +146,15 @@ class _QdqLinearExport(torch.autograd.Function):
 
     @staticmethod
     def symbolic(  # the legacy exporter's hook; names follow torch's convention
-        g: Any, x: Any, w_t: Any, w_scale: Any, bias: Any,
-        in_scale: Any, in_zp: Any, out_scale: Any, out_zp: Any,
+        g: Any,
+        x: Any,
+        w_t: Any,
+        w_scale: Any,
+        bias: Any,
+        in_scale: Any,
+        in_zp: Any,
+        out_scale: Any,
+        out_zp: Any,
     ) -> Any:
         w_zp = g.op("Constant", value_t=torch.zeros(1, dtype=torch.int8))
         w_zp = g.op("Expand", w_zp, g.op("Shape", w_scale))

@@ -25,8 +25,17 @@ from qatbench.results import RunRecord, TrialResult, write_text_atomic
 
 TEMPLATES = Path(__file__).parent / "templates"
 BASELINE_METHOD, BASELINE_RUNTIME = "fp32", "torch"  # a model's reference trial
-PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948",
-           "#9c755f", "#ff9da7")
+PALETTE = (
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#59a14f",
+    "#b07aa1",
+    "#76b7b2",
+    "#edc948",
+    "#9c755f",
+    "#ff9da7",
+)
 BASELINE_COLOR = "#8c8c8c"
 CHART_W, CHART_H = 460, 280
 CHART_MARGIN = {"left": 60, "right": 16, "top": 14, "bottom": 42}
@@ -34,17 +43,28 @@ MAX_DECADES = 6  # the mse axis spans at most this many decades; smaller values 
 _BATCH_METRIC = re.compile(r"^(?:latency_p50_ms|throughput_per_s|speedup_vs_fp32)_b(\d+)$")
 
 # Table columns as (metric, header, format kind); "{n}" stands for a batch size.
-_HEAD_COLUMNS = (("size_bytes", "size", "bytes"), ("compression_ratio", "compression", "ratio"),
-                 ("weight_bytes", "weights", "bytes"))
-_BATCH_COLUMNS = (("latency_p50_ms_b{n}", "p50 ms b{n}", "num"),
-                  ("throughput_per_s_b{n}", "samples/s b{n}", "num"),
-                  ("speedup_vs_fp32_b{n}", "speed-up b{n}", "ratio"))
-_TAIL_COLUMNS = (("peak_rss_bytes", "peak RSS", "bytes"), ("mse", "mse", "sci"),
-                 ("max_abs_error", "max |err|", "sci"), ("sqnr_db", "SQNR dB", "db"),
-                 ("cosine", "cosine", "cos"), ("accuracy", "accuracy", "acc"),
-                 ("perplexity", "perplexity", "num"), ("onnx_size_bytes", "ONNX size", "bytes"),
-                 ("onnx_parity_max_abs", "ONNX parity", "sci"),
-                 ("int_op_fraction", "int ops", "pct"))
+_HEAD_COLUMNS = (
+    ("size_bytes", "size", "bytes"),
+    ("compression_ratio", "compression", "ratio"),
+    ("weight_bytes", "weights", "bytes"),
+)
+_BATCH_COLUMNS = (
+    ("latency_p50_ms_b{n}", "p50 ms b{n}", "num"),
+    ("throughput_per_s_b{n}", "samples/s b{n}", "num"),
+    ("speedup_vs_fp32_b{n}", "speed-up b{n}", "ratio"),
+)
+_TAIL_COLUMNS = (
+    ("peak_rss_bytes", "peak RSS", "bytes"),
+    ("mse", "mse", "sci"),
+    ("max_abs_error", "max |err|", "sci"),
+    ("sqnr_db", "SQNR dB", "db"),
+    ("cosine", "cosine", "cos"),
+    ("accuracy", "accuracy", "acc"),
+    ("perplexity", "perplexity", "num"),
+    ("onnx_size_bytes", "ONNX size", "bytes"),
+    ("onnx_parity_max_abs", "ONNX parity", "sci"),
+    ("int_op_fraction", "int ops", "pct"),
+)
 
 
 def _fmt_bytes(value: float) -> str:
@@ -98,8 +118,14 @@ def batch_sizes(trials: Iterable[TrialResult]) -> list[int]:
 
 def find_baseline(trials: Iterable[TrialResult]) -> TrialResult | None:
     """The model's fp32 reference: method ``fp32`` on runtime ``torch``, if it finished."""
-    return next((t for t in trials if t.ok and t.method == BASELINE_METHOD
-                 and t.runtime == BASELINE_RUNTIME), None)
+    return next(
+        (
+            t
+            for t in trials
+            if t.ok and t.method == BASELINE_METHOD and t.runtime == BASELINE_RUNTIME
+        ),
+        None,
+    )
 
 
 def pareto_front(points: Iterable[tuple[str, float, float]]) -> list[str]:
@@ -108,34 +134,49 @@ def pareto_front(points: Iterable[tuple[str, float, float]]) -> list[str]:
     A point is dominated by another that is at least as good on both and better on one.
     """
     pts = list(points)
-    return [pid for pid, x, err in pts
-            if not any(ox >= x and oe <= err and (ox > x or oe < err) for _, ox, oe in pts)]
+    return [
+        pid
+        for pid, x, err in pts
+        if not any(ox >= x and oe <= err and (ox > x or oe < err) for _, ox, oe in pts)
+    ]
 
 
 def _front_points(trials: list[TrialResult], x_metric: str) -> list[tuple[str, float, float]]:
     """``(id, x, mse)`` of every trial that reports both finitely."""
-    return [(t.id, x, e) for t in trials
-            if (x := _metric(t, x_metric)) is not None and (e := _metric(t, "mse")) is not None]
+    return [
+        (t.id, x, e)
+        for t in trials
+        if (x := _metric(t, x_metric)) is not None and (e := _metric(t, "mse")) is not None
+    ]
 
 
-def best_trial(trials: Iterable[TrialResult], metric: str, lowest: bool = False,
-               kind: str = "ratio") -> dict[str, Any] | None:
+def best_trial(
+    trials: Iterable[TrialResult], metric: str, lowest: bool = False, kind: str = "ratio"
+) -> dict[str, Any] | None:
     """The trial with the highest (or lowest) finite ``metric``: label, id and formatted value."""
     scored = [(v, t) for t in trials if (v := _metric(t, metric)) is not None]
     if not scored:
         return None
     value, trial = (min if lowest else max)(scored, key=lambda pair: pair[0])
-    return {"label": trial_label(trial), "id": trial.id, "metric": metric,
-            "text": FORMATS[kind](value)}
+    return {
+        "label": trial_label(trial),
+        "id": trial.id,
+        "metric": metric,
+        "text": FORMATS[kind](value),
+    }
 
 
 def _columns(trials: list[TrialResult]) -> list[dict[str, str]]:
     """The canonical metric columns that at least one of ``trials`` reports, in a fixed order."""
-    batched = [(m.format(n=n), h.format(n=n), k) for n in batch_sizes(trials)
-               for m, h, k in _BATCH_COLUMNS]
+    batched = [
+        (m.format(n=n), h.format(n=n), k) for n in batch_sizes(trials) for m, h, k in _BATCH_COLUMNS
+    ]
     present = {name for t in trials for name in t.metrics}
-    return [{"metric": m, "header": h, "kind": k}
-            for m, h, k in (*_HEAD_COLUMNS, *batched, *_TAIL_COLUMNS) if m in present]
+    return [
+        {"metric": m, "header": h, "kind": k}
+        for m, h, k in (*_HEAD_COLUMNS, *batched, *_TAIL_COLUMNS)
+        if m in present
+    ]
 
 
 def _delta_note(trial: TrialResult, metric: str, baseline: TrialResult | None) -> str:
@@ -158,8 +199,9 @@ def _ci_note(trial: TrialResult, metric: str) -> str:
     return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
 
 
-def _cell(trial: TrialResult, column: dict[str, str],
-          baseline: TrialResult | None) -> dict[str, str]:
+def _cell(
+    trial: TrialResult, column: dict[str, str], baseline: TrialResult | None
+) -> dict[str, str]:
     """One table cell: display text, sortable value (empty when missing) and a note line."""
     metric = column["metric"]
     raw = trial.metrics.get(metric)
@@ -216,8 +258,10 @@ class Scale:
         step = next(m * mag for m in (1, 2, 5, 10) if raw <= m * mag)
         first = math.ceil(self.lo / step)
         count = math.floor(self.hi / step) - first + 1
-        return [{"pos": self(v), "label": f"{v:g}"}
-                for v in (round((first + i) * step, 10) for i in range(count))]
+        return [
+            {"pos": self(v), "label": f"{v:g}"}
+            for v in (round((first + i) * step, 10) for i in range(count))
+        ]
 
 
 def linear_domain(values: list[float]) -> tuple[float, float]:
@@ -251,26 +295,44 @@ class _Page:
         """Styles stable across the whole page: the baseline grey, runtime torch filled."""
         combos = sorted({(t.method, t.bits) for t in record.trials if t.method != BASELINE_METHOD})
         colors = {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(combos)}
-        colors.update({(t.method, t.bits): BASELINE_COLOR for t in record.trials
-                       if t.method == BASELINE_METHOD})
-        runtimes = sorted({t.runtime for t in record.trials},
-                          key=lambda r: (r != BASELINE_RUNTIME, r))
-        return cls(anchors={t.id: f"trial-{i}" for i, t in enumerate(record.trials)},
-                   colors=colors, tracking=record.tracking,
-                   markers={r: "ring" if i else "fill" for i, r in enumerate(runtimes)})
+        colors.update(
+            {
+                (t.method, t.bits): BASELINE_COLOR
+                for t in record.trials
+                if t.method == BASELINE_METHOD
+            }
+        )
+        runtimes = sorted(
+            {t.runtime for t in record.trials}, key=lambda r: (r != BASELINE_RUNTIME, r)
+        )
+        return cls(
+            anchors={t.id: f"trial-{i}" for i, t in enumerate(record.trials)},
+            colors=colors,
+            tracking=record.tracking,
+            markers={r: "ring" if i else "fill" for i, r in enumerate(runtimes)},
+        )
 
 
-def _error_bars(trials: list[TrialResult],
-                ci: tuple[str, str] | None) -> dict[str, tuple[float, float]]:
+def _error_bars(
+    trials: list[TrialResult], ci: tuple[str, str] | None
+) -> dict[str, tuple[float, float]]:
     """Trial id -> (low, high) of the interval metrics ``ci`` where a trial reports both."""
     if ci is None:
         return {}
-    return {t.id: (lo, hi) for t in trials
-            if (lo := _metric(t, ci[0])) is not None and (hi := _metric(t, ci[1])) is not None}
+    return {
+        t.id: (lo, hi)
+        for t in trials
+        if (lo := _metric(t, ci[0])) is not None and (hi := _metric(t, ci[1])) is not None
+    }
 
 
-def _chart(trials: list[TrialResult], x_metric: str, x_label: str, page: _Page,
-           ci: tuple[str, str] | None = None) -> dict[str, Any]:
+def _chart(
+    trials: list[TrialResult],
+    x_metric: str,
+    x_label: str,
+    page: _Page,
+    ci: tuple[str, str] | None = None,
+) -> dict[str, Any]:
     """Geometry of one scatter chart, mse (log) against ``x_metric``, with its Pareto frontier.
 
     ``ci`` names the metrics of a horizontal error bar (low, high) drawn around each point.
@@ -290,30 +352,53 @@ def _chart(trials: list[TrialResult], x_metric: str, x_label: str, page: _Page,
     for pid, x, err in points:
         t, bar = by_id[pid], bars.get(pid)
         ci_text = f" [{bar[0]:.2f}, {bar[1]:.2f}]" if bar else ""
-        marks.append({
-            "cx": sx(x), "cy": sy(err), "color": page.colors[(t.method, t.bits)],
-            "marker": page.markers[t.runtime], "front": pid in front, "anchor": page.anchors[pid],
-            "bar": {"x1": sx(bar[0]), "x2": sx(bar[1])} if bar else None,
-            "floor": sy.below(err),
-            "title": f"{pid}\n{trial_label(t)}\nmse {err:.3g} · {x_label} {x:.3g}{ci_text}",
-        })
+        marks.append(
+            {
+                "cx": sx(x),
+                "cy": sy(err),
+                "color": page.colors[(t.method, t.bits)],
+                "marker": page.markers[t.runtime],
+                "front": pid in front,
+                "anchor": page.anchors[pid],
+                "bar": {"x1": sx(bar[0]), "x2": sx(bar[1])} if bar else None,
+                "floor": sy.below(err),
+                "title": f"{pid}\n{trial_label(t)}\nmse {err:.3g} · {x_label} {x:.3g}{ci_text}",
+            }
+        )
     frontier = sorted((mk for mk in marks if mk["front"]), key=lambda mk: mk["cx"])
     return {
-        "title": title, "empty": "", "width": CHART_W, "height": CHART_H, "margin": m,
-        "x_label": x_label, "x_ticks": sx.ticks(), "y_ticks": sy.ticks(), "marks": marks,
+        "title": title,
+        "empty": "",
+        "width": CHART_W,
+        "height": CHART_H,
+        "margin": m,
+        "x_label": x_label,
+        "x_ticks": sx.ticks(),
+        "y_ticks": sy.ticks(),
+        "marks": marks,
         "frontier": " ".join(f"{mk['cx']},{mk['cy']}" for mk in frontier),
         "ref_x": sx(1.0),
         "note": f"mse below 1e{round(sy.lo)} (or 0) is drawn on the bottom axis"
-        if any(mk["floor"] for mk in marks) else "",
+        if any(mk["floor"] for mk in marks)
+        else "",
     }
 
 
-def _row(trial: TrialResult, columns: list[dict[str, str]], baseline: TrialResult | None,
-         fronts: dict[str, set[str]], page: _Page) -> dict[str, Any]:
+def _row(
+    trial: TrialResult,
+    columns: list[dict[str, str]],
+    baseline: TrialResult | None,
+    fronts: dict[str, set[str]],
+    page: _Page,
+) -> dict[str, Any]:
     """One table row: the trial's axes, status, MLflow run and a cell per metric column."""
     return {
-        "id": trial.id, "anchor": page.anchors[trial.id], "method": trial.method,
-        "bits": trial.bits, "runtime": trial.runtime, "status": trial.status,
+        "id": trial.id,
+        "anchor": page.anchors[trial.id],
+        "method": trial.method,
+        "bits": trial.bits,
+        "runtime": trial.runtime,
+        "status": trial.status,
         "run_id": trial.mlflow_run_id or "",
         "run_link": _run_link(page.tracking, trial.mlflow_run_id),
         "baseline": baseline is not None and trial.id == baseline.id,
@@ -326,27 +411,41 @@ def _model_view(name: str, trials: list[TrialResult], index: int, page: _Page) -
     """Summary, charts and table of one model."""
     baseline = find_baseline(trials)
     columns = _columns(trials)
-    fronts = {key: set(pareto_front(_front_points(trials, metric)))
-              for key, metric in (("size", "compression_ratio"), ("speed", "speedup_vs_fp32_b1"))}
+    fronts = {
+        key: set(pareto_front(_front_points(trials, metric)))
+        for key, metric in (("size", "compression_ratio"), ("speed", "speedup_vs_fp32_b1"))
+    }
     legend = sorted({(method_label(t), page.colors[(t.method, t.bits)]) for t in trials})
     return {
-        "name": name, "section_id": f"model-{index}", "baseline": baseline.id if baseline else "",
+        "name": name,
+        "section_id": f"model-{index}",
+        "baseline": baseline.id if baseline else "",
         "best": {
             "size": best_trial(trials, "compression_ratio"),
             "speed": best_trial(trials, "speedup_vs_fp32_b1"),
-            "error": best_trial([t for t in trials if t.method != BASELINE_METHOD], "mse",
-                                lowest=True, kind="sci"),
+            "error": best_trial(
+                [t for t in trials if t.method != BASELINE_METHOD], "mse", lowest=True, kind="sci"
+            ),
         },
-        "pareto": {key: [trial_label(t) for t in trials if t.id in ids]
-                   for key, ids in fronts.items()},
+        "pareto": {
+            key: [trial_label(t) for t in trials if t.id in ids] for key, ids in fronts.items()
+        },
         "charts": [
             _chart(trials, "compression_ratio", "compression ratio", page),
-            _chart(trials, "speedup_vs_fp32_b1", "speed-up b1", page,
-                   ci=("speedup_ci_low_b1", "speedup_ci_high_b1")),
+            _chart(
+                trials,
+                "speedup_vs_fp32_b1",
+                "speed-up b1",
+                page,
+                ci=("speedup_ci_low_b1", "speedup_ci_high_b1"),
+            ),
         ],
         "legend": [{"label": label, "color": color} for label, color in legend],
-        "markers": [{"runtime": r, "marker": mk} for r, mk in page.markers.items()
-                    if any(t.runtime == r for t in trials)],
+        "markers": [
+            {"runtime": r, "marker": mk}
+            for r, mk in page.markers.items()
+            if any(t.runtime == r for t in trials)
+        ],
         "columns": columns,
         "rows": [_row(t, columns, baseline, fronts, page) for t in trials],
     }
@@ -375,18 +474,34 @@ def build_view(record: RunRecord) -> dict[str, Any]:
     page = _Page.of(record)
     failed = [t for t in record.trials if not t.ok]
     return {
-        "experiment": {"name": _text(record.experiment.get("name")) or "unnamed experiment",
-                       "source": _text(record.experiment.get("source")),
-                       "created": record.created},
-        "counts": {"total": len(record.trials), "finished": len(record.trials) - len(failed),
-                   "failed": len(failed)},
-        "tracking": {"uri": _text(record.tracking.get("uri")),
-                     "experiment_id": _text(record.tracking.get("experiment_id"))},
-        "models": [_model_view(name, trials, i, page)
-                   for i, (name, trials) in enumerate(models.items())],
-        "failed": [{"id": t.id, "anchor": page.anchors[t.id], "label": trial_label(t),
-                    "model": t.model, "phase": t.error.phase if t.error else "",
-                    "reason": t.error.reason if t.error else ""} for t in failed],
+        "experiment": {
+            "name": _text(record.experiment.get("name")) or "unnamed experiment",
+            "source": _text(record.experiment.get("source")),
+            "created": record.created,
+        },
+        "counts": {
+            "total": len(record.trials),
+            "finished": len(record.trials) - len(failed),
+            "failed": len(failed),
+        },
+        "tracking": {
+            "uri": _text(record.tracking.get("uri")),
+            "experiment_id": _text(record.tracking.get("experiment_id")),
+        },
+        "models": [
+            _model_view(name, trials, i, page) for i, (name, trials) in enumerate(models.items())
+        ],
+        "failed": [
+            {
+                "id": t.id,
+                "anchor": page.anchors[t.id],
+                "label": trial_label(t),
+                "model": t.model,
+                "phase": t.error.phase if t.error else "",
+                "reason": t.error.reason if t.error else "",
+            }
+            for t in failed
+        ],
         "env": [{"key": str(k), "value": _env_value(v)} for k, v in record.env.items()],
         "schema_version": record.schema_version,
     }

@@ -12,14 +12,33 @@ import onnxruntime as ort
 import torch
 
 # Nodes that multiply matrices or convolve: the work that integer kernels should take.
-INTEGER_KERNELS = frozenset({
-    "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-    "QGemm", "QLinearConv", "ConvInteger", "MatMulNBits", "QAttention", "DynamicQuantizeLSTM",
-})
-FLOAT_KERNELS = frozenset({
-    "MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv", "Attention",
-    "MultiHeadAttention", "Einsum",
-})
+INTEGER_KERNELS = frozenset(
+    {
+        "QLinearMatMul",
+        "MatMulInteger",
+        "MatMulIntegerToFloat",
+        "DynamicQuantizeMatMul",
+        "QGemm",
+        "QLinearConv",
+        "ConvInteger",
+        "MatMulNBits",
+        "QAttention",
+        "DynamicQuantizeLSTM",
+    }
+)
+FLOAT_KERNELS = frozenset(
+    {
+        "MatMul",
+        "Gemm",
+        "FusedMatMul",
+        "FusedGemm",
+        "Conv",
+        "FusedConv",
+        "Attention",
+        "MultiHeadAttention",
+        "Einsum",
+    }
+)
 
 
 def session_options(threads: int) -> ort.SessionOptions:
