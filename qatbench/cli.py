@@ -10,11 +10,11 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import warnings
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -28,7 +28,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Benchmark quantization methods from YAML experiments; results go to MLflow.",
 )
-out = Console()
+out = Console(soft_wrap=True)  # paths are never broken across lines
 err = Console(stderr=True)
 
 
@@ -125,8 +125,7 @@ def list_plugins(kind: Annotated[Kind, typer.Argument(help="methods or models")]
                 options or "-",
             )
         out.print(table)
-    for name, reason in getattr(registry, kind.value).failed().items():
-        err.print(f"[yellow]warning[/] plugin {name!r} failed to load: {reason}")
+    getattr(registry, kind.value).failed()  # loading warns once per broken plugin
 
 
 def _yes(flag: bool) -> str:
@@ -147,18 +146,75 @@ def report(
     out.print(f"report.html: {path}")
 
 
+@app.command()
+def selftest(
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default ./mlruns)")
+    ] = None,
+) -> None:
+    """Check the timer, a workload of known ratio and an A/A comparison; log to MLflow."""
+    import json
+
+    from qatbench import selftest as st
+    from qatbench.measure.env import fingerprint
+    from qatbench.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, "qatbench-selftest")
+    checks = st.run_selftest()
+    table = Table("check", "value", "expected", "result")
+    for check in checks:
+        table.add_row(
+            check.name,
+            f"{check.value:.4g}",
+            check.expected,
+            "[green]pass[/]" if check.passed else "[red]FAIL[/]",
+        )
+    out.print(table)
+    passed = all(c.passed for c in checks)
+    env = fingerprint()
+    run_id = tracker.log_run(
+        "selftest",
+        metrics=st.as_metrics(checks),
+        ok=passed,
+        tags={
+            "qatbench.status": "passed" if passed else "failed",
+            "env.cpu_model": str(env.get("cpu_model")),
+        },
+        text_artifacts={
+            "selftest.json": json.dumps({"checks": st.as_rows(checks), "env": env}, indent=2)
+        },
+    )
+    out.print(
+        f"selftest {'passed' if passed else 'FAILED'}; mlflow run {run_id} "
+        f"(experiment qatbench-selftest, {tracker.uri})"
+    )
+    raise typer.Exit(0 if passed else 1)
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], *_args: object, **_kw: object
+) -> None:
+    """Warnings as one line each (a broken plugin, an unlogged trial), no source lines."""
+    err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point: the one place user errors are caught."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    warnings.showwarning = _show_warning
     try:
         code = app(standalone_mode=False)
     except QatbenchError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:  # usage errors: click's own one-line message
-        exc.show()
+    except typer.TyperException as exc:  # usage errors: typer's own message, exit 2
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            err.print(f"error: {exc}", markup=False)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         err.print("interrupted", markup=False)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -9,10 +9,12 @@ allowed.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -37,6 +39,7 @@ Runtime = Literal["torch", "onnxruntime"]
 def _default_runtimes() -> list[Runtime]:
     return ["torch"]
 
+
 ExpectList = list[str]
 
 
@@ -56,6 +59,11 @@ class MethodEntry(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     bits: list[str] | None = None
     expect: ExpectList = Field(default_factory=list)
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_parse(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else [BitWidth.parse(v).label for v in value]
 
 
 class DataSpec(_Strict):
@@ -226,25 +234,67 @@ def validate_experiment(data: Any, source: str = "<experiment>") -> ExperimentSp
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
+        raise ConfigError(f"{source}: {_describe(exc, ExperimentSpec)}") from None
     _check_names_and_capabilities(spec, source)
-    if not spec.expand():
+    trials = spec.expand()
+    if not trials:
         raise ConfigError(f"{source}: the grid is empty after exclusions and capabilities")
+    repeated = [tid for tid, n in Counter(t.id for t in trials).items() if n > 1]
+    if repeated:
+        raise ConfigError(
+            f"{source}: duplicate trial id {repeated[0]!r}: a model, method, bit-width or "
+            "runtime is listed twice"
+        )
     return spec
 
 
-def _describe(exc: ValidationError) -> str:
-    """First validation error as 'key.path: message (got value)' plus how many more."""
+def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
+    """First validation error as 'key.path: message (got value)' plus how many more.
+
+    An unknown key is reported with the keys allowed at that place and the closest match.
+    """
     errors = exc.errors(include_url=False)
     first = errors[0]
-    loc = _key_path(first["loc"])
+    parts = tuple(p for p in first["loc"] if p != "[key]")  # pydantic's marker for dict keys
+    loc = _key_path(parts)
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key"
+        allowed = _allowed_keys(model, parts)
+        guess = difflib.get_close_matches(str(parts[-1]), allowed, n=1)
+        msg = "unknown key" + (f" (did you mean {guess[0]!r}?)" if guess else "")
+        msg += f"; allowed: {', '.join(allowed)}"
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{loc or '(top level)'}: {msg}{shown}{more}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the (nested) model that holds the key at ``loc``."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if _is_model(current) else None
+        if field is None:
+            return []
+        current = _inner_model(field.annotation)
+    return sorted(current.model_fields) if _is_model(current) else []
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _inner_model(annotation: Any) -> Any:
+    """The pydantic model inside ``X``, ``list[X]`` or ``X | None``, else None."""
+    if _is_model(annotation):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:
@@ -267,7 +317,7 @@ def _check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
         try:
             cls.Config.model_validate(method.options)
         except ValidationError as exc:
-            raise ConfigError(f"{where}.options.{_describe(exc)}") from None
+            raise ConfigError(f"{where}.options.{_describe(exc, cls.Config)}") from None
         caps = cls.capabilities
         own_bits = method.bits is not None
         for j, label in enumerate(method.bits or []):
@@ -294,9 +344,21 @@ def _check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 f"{source}: runtimes: method {method.name!r} runs on none of {spec.runtimes}; "
                 f"allowed: {', '.join(sorted(caps.runtimes))}"
             )
+    axes: dict[str, list[str]] = {
+        "model": [m.name for m in spec.models],
+        "method": [m.name for m in spec.methods],
+        "bits": sorted({"fp32", *spec.bits, *(b for m in spec.methods for b in m.bits or [])}),
+        "runtime": list(spec.runtimes),
+    }
     for i, rule in enumerate(spec.exclude):
         if not rule:
             raise ConfigError(f"{source}: exclude[{i}]: an empty rule would exclude everything")
+        for key, value in rule.items():
+            if value not in axes[key]:
+                raise ConfigError(
+                    f"{source}: exclude[{i}].{key}: {value!r} matches nothing; "
+                    f"allowed: {', '.join(axes[key])}"
+                )
     for where, items in _expect_lists(spec):
         for j, text in enumerate(items):
             try:

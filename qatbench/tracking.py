@@ -193,6 +193,32 @@ class Tracker:
             shutil.copyfile(path, renamed)
             self._client.log_artifact(run_id, str(renamed))
 
+    def log_run(
+        self,
+        name: str,
+        *,
+        metrics: Mapping[str, float],
+        tags: Mapping[str, str] | None = None,
+        text_artifacts: Mapping[str, str] | None = None,
+        ok: bool = True,
+    ) -> str:
+        """Log a run that is not a trial (e.g. ``qatbench selftest``); returns its id."""
+        now_ms = int(time.time() * 1000)
+        own = {"qatbench.version": _version(), **(tags or {})}
+        try:
+            run_id: str = self._client.create_run(
+                self.experiment_id, run_name=name, tags=own
+            ).info.run_id
+            self._client.log_batch(run_id, metrics=[
+                Metric(k, float(v), now_ms, 0) for k, v in metrics.items() if math.isfinite(v)
+            ])
+            for file_name, text in (text_artifacts or {}).items():
+                self._client.log_text(run_id, text, file_name)
+            self._client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+        except MlflowException as exc:
+            raise TrackingError(f"tracking uri {self.uri}: {_one_line(exc)}") from exc
+        return run_id
+
     def find_run(self, trial_id: str) -> str | None:
         """The id of the latest active run named ``trial_id`` in the experiment, else None."""
         try:

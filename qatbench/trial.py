@@ -122,7 +122,6 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     def step(name: str) -> contextlib.AbstractContextManager[None]:
         return _phase(state, report, name)
 
-
     with step("build"):
         model, example = _build(trial)
     with step("data"):
@@ -230,16 +229,20 @@ def _measure(
     if trial.runtime == "onnxruntime":
         run = ortrt.as_callable(session)
         m["size_bytes"] = m["onnx_size_bytes"]
-        fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference.onnx")
+        fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
         fp32_bytes = fp32_path.stat().st_size
         fp32_path.unlink()
+        fp32_path.parent.rmdir()
         m["weight_bytes"] = float(size.onnx_weight_bytes(Path(state.artifacts["onnx"])))
     else:
         run = candidate
         m["size_bytes"] = float(size.save_torch_artifact(candidate, out_dir / "model.pt"))
         state.artifacts["torch"] = str(out_dir / "model.pt")
-        fp32_bytes = size.save_torch_artifact(fp32, out_dir / "fp32_reference.pt")
-        (out_dir / "fp32_reference.pt").unlink()
+        # Same file name as the artifact: torch.save stores the name inside the archive.
+        reference = out_dir / "fp32_reference" / "model.pt"
+        fp32_bytes = size.save_torch_artifact(fp32, reference)
+        reference.unlink()
+        reference.parent.rmdir()
         m["weight_bytes"] = float(size.torch_weight_bytes(candidate))
     m["compression_ratio"] = fp32_bytes / m["size_bytes"]
 

@@ -69,7 +69,8 @@ def check_method(method_cls: type[QuantMethod], bits: str | None = None) -> None
     labels = method_cls.capabilities.allowed_bits()
     if bits is not None:
         _require(
-            bits in labels, method_cls,
+            bits in labels,
+            method_cls,
             f"bits {bits!r} is not among capabilities.allowed_bits() {labels}",
         )
         labels = [bits]
@@ -92,12 +93,14 @@ def _require(condition: bool, method_cls: Any, message: str, bits: str | None = 
 
 def _check_class(method_cls: Any) -> None:
     _require(
-        isinstance(method_cls, type) and issubclass(method_cls, QuantMethod), method_cls,
+        isinstance(method_cls, type) and issubclass(method_cls, QuantMethod),
+        method_cls,
         "is not a subclass of qatbench.methods.base.QuantMethod",
     )
     name = getattr(method_cls, "name", None)
     _require(
-        isinstance(name, str) and bool(SNAKE_CASE.match(name)), method_cls,
+        isinstance(name, str) and bool(SNAKE_CASE.match(name)),
+        method_cls,
         f"class attribute `name` must be a snake_case string, got {name!r}",
     )
     _check_config(method_cls)
@@ -110,28 +113,30 @@ def _check_class(method_cls: Any) -> None:
         except ValueError as exc:
             raise _fail(method_cls, f"allowed bit-width {label!r} does not parse: {exc}") from exc
         _require(
-            caps.accepts(parsed), method_cls,
+            caps.accepts(parsed),
+            method_cls,
             f"capabilities.allowed_bits() lists {label!r} but accepts() rejects it",
         )
-    _require(
-        bool(caps.runtimes), method_cls, "capabilities.runtimes is empty: nothing can run it"
-    )
+    _require(bool(caps.runtimes), method_cls, "capabilities.runtimes is empty: nothing can run it")
 
 
 def _check_config(method_cls: Any) -> None:
     config_cls = method_cls.Config
     _require(
-        isinstance(config_cls, type) and issubclass(config_cls, BaseModel), method_cls,
+        isinstance(config_cls, type) and issubclass(config_cls, BaseModel),
+        method_cls,
         f"Config must be a pydantic BaseModel subclass, got {config_cls!r}",
     )
     settings = config_cls.model_config
     _require(
-        settings.get("extra") == "forbid", method_cls,
+        settings.get("extra") == "forbid",
+        method_cls,
         "Config must reject unknown keys (model_config extra='forbid'; "
         "subclass qatbench.methods.base.MethodConfig)",
     )
     _require(
-        bool(settings.get("frozen")), method_cls,
+        bool(settings.get("frozen")),
+        method_cls,
         "Config must be frozen (model_config frozen=True; subclass MethodConfig)",
     )
     try:
@@ -162,8 +167,13 @@ def _tiny_data() -> tuple[Any, torch.Tensor]:
     train_y = torch.randint(0, _CLASSES, (_TRAIN,), generator=gen)
     eval_x = torch.randn((max(BATCH_SIZES), _SIDE, _SIDE), generator=gen)
     data = TaskData(
-        name="contract", train_x=train_x, train_y=train_y, calib_x=train_x[:_CALIB],
-        eval_x=eval_x, eval_y=None, num_classes=_CLASSES,
+        name="contract",
+        train_x=train_x,
+        train_y=train_y,
+        calib_x=train_x[:_CALIB],
+        eval_x=eval_x,
+        eval_y=None,
+        num_classes=_CLASSES,
     )
     return data, eval_x
 
@@ -176,8 +186,10 @@ def _step(method_cls: Any, bits: str, step: str, call: Callable[[], object]) -> 
             method_cls, f"{step}() raised {type(exc).__name__}: {exc}".splitlines()[0], bits
         ) from exc
     _require(
-        isinstance(model, torch.nn.Module), method_cls,
-        f"{step}() returned {type(model).__name__}, not the model (an nn.Module)", bits,
+        isinstance(model, torch.nn.Module),
+        method_cls,
+        f"{step}() returned {type(model).__name__}, not the model (an nn.Module)",
+        bits,
     )
     assert isinstance(model, torch.nn.Module)  # for the type checker; checked just above
     return model
@@ -213,22 +225,28 @@ def _check_lifecycle(method_cls: Any, bits: str) -> None:
                 out = converted(eval_x[:n])
         except Exception as exc:
             raise _fail(
-                method_cls, f"the converted model failed on a batch of {n}: "
-                f"{type(exc).__name__}: {exc}".splitlines()[0], bits,
+                method_cls,
+                f"the converted model failed on a batch of {n}: "
+                f"{type(exc).__name__}: {exc}".splitlines()[0],
+                bits,
             ) from exc
         _require(
-            isinstance(out, torch.Tensor), method_cls,
+            isinstance(out, torch.Tensor),
+            method_cls,
             f"the converted model returned {type(out).__name__} on a batch of {n}, not a tensor",
             bits,
         )
         _require(
-            out.shape == reference[n].shape, method_cls,
-            f"output shape {tuple(out.shape)} at batch {n}; fp32 gives "
-            f"{tuple(reference[n].shape)}", bits,
+            out.shape == reference[n].shape,
+            method_cls,
+            f"output shape {tuple(out.shape)} at batch {n}; fp32 gives {tuple(reference[n].shape)}",
+            bits,
         )
         _require(
-            bool(torch.isfinite(out).all()), method_cls,
-            f"the converted model returned non-finite values at batch {n}", bits,
+            bool(torch.isfinite(out).all()),
+            method_cls,
+            f"the converted model returned non-finite values at batch {n}",
+            bits,
         )
         outputs[n] = out
 
@@ -238,8 +256,11 @@ def _check_lifecycle(method_cls: Any, bits: str) -> None:
 
 
 def _check_export(
-    method: QuantMethod, converted: torch.nn.Module, eval_x: torch.Tensor,
-    outputs: dict[int, torch.Tensor], bits: str,
+    method: QuantMethod,
+    converted: torch.nn.Module,
+    eval_x: torch.Tensor,
+    outputs: dict[int, torch.Tensor],
+    bits: str,
 ) -> None:
     from qatbench.export import check_onnx
     from qatbench.runtimes import onnxruntime as ortrt
@@ -262,28 +283,37 @@ def _check_export(
             ort_out = {n: run(eval_x[:n].contiguous()) for n in outputs}
         except Exception as exc:
             raise _fail(
-                cls, f"onnxruntime cannot run the exported graph: {type(exc).__name__}: "
-                f"{exc}".splitlines()[0], bits,
+                cls,
+                f"onnxruntime cannot run the exported graph: {type(exc).__name__}: "
+                f"{exc}".splitlines()[0],
+                bits,
             ) from exc
     for n, torch_out in outputs.items():
         got = ort_out[n]
         _require(
-            tuple(got.shape) == tuple(torch_out.shape), cls,
+            tuple(got.shape) == tuple(torch_out.shape),
+            cls,
             f"onnxruntime output shape {tuple(got.shape)} at batch {n}; torch gives "
-            f"{tuple(torch_out.shape)}", bits,
+            f"{tuple(torch_out.shape)}",
+            bits,
         )
         diff = float((got.float() - torch_out.float()).abs().max())
         bound = PARITY_RELATIVE * float(torch_out.abs().max()) + PARITY_ABSOLUTE
         _require(
-            diff <= bound, cls,
+            diff <= bound,
+            cls,
             f"onnxruntime disagrees with the torch model at batch {n}: max abs diff "
-            f"{diff:.3g} > {bound:.3g}", bits,
+            f"{diff:.3g} > {bound:.3g}",
+            bits,
         )
 
 
 def _export(
-    method: QuantMethod, converted: torch.nn.Module, example: tuple[torch.Tensor, ...],
-    path: Path, bits: str,
+    method: QuantMethod,
+    converted: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    path: Path,
+    bits: str,
 ) -> object:
     try:
         return method.export(converted, example, path)
@@ -300,8 +330,10 @@ def _check_state_dict(method_cls: Any, converted: torch.nn.Module, bits: str) ->
         buffer.seek(0)
         torch.load(buffer, weights_only=True)
     except Exception as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise _fail(
-            method_cls, f"the converted model's state_dict does not round-trip through "
-            f"torch.save/torch.load(weights_only=True): {type(exc).__name__}: {exc}".splitlines()[0],
+            method_cls,
+            "the converted model's state_dict does not round-trip through "
+            f"torch.save/torch.load(weights_only=True): {reason}",
             bits,
         ) from exc

@@ -1,0 +1,73 @@
+"""``qatbench selftest``: does this machine measure what it should, right now?
+
+Three checks, each a pass/fail with the measured value:
+
+- ``timer_resolution_ns``: the observed step of the monotonic clock (expected <= 1 us).
+- ``known_ratio``: a function doing twice the work of another, timed in paired rounds,
+  must come out about half as fast (speed-up within 0.35-0.70 of the expected 0.5).
+- ``aa_paired`` and ``aa_rank_test``: a function against itself must not look faster or
+  slower: the paired speed-up within 10% of 1, and two independent timing runs of it not
+  flagged by the rank test the comparisons use.
+
+Nightly jobs run it first: a failing self-test means the night's timings are not to be
+trusted, whatever they show.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from qatbench.measure.stats import mann_whitney
+from qatbench.measure.timing import (
+    TimingSettings,
+    clock_resolution_ns,
+    time_callable,
+    time_paired,
+)
+
+WORK = 20_000  # sum(range(WORK)) takes a few hundred microseconds in CPython
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float
+    expected: str
+    passed: bool
+
+
+def _work(n: int) -> int:
+    return sum(range(n))
+
+
+def run_selftest(settings: TimingSettings | None = None) -> list[Check]:
+    """Run the checks; ``settings`` bound each timing (defaults suit a 2-core machine)."""
+    settings = settings or TimingSettings(warmup_s=0.1, min_round_s=0.005, min_rounds=20,
+                                          max_time_s=1.5)
+    checks = []
+    resolution = clock_resolution_ns()
+    checks.append(Check("timer_resolution_ns", resolution, "<= 1000", resolution <= 1000))
+
+    ratio = time_paired(lambda: _work(WORK), lambda: _work(2 * WORK), settings).speedup
+    checks.append(Check("known_ratio", ratio.value, "0.35 .. 0.70 (2x the work)",
+                        0.35 <= ratio.value <= 0.70))
+
+    same = time_paired(lambda: _work(WORK), lambda: _work(WORK), settings).speedup
+    checks.append(Check("aa_paired", same.value, "0.90 .. 1.10", 0.90 <= same.value <= 1.10))
+
+    first = time_callable(lambda: _work(WORK), settings)
+    second = time_callable(lambda: _work(WORK), settings)
+    test = mann_whitney(first.per_call_s, second.per_call_s)
+    checks.append(Check("aa_rank_test", test.p_value, "not significant (p >= 0.01 or shift < 5%)",
+                        not test.significant))
+    return checks
+
+
+def as_metrics(checks: list[Check]) -> dict[str, float]:
+    metrics = {f"selftest_{c.name}": float(c.value) for c in checks}
+    metrics["selftest_passed"] = float(all(c.passed for c in checks))
+    return metrics
+
+
+def as_rows(checks: list[Check]) -> list[dict[str, object]]:
+    return [asdict(c) for c in checks]
