@@ -9,8 +9,11 @@ overruns its timeout becomes a failed result naming the phase it was in.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
+import sys
 import time
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -29,8 +32,40 @@ def _context() -> Any:
     return _CTX
 
 
-def _worker(trial: TrialSpec, out_dir: str, conn: Connection) -> None:
+@dataclass(frozen=True)
+class WorkerContext:
+    """What a worker forked from the long-lived forkserver must take from its parent now:
+    the import path, qatbench's environment variables and directly registered plugins."""
+
+    sys_path: tuple[str, ...]
+    env: dict[str, str]
+    methods: dict[str, str]
+    models: dict[str, str]
+
+    @classmethod
+    def capture(cls) -> WorkerContext:
+        from qatbench import registry
+
+        return cls(
+            sys_path=tuple(sys.path),
+            env={k: v for k, v in os.environ.items() if k.startswith("QATBENCH_")},
+            methods=registry.methods.direct_registrations(),
+            models=registry.models.direct_registrations(),
+        )
+
+    def apply(self) -> None:
+        from qatbench import registry
+
+        sys.path[:] = list(self.sys_path)
+        os.environ.update(self.env)
+        registry.methods.register_from(self.methods)
+        registry.models.register_from(self.models)
+
+
+def _worker(trial: TrialSpec, out_dir: str, conn: Connection, context: WorkerContext) -> None:
     from qatbench.trial import run_trial
+
+    context.apply()
 
     result = run_trial(trial, Path(out_dir), report=lambda phase: conn.send(("phase", phase)))
     conn.send(("result", result.to_dict()))
@@ -47,7 +82,9 @@ class LocalProcessExecutor:
         out_dir.mkdir(parents=True, exist_ok=True)
         ctx = _context()
         parent, child = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=_worker, args=(trial, str(out_dir), child), daemon=True)
+        process = ctx.Process(
+            target=_worker, args=(trial, str(out_dir), child, WorkerContext.capture()), daemon=True
+        )
         self._current = process
         process.start()
         child.close()

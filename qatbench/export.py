@@ -43,7 +43,34 @@ def export_onnx(
             output_names=[OUTPUT_NAME],
             dynamic_axes={name: {0: "batch"} for name in [*input_names, OUTPUT_NAME]},
         )
+    _constants_to_initializers(path)
     return path
+
+
+def _constants_to_initializers(path: Path) -> None:
+    """Store tensors of Constant nodes as initializers, as a weight should be stored.
+
+    The TorchScript exporter leaves tensors it computed while tracing (the unpacked
+    integer weights) in Constant nodes; tools that count or edit weights read initializers.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    moved = []
+    for node in graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1:
+            continue
+        attr = node.attribute[0]
+        if attr.name != "value" or attr.type != onnx.AttributeProto.TENSOR:
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(attr.t)
+        tensor.name = node.output[0]
+        graph.initializer.append(tensor)
+        moved.append(node)
+    if moved:
+        for node in moved:
+            graph.node.remove(node)
+        onnx.save(model, str(path))
 
 
 def check_onnx(path: Path) -> onnx.ModelProto:

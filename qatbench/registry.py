@@ -8,6 +8,7 @@ name raises :class:`UnknownNameError` listing the known ones.
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -37,13 +38,32 @@ class Registry(Generic[T]):
         self._validate = validate
         self._items: dict[str, T] = {}
         self._failed: dict[str, str] = {}
+        self._direct: dict[str, str] = {}
         self._loaded = False
 
     def register(self, name: str, obj: Any) -> None:
         self._items[name] = self._validate(name, obj)
+        module, qualname = getattr(obj, "__module__", ""), getattr(obj, "__qualname__", "")
+        if module and module != "__main__" and "<locals>" not in qualname:
+            self._direct[name] = f"{module}:{qualname}"
 
     def unregister(self, name: str) -> None:
         self._items.pop(name, None)
+        self._direct.pop(name, None)
+
+    def direct_registrations(self) -> dict[str, str]:
+        """Directly registered plugins as ``module:qualname``, for worker processes to
+        register again (a worker sees entry points, not the parent's registrations)."""
+        return dict(self._direct)
+
+    def register_from(self, refs: dict[str, str]) -> None:
+        """Register ``name -> module:qualname`` references (see direct_registrations)."""
+        for name, ref in refs.items():
+            module_name, _, qualname = ref.partition(":")
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            self.register(name, obj)
 
     def _load(self) -> None:
         if self._loaded:

@@ -42,15 +42,17 @@ def _work(n: int) -> int:
 
 def run_selftest(settings: TimingSettings | None = None) -> list[Check]:
     """Run the checks; ``settings`` bound each timing (defaults suit a 2-core machine)."""
-    settings = settings or TimingSettings(warmup_s=0.1, min_round_s=0.005, min_rounds=20,
-                                          max_time_s=1.5)
+    settings = settings or TimingSettings(
+        warmup_s=0.1, min_round_s=0.005, min_rounds=20, max_time_s=1.5
+    )
     checks = []
     resolution = clock_resolution_ns()
     checks.append(Check("timer_resolution_ns", resolution, "<= 1000", resolution <= 1000))
 
     ratio = time_paired(lambda: _work(WORK), lambda: _work(2 * WORK), settings).speedup
-    checks.append(Check("known_ratio", ratio.value, "0.35 .. 0.70 (2x the work)",
-                        0.35 <= ratio.value <= 0.70))
+    checks.append(
+        Check("known_ratio", ratio.value, "0.35 .. 0.70 (2x the work)", 0.35 <= ratio.value <= 0.70)
+    )
 
     same = time_paired(lambda: _work(WORK), lambda: _work(WORK), settings).speedup
     checks.append(Check("aa_paired", same.value, "0.90 .. 1.10", 0.90 <= same.value <= 1.10))
@@ -58,8 +60,14 @@ def run_selftest(settings: TimingSettings | None = None) -> list[Check]:
     first = time_callable(lambda: _work(WORK), settings)
     second = time_callable(lambda: _work(WORK), settings)
     test = mann_whitney(first.per_call_s, second.per_call_s)
-    checks.append(Check("aa_rank_test", test.p_value, "not significant (p >= 0.01 or shift < 5%)",
-                        not test.significant))
+    checks.append(
+        Check(
+            "aa_rank_test",
+            test.p_value,
+            "not significant (p >= 0.01 or shift < 5%)",
+            not test.significant,
+        )
+    )
     return checks
 
 

@@ -209,9 +209,12 @@ class Tracker:
             run_id: str = self._client.create_run(
                 self.experiment_id, run_name=name, tags=own
             ).info.run_id
-            self._client.log_batch(run_id, metrics=[
-                Metric(k, float(v), now_ms, 0) for k, v in metrics.items() if math.isfinite(v)
-            ])
+            self._client.log_batch(
+                run_id,
+                metrics=[
+                    Metric(k, float(v), now_ms, 0) for k, v in metrics.items() if math.isfinite(v)
+                ],
+            )
             for file_name, text in (text_artifacts or {}).items():
                 self._client.log_text(run_id, text, file_name)
             self._client.set_terminated(run_id, "FINISHED" if ok else "FAILED")

@@ -146,13 +146,13 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         fp32 = model
         reference_out = _predict(fp32, data.eval_x, trial.data.batch_size)
 
-    method_cls = registry.methods.get(trial.method.name)
-    method: QuantMethod = method_cls(
-        method_cls.Config.model_validate(trial.method.options), BitWidth.parse(trial.bits)
-    )
-    caps = method.capabilities
     with step("prepare"):
+        method_cls = registry.methods.get(trial.method.name)
+        method: QuantMethod = method_cls(
+            method_cls.Config.model_validate(trial.method.options), BitWidth.parse(trial.bits)
+        )
         candidate = _checked(method.prepare(copy.deepcopy(fp32)), method, "prepare")
+    caps = method.capabilities
     if caps.needs_calibration:
         with step("calibrate"):
             loop = forward_loop(data, trial.data.batch_size)
