@@ -45,23 +45,48 @@ def _expand(patterns: list[str]) -> list[Path]:
 
 @app.command()
 def run(
-    files: Annotated[list[str], typer.Argument(help="experiment YAML files or globs")],
+    files: Annotated[
+        list[str],
+        typer.Argument(
+            help="experiment YAML files or globs; with --resume also a report.json or its folder"
+        ),
+    ],
     tracking_uri: Annotated[
         str | None, typer.Option(help="MLflow tracking URI (default: the YAML's, else ./mlruns)")
     ] = None,
     output_dir: Annotated[Path, typer.Option(help="folder for per-run reports")] = Path("reports"),
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="continue a sweep instead of starting one: for a YAML file the newest "
+            "sweep under --output-dir that lacks trials of its grid, or the sweep of a given "
+            "report.json; only trials missing from it run",
+        ),
+    ] = False,
 ) -> None:
     """Run experiments: every model x method x bits x runtime trial, logged and reported."""
-    from qatbench.runner import run_experiment
+    from qatbench.runner import resume_experiment, run_experiment
 
-    paths = _expand(files)
-    for path in paths:  # validate everything before running anything
-        from qatbench.spec import load_experiment
-
-        load_experiment(path)
+    plans = [_plan(path, output_dir, resume) for path in _expand(files)]  # validate all first
     code = 0
-    for path in paths:
-        outcome = run_experiment(path, tracking_uri=tracking_uri, output_root=output_dir)
+    for path, report in plans:
+        if report is None:
+            outcome = run_experiment(path, tracking_uri=tracking_uri, output_root=output_dir)
+        else:
+            outcome = resume_experiment(report, tracking_uri=tracking_uri)
+        if outcome.interrupted:
+            saved = len(outcome.record.trials)
+            total = saved + len(outcome.missing)
+            what = "interrupted" if outcome.interrupted == "SIGINT" else "terminated"
+            err.print(
+                f"{what}: {saved} of {total} trials saved in {outcome.report_json}; "
+                f"resume with: qatbench run --resume {outcome.report_json}",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(outcome.exit_code)
         finished = sum(t.ok for t in outcome.record.trials)
         out.print(
             f"{outcome.record.experiment['name']}: {finished} finished, "
@@ -73,10 +98,28 @@ def run(
         out.print(f"report.html: {outcome.report_html}")
         out.print(
             f"mlflow: {outcome.record.tracking.get('uri')} "
-            f"(experiment {outcome.record.tracking.get('experiment')})"
+            f"(experiment {outcome.record.tracking.get('experiment')}, "
+            f"sweep {outcome.record.tracking.get('sweep')})"
         )
         code = max(code, outcome.exit_code)
     raise typer.Exit(code)
+
+
+def _plan(path: Path, output_dir: Path, resume: bool) -> tuple[Path, Path | None]:
+    """Validate one ``run`` argument: (experiment file, report.json to resume or None)."""
+    from qatbench import sweeps
+    from qatbench.results import RunRecord
+    from qatbench.spec import load_experiment
+
+    is_report = path.suffix == ".json" or (path / "report.json").is_file()
+    if is_report and not resume:
+        raise ConfigError(f"{path}: a report, not an experiment file; continue it with --resume")
+    if is_report:
+        report = sweeps.report_path(path)
+        sweeps.stored_spec(RunRecord.load(report), report)
+        return path, report
+    spec = load_experiment(path)
+    return path, sweeps.find_unfinished(spec, output_dir, path) if resume else None
 
 
 @app.command()
@@ -132,18 +175,150 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
 
 
+_SOURCE_HELP = (
+    "a report.json, or an MLflow experiment: mlflow:NAME (its latest sweep), "
+    "mlflow:NAME@K (sweep K: 0 the first, -1 the latest, -2 the one before) or a bare NAME"
+)
+_TRACKING_HELP = "MLflow tracking URI for experiment names (default ./mlruns)"
+
+
 @app.command()
 def report(
-    source: Annotated[Path, typer.Argument(help="a report.json")],
+    source: Annotated[str, typer.Argument(help=_SOURCE_HELP)],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="HTML path")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
 ) -> None:
-    """Regenerate report.html from a report.json."""
+    """Regenerate report.html from a report.json or an MLflow experiment's sweep."""
     from qatbench.report.html import write_html
-    from qatbench.results import RunRecord
+    from qatbench.report.sources import load_record, parse_source
 
-    record = RunRecord.load(source)
-    path = write_html(record, output or source.with_name("report.html"))
+    parsed = parse_source(source)
+    record = load_record(source, tracking_uri)
+    if output is None:
+        output = (
+            parsed.path.with_name("report.html")
+            if parsed.path is not None
+            else Path(f"{_safe_name(parsed.experiment)}-report.html")
+        )
+    path = write_html(record, output)
     out.print(f"report.html: {path}")
+
+
+def _safe_name(name: str) -> str:
+    """An experiment name as a file name: anything but letters, digits, ``._-`` becomes ``_``."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
+
+
+@app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="the reference run: " + _SOURCE_HELP)],
+    b: Annotated[str, typer.Argument(help="the run judged against A, same forms as A")],
+    gate: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gate",
+            "-g",
+            help="METRIC:CHANGE, repeatable: latency_p50_ms:+5% (a rise of more than 5% "
+            "breaches; no _bN suffix = every batch size), throughput_per_s:-5%, "
+            "accuracy:-0.5 (an absolute drop of more than 0.5)",
+        ),
+    ] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
+    alpha: Annotated[
+        float, typer.Option(help="significance level of the Mann-Whitney test on timings")
+    ] = 0.01,
+    min_effect: Annotated[
+        float, typer.Option(help="smallest relative median shift a timing change must have")
+    ] = 0.05,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="also write the comparison as HTML")
+    ] = None,
+) -> None:
+    """Compare two runs trial by trial; exit 1 when a gate is breached.
+
+    Timing metrics (latency, throughput, speed-up) breach a gate only when their raw
+    samples also differ significantly (Mann-Whitney U); other metrics on the threshold.
+    """
+    from qatbench.report import compare as cmp
+    from qatbench.report import text
+    from qatbench.report.sources import load_record, parse_source
+
+    gates = cmp.parse_gates(gate or [])
+    labels = (parse_source(a).label, parse_source(b).label)
+    result = cmp.compare(
+        load_record(a, tracking_uri),
+        load_record(b, tracking_uri),
+        gates,
+        alpha=alpha,
+        min_effect=min_effect,
+        labels=labels,
+    )
+    out.print(text.compare_table(result))
+    for line in text.compare_summary(result):
+        out.print(line, markup=False, highlight=False)
+    if output is not None:
+        from qatbench.report.pages import write_compare_html
+
+        out.print(f"compare.html: {write_compare_html(result, output)}")
+    for line in result.breaches:
+        err.print(f"breach: {line}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def history(
+    experiment: Annotated[str, typer.Argument(help="MLflow experiment name")],
+    metric: Annotated[str, typer.Option(help="metric to follow, e.g. latency_p50_ms_b1")],
+    trial: Annotated[str | None, typer.Option(help="one trial id (default: every trial)")] = None,
+    tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
+    threshold: Annotated[
+        str, typer.Option(help="relative change that counts for metrics without samples")
+    ] = "5%",
+    alpha: Annotated[
+        float, typer.Option(help="significance level of the Mann-Whitney test on timings")
+    ] = 0.01,
+    min_effect: Annotated[
+        float, typer.Option(help="smallest relative median shift a timing change must have")
+    ] = 0.05,
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML path")] = Path(
+        "history.html"
+    ),
+) -> None:
+    """Chart a metric over the sweeps of an MLflow experiment, significant changes marked."""
+    from qatbench.report import history as hist
+    from qatbench.report import text
+    from qatbench.report.compare import is_timing
+    from qatbench.report.pages import write_history_html
+    from qatbench.report.sources import load_sweeps
+
+    if experiment.startswith("mlflow:"):
+        experiment = experiment[len("mlflow:") :]
+    limit = hist.parse_threshold(threshold)
+    uri, experiment_id, sweeps = load_sweeps(
+        experiment, tracking_uri, with_results=is_timing(metric)
+    )
+    result = hist.history(
+        experiment,
+        sweeps,
+        metric,
+        trial=trial,
+        threshold=limit,
+        alpha=alpha,
+        min_effect=min_effect,
+    )
+    changes = sum(len(s.changes) for s in result.series)
+    if changes:
+        out.print(text.history_table(result))
+    out.print(
+        f"{len(result.sweeps)} sweeps, {len(result.series)} trials, {changes} significant "
+        f"changes of {metric}",
+        markup=False,
+        highlight=False,
+    )
+    path = write_history_html(result, output, {"uri": uri, "experiment_id": experiment_id})
+    out.print(f"history.html: {path}")
 
 
 @app.command()
@@ -189,6 +364,35 @@ def selftest(
         f"(experiment qatbench-selftest, {tracker.uri})"
     )
     raise typer.Exit(0 if passed else 1)
+
+
+@app.command()
+def ui(
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow store (default sqlite:///mlruns/mlflow.db)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 5000,
+) -> None:
+    """Start the MLflow UI over the results store; Ctrl-C stops it."""
+    from qatbench import ui as mlflow_ui
+
+    code = mlflow_ui.serve(tracking_uri, host=host, port=port, echo=out.print)
+    raise typer.Exit(code)
+
+
+@app.command()
+def sync(
+    report: Annotated[Path, typer.Argument(help="a report.json or the run folder holding it")],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow tracking URI (default: the report's)")
+    ] = None,
+) -> None:
+    """Push a report's trials that are missing from MLflow (after an outage); idempotent."""
+    from qatbench.runner import sync_report
+
+    pushed, present = sync_report(report, tracking_uri=tracking_uri, console=out)
+    out.print(f"{report}: {pushed} trials pushed, {present} already in MLflow")
 
 
 def _show_warning(

@@ -4,19 +4,26 @@ Workers come from a ``forkserver`` that has imported torch once, so each trial s
 a fraction of a second with a clean heap. The worker reports the phase it enters and then
 its result over a pipe; a worker that dies (segfault, abort, out-of-memory kill) or
 overruns its timeout becomes a failed result naming the phase it was in.
+
+Each worker leads a process group of its own, so a Ctrl-C at the terminal reaches only the
+parent, which then kills the whole group (the worker and anything it started). A worker
+also holds the read end of a "lifeline" pipe whose write end only the parent has: when the
+parent dies, even by SIGKILL, the pipe reaches end-of-file and the worker kills its group.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qatbench.results import TrialFailure, TrialResult
 from qatbench.spec import TrialSpec
@@ -28,19 +35,22 @@ def _context() -> Any:
     global _CTX
     if _CTX is None:
         _CTX = multiprocessing.get_context("forkserver")
-        _CTX.set_forkserver_preload(["torch", "onnxruntime", "qatbench.trial"])
+        # sklearn.datasets (the digits data) costs seconds to import: once here, not per trial.
+        _CTX.set_forkserver_preload(["torch", "onnxruntime", "sklearn.datasets", "qatbench.trial"])
     return _CTX
 
 
 @dataclass(frozen=True)
 class WorkerContext:
     """What a worker forked from the long-lived forkserver must take from its parent now:
-    the import path, qatbench's environment variables and directly registered plugins."""
+    the import path, the working directory (relative paths, the default data cache),
+    qatbench's environment variables and directly registered plugins."""
 
     sys_path: tuple[str, ...]
     env: dict[str, str]
     methods: dict[str, str]
     models: dict[str, str]
+    cwd: str = ""
 
     @classmethod
     def capture(cls) -> WorkerContext:
@@ -51,18 +61,55 @@ class WorkerContext:
             env={k: v for k, v in os.environ.items() if k.startswith("QATBENCH_")},
             methods=registry.methods.direct_registrations(),
             models=registry.models.direct_registrations(),
+            cwd=os.getcwd(),
         )
 
     def apply(self) -> None:
         from qatbench import registry
 
         sys.path[:] = list(self.sys_path)
+        if self.cwd:
+            os.chdir(self.cwd)
         os.environ.update(self.env)
         registry.methods.register_from(self.methods)
         registry.models.register_from(self.models)
 
 
-def _worker(trial: TrialSpec, out_dir: str, conn: Connection, context: WorkerContext) -> None:
+class Executor(Protocol):
+    """Runs one trial somewhere isolated and always returns its result (see module doc)."""
+
+    def run(self, trial: TrialSpec, out_dir: Path, timeout_s: float) -> TrialResult: ...
+
+    def stop(self) -> None:
+        """Kill whatever is running now (timeouts, Ctrl-C); idempotent."""
+
+
+def _kill_own_group() -> None:
+    """SIGKILL this worker's process group, or only this process if it leads none."""
+    if os.getpgid(0) == os.getpid():
+        os.killpg(0, signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _watch_lifeline(lifeline: Connection) -> None:
+    """Block until the parent's end of ``lifeline`` closes (the parent is gone), then die."""
+    with contextlib.suppress(OSError, EOFError):
+        lifeline.poll(None)
+    _kill_own_group()
+
+
+def _worker(
+    trial: TrialSpec,
+    out_dir: str,
+    conn: Connection,
+    context: WorkerContext,
+    lifeline: Connection | None = None,
+) -> None:
+    with contextlib.suppress(OSError):  # a group of its own: terminal signals reach the parent
+        os.setpgid(0, 0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides, and kills the group
+    if lifeline is not None:
+        threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
     from qatbench.trial import run_trial
 
     context.apply()
@@ -79,15 +126,23 @@ class LocalProcessExecutor:
         self._current: Any = None
 
     def run(self, trial: TrialSpec, out_dir: Path, timeout_s: float) -> TrialResult:
+        out_dir = Path(out_dir).absolute()
         out_dir.mkdir(parents=True, exist_ok=True)
         ctx = _context()
         parent, child = ctx.Pipe(duplex=False)
+        # Only this process ever holds ``keep``: its end-of-file tells the worker we are gone.
+        lifeline, keep = ctx.Pipe(duplex=False)
         process = ctx.Process(
-            target=_worker, args=(trial, str(out_dir), child, WorkerContext.capture()), daemon=True
+            target=_worker,
+            args=(trial, str(out_dir), child, WorkerContext.capture(), lifeline),
+            daemon=True,
         )
         self._current = process
-        process.start()
-        child.close()
+        try:
+            process.start()
+        finally:
+            child.close()
+            lifeline.close()
         phase, deadline = "start", time.monotonic() + timeout_s
         try:
             while True:
@@ -108,14 +163,20 @@ class LocalProcessExecutor:
         finally:
             self.stop()
             parent.close()
+            keep.close()
 
     def stop(self) -> None:
-        """Kill the running worker, if any (timeouts, Ctrl-C)."""
+        """Kill the running worker's process group, if any (timeouts, Ctrl-C), and reap it."""
         process, self._current = self._current, None
-        if process is not None:
-            if process.is_alive():
+        if process is None or process.pid is None:
+            return
+        # The group outlives a worker that has already exited when it started children.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
+        if process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            process.join(5)
+        process.join(5)
 
 
 def _died(trial: TrialSpec, phase: str, process: Any) -> TrialResult:

@@ -11,16 +11,36 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnx.version_converter
 import torch
 
+from qatbench.quant import weight_only_onnx
+
 OPSET = 17
+TORCHSCRIPT_MAX_OPSET = 20  # the newest opset the TorchScript exporter writes
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
 
+def required_opset(model: torch.nn.Module, opset: int = OPSET) -> int:
+    """``opset`` raised to what the model's modules need (their ``onnx_opset`` attribute)."""
+    needs = [getattr(m, "onnx_opset", 0) for m in model.modules()]
+    return max([opset, *needs])
+
+
 def export_onnx(
-    model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path
+    model: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    opset: int = OPSET,
 ) -> Path:
-    """Export with a dynamic batch dimension; returns ``path``."""
+    """Export with a dynamic batch dimension; returns ``path``.
+
+    The opset is ``opset`` or what a module of the model needs, if more (weight-only
+    int4 needs 21). Beyond the TorchScript exporter's 20 the graph is exported at 20 and
+    converted with ``onnx.version_converter``; placeholder nodes of weight-only layers are
+    then lowered to standard ONNX (:mod:`qatbench.quant.weight_only_onnx`).
+    """
+    opset = required_opset(model, opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     input_names = (
@@ -38,22 +58,38 @@ def export_onnx(
             example_inputs,
             str(path),
             dynamo=False,
-            opset_version=OPSET,
+            opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
             input_names=input_names,
             output_names=[OUTPUT_NAME],
             dynamic_axes={name: {0: "batch"} for name in [*input_names, OUTPUT_NAME]},
         )
-    _constants_to_initializers(path)
+    model_proto = onnx.load(str(path))
+    changed = _constants_to_initializers(model_proto)
+    if opset > TORCHSCRIPT_MAX_OPSET:
+        model_proto = _convert_opset(model_proto, opset)
+        changed = True
+    if any(node.domain == weight_only_onnx.DOMAIN for node in model_proto.graph.node):
+        model_proto = weight_only_onnx.lower_weight_only(model_proto)
+        changed = True
+    if changed:
+        onnx.save(model_proto, str(path))
     return path
 
 
-def _constants_to_initializers(path: Path) -> None:
+def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    converted = onnx.version_converter.convert_version(model, opset)
+    ir = onnx.helper.find_min_ir_version_for(list(converted.opset_import), ignore_unknown=True)
+    converted.ir_version = max(converted.ir_version, ir)
+    return converted
+
+
+def _constants_to_initializers(model: onnx.ModelProto) -> bool:
     """Store tensors of Constant nodes as initializers, as a weight should be stored.
 
     The TorchScript exporter leaves tensors it computed while tracing (the unpacked
     integer weights) in Constant nodes; tools that count or edit weights read initializers.
+    Returns whether anything moved.
     """
-    model = onnx.load(str(path))
     graph = model.graph
     moved = []
     for node in graph.node:
@@ -67,10 +103,9 @@ def _constants_to_initializers(path: Path) -> None:
         tensor.name = node.output[0]
         graph.initializer.append(tensor)
         moved.append(node)
-    if moved:
-        for node in moved:
-            graph.node.remove(node)
-        onnx.save(model, str(path))
+    for node in moved:
+        graph.node.remove(node)
+    return bool(moved)
 
 
 def check_onnx(path: Path) -> onnx.ModelProto:

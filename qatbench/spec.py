@@ -25,6 +25,8 @@ from qatbench.errors import ConfigError, UnknownNameError
 from qatbench.expectations import Expectation, parse_expectation
 
 SPEC_SCHEMA_VERSION = 1
+MAX_FILE_BYTES = 1 << 20  # an experiment file is a page of YAML, not a data set
+MAX_VALUES = 100_000  # values in the parsed document, aliases counted each time they appear
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.]*$"  # safe in trial ids, paths and MLflow names
 
 
@@ -69,11 +71,25 @@ class MethodEntry(_Strict):
 class DataSpec(_Strict):
     """Which dataset feeds calibration, training and evaluation, and how much of it."""
 
-    dataset: Literal["digits", "synthetic"] = "digits"
+    dataset: Literal["digits", "synthetic", "text"] = "digits"
     calibration_samples: int = Field(256, ge=1, le=100_000)
     eval_samples: int = Field(512, ge=1, le=100_000)
     batch_size: int = Field(64, ge=1, le=65_536)
     pretrain_epochs: int = Field(30, ge=0, le=1000)
+    # text only: tokens per sequence (default: the model's context) and the tokenizer,
+    # "bytes" (vocabulary 256) or a local Hugging Face tokenizer directory.
+    seq_len: int | None = Field(None, ge=2, le=65_536)
+    tokenizer: str = "bytes"
+
+
+class GenerationSpec(_Strict):
+    """Generation metrics of language models (text data): prefill of ``prompt_tokens``,
+    then ``new_tokens`` greedy decode steps at batch 1, with a KV cache where the model has
+    one."""
+
+    enabled: bool = True
+    prompt_tokens: int = Field(32, ge=1, le=65_536)
+    new_tokens: int = Field(32, ge=1, le=65_536)
 
 
 class MeasureSpec(_Strict):
@@ -88,6 +104,7 @@ class MeasureSpec(_Strict):
     max_time_s: float = Field(4.0, gt=0, le=3600)
     threads: int = Field(1, ge=1, le=1024)
     per_layer: bool = True
+    generation: GenerationSpec = Field(default_factory=GenerationSpec)
 
 
 class TrackingSpec(_Strict):
@@ -200,25 +217,54 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     """Read and validate an experiment file; raises ConfigError naming file, key and value."""
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as handle:  # bounded: /dev/zero or a huge file is refused
+            raw = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such experiment file") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not an experiment file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes; not an experiment file")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    try:
+        data = yaml.safe_load(text)  # the safe loader: plain data, never Python objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: nested too deeply") from None
     return validate_experiment(data, source=str(path))
+
+
+def _check_size(data: Any, source: str) -> None:
+    """Refuse documents that expand to more than MAX_VALUES values: YAML aliases can make
+    a small file stand for billions of values (the "billion laughs")."""
+    count, stack = 0, [data]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(
+                f"{source}: the document expands to more than {MAX_VALUES} values "
+                "(nested YAML aliases?); not an experiment file"
+            )
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 def validate_experiment(data: Any, source: str = "<experiment>") -> ExperimentSpec:
     """Validate a parsed YAML document (see :func:`load_experiment`)."""
+    _check_size(data, source)
     if data is None:
         raise ConfigError(f"{source}: the file is empty; an experiment needs name, models, methods")
     if not isinstance(data, dict):

@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,11 @@ DEFAULT_DIR = "mlruns"
 DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "artifacts"
 REACHABILITY_TIMEOUT_S = 5.0
+SWEEP_TAG = "qatbench.sweep"  # every run of one sweep (one report.json) carries its id
+TRIAL_TAG = "qatbench.trial_id"
+SWEEP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 _SQLITE_PREFIX = "sqlite:///"
+_TERMINAL = ("FINISHED", "FAILED")
 
 
 def default_uri(root: Path | None = None) -> str:
@@ -86,6 +92,16 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = str(value) if isinstance(value, list | tuple) else value
     return flat
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """An MLflow run that logged (or began to log) one trial of a sweep."""
+
+    run_id: str
+    trial_id: str
+    status: str  # RUNNING while logging, FINISHED or FAILED once it completed
+    start_time: int  # ms since the epoch
 
 
 class Tracker:
@@ -133,20 +149,29 @@ class Tracker:
         *,
         params: Mapping[str, Any],
         tags: Mapping[str, str] | None = None,
+        sweep: str | None = None,
     ) -> str:
         """Log ``result`` as one run named by its trial id and return the run id.
 
         Metrics go in one batch (non-finite values are skipped and named in the tag
         ``qatbench.nonfinite_metrics``); ``result.params`` and ``params`` are logged flattened
-        with dotted keys; ``tags`` are added to qatbench's own, which take precedence. The
-        ONNX file (``result.artifacts["onnx"]``) is logged as ``model.onnx`` and the result
-        itself, with its run id, as ``trial.json``.
+        with dotted keys; ``tags`` are added to qatbench's own, which take precedence;
+        ``sweep`` becomes the tag ``qatbench.sweep``. The ONNX file
+        (``result.artifacts["onnx"]``) is logged as ``model.onnx`` and the result itself, with
+        its run id, as ``trial.json``; the run then ends FINISHED, or FAILED for a failed
+        trial (the reason is in the tag ``qatbench.error``). A run whose logging broke off
+        is left without ``trial.json`` (see :meth:`recover`).
         """
+        _check_reachable(self.uri)  # a server that went away fails in seconds, not minutes
+        own_tags = self._tags(result, tags)
+        if sweep is not None:
+            own_tags[SWEEP_TAG] = _checked_sweep(sweep)
         try:
             run_id: str = self._client.create_run(
-                self.experiment_id, run_name=result.id, tags=self._tags(result, tags)
+                self.experiment_id, run_name=result.id, tags=own_tags
             ).info.run_id
-        except MlflowException as exc:
+        # The store's own exceptions (database driver, HTTP client) are not all MlflowException.
+        except Exception as exc:
             raise TrackingError(f"tracking uri {self.uri}: {_one_line(exc)}") from exc
         try:
             self._client.log_batch(run_id, metrics=_metrics(result), params=_params(result, params))
@@ -222,6 +247,82 @@ class Tracker:
             raise TrackingError(f"tracking uri {self.uri}: {_one_line(exc)}") from exc
         return run_id
 
+    def sweep_runs(self, sweep: str) -> dict[str, list[SweepRun]]:
+        """Every active run tagged with ``sweep``, by trial id, newest first."""
+        query = f"tags.`{SWEEP_TAG}` = '{_checked_sweep(sweep)}'"
+        found: dict[str, list[SweepRun]] = {}
+        token: str | None = None
+        try:
+            while True:
+                page = self._client.search_runs(
+                    [self.experiment_id], filter_string=query, max_results=1000, page_token=token
+                )
+                for run in page:
+                    trial_id = run.data.tags.get(TRIAL_TAG)
+                    if trial_id:
+                        found.setdefault(trial_id, []).append(
+                            SweepRun(
+                                run.info.run_id, trial_id, run.info.status, run.info.start_time or 0
+                            )
+                        )
+                token = page.token
+                if not token:
+                    break
+        except Exception as exc:  # any backend's failure to answer is an outage to report
+            raise TrackingError(f"tracking uri {self.uri}: {_one_line(exc)}") from exc
+        for runs in found.values():
+            runs.sort(key=lambda r: (r.start_time, r.run_id), reverse=True)
+        return found
+
+    def recover(self, runs: list[SweepRun]) -> TrialResult | None:
+        """The result a complete run among ``runs`` (one trial's runs of a sweep) logged.
+
+        A run is complete when it ended (FINISHED or FAILED) with its ``trial.json``; the
+        newest complete one wins and carries its run id. Incomplete runs (logging broke
+        off, or the process died mid-way) are deleted, so that the trial is logged again
+        exactly once. Returns None when no run is complete.
+        """
+        recovered: TrialResult | None = None
+        with tempfile.TemporaryDirectory(prefix="qatbench-recover-") as tmp:
+            for run in runs:
+                result = self._logged_result(run, Path(tmp))
+                if result is None:
+                    self.delete_run(run.run_id)
+                elif recovered is None:
+                    recovered = result
+                # an older complete duplicate is left alone: deleting measured data is not ours
+        return recovered
+
+    def _logged_result(self, run: SweepRun, tmp: Path) -> TrialResult | None:
+        if run.status not in _TERMINAL:
+            return None
+        data = _trial_json(self._client, run.run_id, tmp)
+        if data is None:
+            return None
+        try:
+            return TrialResult.from_dict(data).with_run_id(run.run_id)
+        except (KeyError, TypeError, ValueError):  # not a trial.json this version can read
+            return None
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether an active run ``run_id`` exists in this store."""
+        try:
+            run = self._client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return False
+            raise TrackingError(f"tracking uri {self.uri}: {_one_line(exc)}") from exc
+        except Exception as exc:  # the store did not answer
+            raise TrackingError(f"tracking uri {self.uri}: {_one_line(exc)}") from exc
+        return bool(run.info.lifecycle_stage == "active")
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run (MLflow keeps it restorable until garbage collection)."""
+        try:
+            self._client.delete_run(run_id)
+        except Exception as exc:  # any backend's failure: an outage to report
+            raise TrackingError(f"tracking uri {self.uri}: {_one_line(exc)}") from exc
+
     def find_run(self, trial_id: str) -> str | None:
         """The id of the latest active run named ``trial_id`` in the experiment, else None."""
         try:
@@ -234,6 +335,13 @@ class Tracker:
         except MlflowException as exc:
             raise TrackingError(f"tracking uri {self.uri}: {_one_line(exc)}") from exc
         return runs[0].info.run_id if runs else None
+
+
+def _checked_sweep(sweep: str) -> str:
+    """``sweep`` if it is a well-formed sweep id (it goes into MLflow filter strings)."""
+    if not re.fullmatch(SWEEP_ID_PATTERN, sweep):
+        raise TrackingError(f"sweep id {sweep!r} is malformed; allowed: {SWEEP_ID_PATTERN}")
+    return sweep
 
 
 def search_trials(uri: str, experiment: str) -> list[dict[str, Any]]:
@@ -344,3 +452,83 @@ def _one_line(error: object) -> str:
     """The first non-empty line of an error's text (MLflow messages can span many lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
+
+
+def fetch_trial_runs(
+    uri: str, experiment: str, *, with_results: bool = True
+) -> tuple[str, list[dict[str, Any]]]:
+    """The id of ``experiment`` and every active run of it that logged a trial, oldest first.
+
+    For ``qatbench compare``, ``history`` and ``report`` on an MLflow experiment. Each run is
+    a :func:`search_trials` item plus ``start_time`` (ms since the epoch) and ``trial``: its
+    ``trial.json`` parsed (a :class:`~qatbench.results.TrialResult` dict) when
+    ``with_results``, else None; None too when that artifact is missing or unreadable.
+    """
+    _check_reachable(uri)
+    db = _sqlite_file(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(f"tracking uri {uri}: no such store ({db} does not exist)")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise TrackingError(f"tracking uri {uri}: no experiment named {experiment!r}")
+        runs = [r for r in _all_runs(client, str(found.experiment_id)) if _is_trial(r)]
+        runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        with _no_progress_bars(), tempfile.TemporaryDirectory(prefix="qatbench-trials-") as tmp:
+            items = [
+                {
+                    **_run_dict(run),
+                    "start_time": run.info.start_time,
+                    "trial": _trial_json(client, run.info.run_id, Path(tmp))
+                    if with_results
+                    else None,
+                }
+                for run in runs
+            ]
+        return str(found.experiment_id), items
+    except MlflowException as exc:
+        raise TrackingError(f"tracking uri {uri}: {_one_line(exc)}") from exc
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence MLflow's per-download progress bar on stderr while in the block."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
+def _is_trial(run: Run) -> bool:
+    return "qatbench.trial_id" in run.data.tags
+
+
+def _trial_json(client: MlflowClient, run_id: str, tmp: Path) -> dict[str, Any] | None:
+    """The parsed ``trial.json`` artifact of a run; None when it is missing or not JSON."""
+    dst = tmp / run_id
+    try:
+        dst.mkdir()
+        local = client.download_artifacts(run_id, "trial.json", str(dst))
+        data = json.loads(Path(local).read_text())
+    except (MlflowException, OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def fetch_trial_results(uri: str, run_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+    """The parsed ``trial.json`` of each run in ``run_ids`` (None where missing or unreadable).
+
+    For ``qatbench compare``/``report`` on one sweep: fetch the runs without results with
+    :func:`fetch_trial_runs`, pick the sweep, then download only its artifacts.
+    """
+    _check_reachable(uri)
+    client = MlflowClient(tracking_uri=uri)
+    with _no_progress_bars(), tempfile.TemporaryDirectory(prefix="qatbench-trials-") as tmp:
+        return {run_id: _trial_json(client, run_id, Path(tmp)) for run_id in run_ids}

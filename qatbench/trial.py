@@ -24,10 +24,12 @@ import torch
 from qatbench import registry
 from qatbench.bitwidth import BitWidth
 from qatbench.data.datasets import TaskData, load_data
+from qatbench.data.tasks import task_for
 from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError
 from qatbench.export import check_onnx, export_onnx
 from qatbench.measure import error as err
+from qatbench.measure import generation as gen
 from qatbench.measure import size
 from qatbench.measure.timing import TimingSettings, time_paired
 from qatbench.methods.base import QuantMethod
@@ -126,6 +128,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         model, example = _build(trial)
     with step("data"):
         data = load_data(trial.data, example[0], trial.seed)
+        if data.task == "language_modelling":  # export and time at the data's length
+            example = (data.eval_x[:1].clone(),)
     if data.labelled and trial.data.pretrain_epochs:
         with step("pretrain"):
             key = {
@@ -184,6 +188,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
 
     with step("measure"):
         _measure(trial, out_dir, state, fp32, candidate, session, data, reference_out, example)
+        if data.task == "language_modelling" and trial.measure.generation.enabled:
+            _generation(trial, out_dir, state, fp32, candidate, session, data, method)
     state.metrics["peak_rss_bytes"] = float(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
@@ -252,10 +258,8 @@ def _measure(
         torch_out = _predict(candidate, data.eval_x, trial.data.batch_size)
         ort_out = _predict(ortrt.as_callable(session), data.eval_x, trial.data.batch_size)
         m["onnx_parity_max_abs"] = float((torch_out - ort_out).abs().max())
-    if data.eval_y is not None:
-        m["accuracy"] = err.accuracy_percent(outputs, data.eval_y)
-        m["accuracy_fp32"] = err.accuracy_percent(reference_out, data.eval_y)
-        m["accuracy_delta_vs_fp32"] = m["accuracy"] - m["accuracy_fp32"]
+    if data.eval_y is not None:  # accuracy, or perplexity and next-token accuracy
+        m.update(task_for(data).quality(outputs, reference_out, data.eval_y))
 
     if trial.measure.per_layer:
         layers = err.layer_errors(fp32, candidate, data.calib_x[: trial.data.batch_size])
@@ -301,6 +305,55 @@ def _measure(
             "fp32_ms": [t * 1e3 for t in paired.baseline.per_call_s],
         }
     state.details["latency_samples"] = samples
+
+
+def _generation(
+    trial: TrialSpec,
+    out_dir: Path,
+    state: _State,
+    fp32: torch.nn.Module,
+    candidate: torch.nn.Module,
+    session: Any,
+    data: TaskData,
+    method: QuantMethod,
+) -> None:
+    """Prefill latency, decode tokens/s and KV-cache memory (see measure/generation.py)."""
+    spec = trial.measure.generation
+    tokens = data.eval_x[:1]
+    prompt = min(spec.prompt_tokens, tokens.shape[1])
+    context = int(getattr(candidate, "context", tokens.shape[1]))
+    new_tokens = min(spec.new_tokens, context - prompt)
+    if new_tokens < spec.new_tokens:
+        state.warnings.append(f"generation: {new_tokens} new tokens fit the context of {context}")
+    if new_tokens < 1:
+        state.warnings.append("generation: the prompt fills the context; nothing to decode")
+        return
+    notes: list[str] = []
+    if trial.runtime == "onnxruntime":
+        decoder = gen.ort_decoder(
+            candidate,
+            tokens[:, :prompt],
+            tokens,
+            new_tokens,
+            method.export,
+            lambda path: ortrt.make_session(path, trial.measure.threads),
+            ortrt.as_callable(session),
+            out_dir / "generation",
+            notes,
+        )
+    else:
+        decoder = gen.torch_decoder(candidate, tokens[:, :prompt], tokens, new_tokens)
+    settings = TimingSettings(
+        warmup_s=trial.measure.warmup_s,
+        min_round_s=trial.measure.min_round_s,
+        min_rounds=trial.measure.min_rounds,
+        max_time_s=trial.measure.max_time_s,
+    )
+    weights = state.metrics.get("weight_bytes")
+    result = gen.measure_generation(fp32, decoder, tokens, prompt, new_tokens, settings, weights)
+    state.metrics.update(result.metrics)
+    state.details["generation"] = result.details
+    state.warnings.extend(notes + result.warnings)
 
 
 def _bind(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:

@@ -40,6 +40,15 @@ INVALID_KEYS = {
     "unsupported_bits.yaml": "methods[0].bits[0]",
     "yaml_syntax.yaml": "line 4",
     "zero_rounds.yaml": "measure.min_rounds",
+    # the reliability corpus (run end to end in tests/test_invalid_corpus.py)
+    "alias_bomb.yaml": "expands to more than",
+    "binary.yaml": "not a text file",
+    "deep_nesting.yaml": "nested too deeply",
+    "escape_model_name.yaml": "models[0].name",
+    "factory_import_raises.yaml": "models[0].factory",
+    "huge_eval_samples.yaml": "data.eval_samples",
+    "nan_timing.yaml": "measure.max_time_s",
+    "python_tag.yaml": "python/object",
 }
 
 

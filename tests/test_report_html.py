@@ -12,14 +12,21 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
+from qatbench.report.distributions import MAX_DOTS
 from qatbench.report.html import build_view, pareto_front, render_html, write_html
 from qatbench.results import RunRecord, TrialResult
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+]
 TIMES = "\u00d7"  # the multiplication sign that follows a ratio
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e-?\d+)?")
 
@@ -46,47 +53,100 @@ def _chart_numbers(chart: dict[str, Any]) -> list[float]:
     return coords + [float(v) for v in _NUMBER.findall(chart["frontier"])]
 
 
+def _details(latency_ms: float, seed: int, rounds: int = 600) -> dict[str, Any]:
+    """What a real trial records: paired rounds at batch 1 and 64, ten per-layer rows."""
+    rng = np.random.default_rng(seed)
+    samples = {
+        f"b{n}": {
+            "candidate_ms": (latency_ms * n**0.5 * rng.lognormal(0, 0.1, rounds)).tolist(),
+            "fp32_ms": (n**0.5 * rng.lognormal(0, 0.1, rounds)).tolist(),
+        }
+        for n in (1, 64)
+    }
+    layers = [
+        {
+            "layer": f"blocks.{i}.mlp.fc",
+            "type": "QuantizedLinear",
+            "mse": 1e-3 * i,
+            "max_abs_error": 0.1,
+            "sqnr_db": 20.0 + i,
+            "cosine": 0.999,
+        }
+        for i in range(10)
+    ]
+    return {"latency_samples": samples, "per_layer": layers}
+
+
 def _many_trials(models: int = 3) -> RunRecord:
     """A 30-trial record: per model fp32 and ptq at four bit-widths, on two runtimes."""
     trials = []
     for m in range(models):
-        for k, (method, bits) in enumerate([("fp32", "fp32"), ("ptq", "w8a8"), ("ptq", "w6a8"),
-                                            ("ptq", "w4a8"), ("ptq", "w3a8")]):
+        for k, (method, bits) in enumerate(
+            [("fp32", "fp32"), ("ptq", "w8a8"), ("ptq", "w6a8"), ("ptq", "w4a8"), ("ptq", "w3a8")]
+        ):
             for runtime, speed in (("torch", 0.5), ("onnxruntime", 2.0)):
                 ratio = 32 / int(bits[1:].split("a")[0]) if method == "ptq" else 1.0
                 speedup = 1.0 if (method, runtime) == ("fp32", "torch") else speed + 0.1 * k
-                trials.append(TrialResult(
-                    id=f"m{m}-{method}-{bits}-{runtime}", model=f"m{m}", method=method,
-                    bits=bits, runtime=runtime, status="finished",
-                    metrics={"size_bytes": 4e5 / ratio, "compression_ratio": ratio,
-                             "speedup_vs_fp32_b1": speedup, "speedup_ci_low_b1": speedup - 0.1,
-                             "speedup_ci_high_b1": speedup + 0.1, "latency_p50_ms_b1": 1 / speedup,
-                             "mse": 10.0 ** (k - 6), "accuracy": 0.9 - 0.01 * k}))
-    return RunRecord(experiment={"name": "sweep"}, created="2025-11-29T00:00:00+00:00",
-                     env={"python": "3.11"}, trials=tuple(trials))
+                trials.append(
+                    TrialResult(
+                        id=f"m{m}-{method}-{bits}-{runtime}",
+                        model=f"m{m}",
+                        method=method,
+                        bits=bits,
+                        runtime=runtime,
+                        status="finished",
+                        details=_details(1 / speedup, k),
+                        metrics={
+                            "size_bytes": 4e5 / ratio,
+                            "compression_ratio": ratio,
+                            "speedup_vs_fp32_b1": speedup,
+                            "speedup_ci_low_b1": speedup - 0.1,
+                            "speedup_ci_high_b1": speedup + 0.1,
+                            "latency_p50_ms_b1": 1 / speedup,
+                            "mse": 10.0 ** (k - 6),
+                            "accuracy": 0.9 - 0.01 * k,
+                        },
+                    )
+                )
+    return RunRecord(
+        experiment={"name": "sweep"},
+        created="2025-11-29T00:00:00+00:00",
+        env={"python": "3.11"},
+        trials=tuple(trials),
+    )
 
 
 # --- view-model ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("points", "front"), [
-    ([], []),
-    ([("a", 1.0, 0.5)], ["a"]),
-    ([("a", 1.0, 0.5), ("b", 2.0, 0.1)], ["b"]),  # b is better on both
-    ([("a", 1.0, 0.1), ("b", 2.0, 0.5), ("c", 1.5, 0.6)], ["a", "b"]),
-    ([("a", 2.0, 0.1), ("b", 2.0, 0.1)], ["a", "b"]),  # equal points do not dominate
-    ([("a", 2.0, 0.1), ("b", 2.0, 0.2)], ["a"]),  # same x, worse error
-])
+@pytest.mark.parametrize(
+    ("points", "front"),
+    [
+        ([], []),
+        ([("a", 1.0, 0.5)], ["a"]),
+        ([("a", 1.0, 0.5), ("b", 2.0, 0.1)], ["b"]),  # b is better on both
+        ([("a", 1.0, 0.1), ("b", 2.0, 0.5), ("c", 1.5, 0.6)], ["a", "b"]),
+        ([("a", 2.0, 0.1), ("b", 2.0, 0.1)], ["a", "b"]),  # equal points do not dominate
+        ([("a", 2.0, 0.1), ("b", 2.0, 0.2)], ["a"]),  # same x, worse error
+    ],
+)
 def test_pareto_front_maximises_x_and_minimises_error(points, front) -> None:
     assert pareto_front(points) == front
 
 
 def test_pareto_sets_per_model(sample_record: RunRecord) -> None:
     mlp = _model(build_view(sample_record), "mlp")
-    assert mlp["pareto"]["size"] == ["fp32 · torch", "fp32 · onnxruntime", "ptq w8a8 · torch",
-                                     "ptq w4a8 · torch"]
-    assert mlp["pareto"]["speed"] == ["fp32 · torch", "fp32 · onnxruntime",
-                                      "ptq w8a8 · onnxruntime"]
+    assert mlp["pareto"]["size"] == [
+        "fp32 · torch",
+        "fp32 · onnxruntime",
+        "ptq w8a8 · torch",
+        "ptq w4a8 · torch",
+    ]
+    assert mlp["pareto"]["speed"] == [
+        "fp32 · torch",
+        "fp32 · onnxruntime",
+        "ptq w8a8 · onnxruntime",
+    ]
     assert _row(mlp, "mlp-ptq-w8a8-onnxruntime")["fronts"] == ["speed"]
     assert _row(mlp, "mlp-ptq-w4a8-onnxruntime")["fronts"] == []
 
@@ -113,9 +173,10 @@ def test_size_and_accuracy_deltas_against_the_fp32_torch_baseline(sample_record)
 
 
 def test_accuracy_delta_is_derived_from_the_baseline_when_not_recorded(sample_record) -> None:
-    trials = tuple(replace(t, metrics={k: v for k, v in t.metrics.items()
-                                       if k != "accuracy_delta_vs_fp32"})
-                   for t in sample_record.trials)
+    trials = tuple(
+        replace(t, metrics={k: v for k, v in t.metrics.items() if k != "accuracy_delta_vs_fp32"})
+        for t in sample_record.trials
+    )
     mlp = _model(build_view(replace(sample_record, trials=trials)), "mlp")
     assert _cell(mlp, "mlp-ptq-w4a8-torch", "accuracy")["note"] == "Δ -0.0111"
 
@@ -149,9 +210,15 @@ def test_cells_carry_sortable_values_and_the_speedup_interval(sample_record) -> 
 def test_header_failures_and_environment(sample_record: RunRecord) -> None:
     view = build_view(sample_record)
     assert view["counts"] == {"total": 12, "finished": 11, "failed": 1}
-    assert view["tracking"] == {"uri": "file:///work/main/mlruns", "experiment_id": "417263801"}
+    assert view["tracking"] == {
+        "uri": "file:///work/main/mlruns",
+        "experiment_id": "417263801",
+        "link": "",
+        "browse": "mlflow ui --backend-store-uri file:///work/main/mlruns --workers 1",
+    }
     assert [(f["phase"], f["model"]) for f in view["failed"]] == [
-        ("convert", "<script>alert(1)</script>")]
+        ("convert", "<script>alert(1)</script>")
+    ]
     env = {e["key"]: e["value"] for e in view["env"]}
     assert env["cpu_model"] == "Intel(R) Xeon(R) Platinum 8480+"
     assert env["versions"].startswith('{"mlflow": "3.5.1"')
@@ -183,8 +250,75 @@ def test_runs_link_to_an_http_mlflow_server_only(sample_record: RunRecord) -> No
     view = build_view(served)
     row = view["models"][0]["rows"][0]
     assert view["tracking"]["experiment_id"] == "0"
+    assert view["tracking"]["link"] == "http://mlflow:5000/#/experiments/0"
+    assert view["tracking"]["browse"] == ""
     assert row["run_link"] == f"http://mlflow:5000/#/experiments/0/runs/{row['run_id']}"
+    worst = view["models"][0]["layers"][0]
+    assert worst["run_link"].endswith(f"/runs/{worst['run_id']}")
     assert build_view(sample_record)["models"][0]["rows"][0]["run_link"] == ""  # file: store
+
+
+# --- latency distributions and per-layer error -------------------------------------------
+
+
+def test_latency_distributions_per_batch_size(sample_record: RunRecord) -> None:
+    mlp = _model(build_view(sample_record), "mlp")
+    assert [c["title"] for c in mlp["latency"]] == [
+        "latency per call, batch 1",
+        "latency per call, batch 64",
+    ]
+    b1 = mlp["latency"][0]
+    assert len(b1["rows"]) == 6  # every finished trial recorded samples
+    medians = [r["median"] for r in b1["rows"]]
+    assert medians == sorted(medians)  # fastest first
+    assert b1["rows"][0]["label"] == "ptq w8a8 · onnxruntime"
+    for row in b1["rows"]:
+        assert row["lo"] <= row["q1"] <= row["median"] <= row["q3"] <= row["hi"]
+        assert 0 < len(row["dots"]) <= MAX_DOTS
+        coords = [row["lo"], row["hi"], *(v for d in row["dots"] for v in d.values())]
+        assert all(math.isfinite(v) and 0 <= v <= b1["width"] for v in coords)
+        assert row["title"].count("\n") == 2 and "60 rounds" in row["title"]
+
+
+def test_latency_charts_skip_trials_without_samples(sample_record: RunRecord) -> None:
+    trials = tuple(
+        replace(t, details={}) if t.method == "fp32" else t for t in sample_record.trials
+    )
+    b1 = _model(build_view(replace(sample_record, trials=trials)), "mlp")["latency"][0]
+    assert len(b1["rows"]) == 4
+    bare = tuple(replace(t, details={}) for t in sample_record.trials)
+    assert _model(build_view(replace(sample_record, trials=bare)), "mlp")["latency"] == []
+
+
+def test_per_layer_error_of_the_worst_trials(sample_record: RunRecord) -> None:
+    mlp = _model(build_view(sample_record), "mlp")
+    worst = mlp["layers"]
+    # lowest per-layer SQNR first; fp32 trials have no breakdown; at most three
+    assert [w["id"] for w in worst] == [
+        "mlp-ptq-w4a8-onnxruntime",
+        "mlp-ptq-w4a8-torch",
+        "mlp-ptq-w8a8-onnxruntime",
+    ]
+    first = worst[0]
+    assert [r["layer"] for r in first["rows"]] == ["net.7", "net.5", "net.3", "net.1"]
+    assert first["columns"] == ["mse", "SQNR dB", "max |err|", "cosine"]
+    assert first["rows"][0]["cells"][1]["text"] == "26.9"  # 25.4 dB output, +1.5 dB
+    bars = first["chart"]["bars"]
+    assert len(bars) == 4 and all(b["w"] > 0 and math.isfinite(b["x"]) for b in bars)
+    assert [b["w"] for b in bars] == sorted(b["w"] for b in bars)  # worst (shortest) first
+    assert first["run_id"] and first["run_link"] == ""  # a file: store has no UI address
+
+
+def test_malformed_per_layer_rows_do_not_break_the_page(sample_record: RunRecord) -> None:
+    trial = replace(
+        sample_record.trials[2],
+        details={
+            "per_layer": [{"layer": "a", "sqnr_db": "n/a"}, "junk", {"layer": "b", "sqnr_db": 12.0}]
+        },
+    )
+    view = build_view(replace(sample_record, trials=(trial,)))
+    rows = view["models"][0]["layers"][0]["rows"]
+    assert [r["layer"] for r in rows] == ["a", "b"] and rows[0]["cells"][1]["text"] == "—"
 
 
 def test_an_empty_record_renders() -> None:
@@ -198,6 +332,7 @@ def test_an_empty_record_renders() -> None:
 def test_user_strings_are_escaped(sample_record: RunRecord) -> None:
     html = render_html(sample_record)
     assert "<script>alert" not in html
+    assert "<img src=x" not in html and "&lt;img src=x onerror=alert(2)&gt;" in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;b&gt;CPU&lt;/b&gt;" in html  # the failure reason
     assert html.count("<script") == 1  # only the page's own inline script
@@ -220,8 +355,9 @@ def browser() -> Iterator[Any]:
     """Debian's headless Chromium driven by Playwright; skips when either is missing."""
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api",
-                                   reason="playwright is missing (pip install playwright)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is missing (pip install playwright)"
+    )
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield chromium
@@ -243,9 +379,11 @@ def _open(browser: Any, path: Path) -> tuple[Any, dict[str, list[str]], float]:
 
 def _column(page: Any, table: str, header: str) -> list[str]:
     headers = [h.strip() for h in page.locator(f"#{table} thead th").all_inner_texts()]
-    return page.eval_on_selector_all(f"#{table} tbody tr",
-                                     "(rows, i) => rows.map(r => r.cells[i].dataset.value)",
-                                     headers.index(header))
+    return page.eval_on_selector_all(
+        f"#{table} tbody tr",
+        "(rows, i) => rows.map(r => r.cells[i].dataset.value)",
+        headers.index(header),
+    )
 
 
 def test_page_in_chromium(browser, sample_record: RunRecord, tmp_path: Path) -> None:
@@ -269,10 +407,20 @@ def test_page_in_chromium(browser, sample_record: RunRecord, tmp_path: Path) -> 
     search.fill("")
     assert page.locator("#model-0-table tbody tr:visible").count() == 6
 
+    # 2 scatter charts, 2 latency distributions and 3 per-layer charts per model
     charts = page.locator("figure.chart svg")
-    assert charts.count() == 4
+    assert charts.count() == 14
     for i in range(charts.count()):
-        assert charts.nth(i).locator("circle").count() > 0
+        assert charts.nth(i).locator("circle, rect").count() > 0
+    boxes = page.locator("#model-0 g.dist")
+    assert boxes.count() == 12 and boxes.first.locator("rect.box").count() == 1
+    assert boxes.first.locator("circle.dot").count() == 60
+    assert page.locator("#model-0 g.layer rect.bar").count() == 12
+    box = boxes.first.locator("rect.box").bounding_box()
+    assert box["width"] > 1 and box["height"] > 1  # really drawn, not collapsed
+
+    boxes.first.click()  # a distribution row leads to its trial's table row
+    page.wait_for_selector("#model-0-table tr.flash")
 
     shot = page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     if artifacts := os.environ.get("QATBENCH_TEST_ARTIFACTS"):
@@ -289,5 +437,6 @@ def test_thirty_trials_render_small_and_load_fast(browser, tmp_path: Path) -> No
     assert path.stat().st_size < 5 * 1024 * 1024
     page, seen, seconds = _open(browser, path)
     assert seconds < 2.0
-    assert seen["errors"] == [] and page.locator("figure.chart svg circle").count() == 60
+    assert seen["errors"] == [] and page.locator("figure.chart svg .mark circle").count() == 60
+    assert page.locator("g.dist").count() == 60 and page.locator("g.layer").count() > 0
     page.close()

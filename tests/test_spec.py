@@ -35,6 +35,15 @@ INVALID_CASES: dict[str, list[str]] = {
                             "skip_layers"],
     "bad_expectation.yaml": ["expect[0]", "'accuracy is high'", "<=, >=, <, >, =="],
     "missing.yaml": ["no such experiment file"],  # deliberately not in tests/data/invalid
+    # the reliability corpus (CLI runs of each: tests/test_invalid_corpus.py)
+    "binary.yaml": ["not a text file"],
+    "huge_eval_samples.yaml": ["data.eval_samples", "(got 1000000000000)", "100000"],
+    "nan_timing.yaml": ["measure.max_time_s", "(got nan)"],
+    "escape_model_name.yaml": ["models[0].name", "'../../etc'", "pattern"],
+    "alias_bomb.yaml": ["expands to more than 100000 values"],
+    "deep_nesting.yaml": ["invalid YAML", "nested too deeply"],
+    "python_tag.yaml": ["invalid YAML", "python/object/apply:os.system"],
+    "factory_import_raises.yaml": ["models[0].factory", "cannot import 'data.raising_module'"],
 }
 
 

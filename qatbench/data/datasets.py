@@ -3,6 +3,7 @@
 ``digits`` is the 1,797 labelled 8x8 handwritten digits that ship inside scikit-learn,
 upsampled to 28x28 so MNIST-shaped models (the seed MLP) take them unchanged.
 ``synthetic`` is seeded Gaussian input shaped like the model's example input, unlabelled.
+``text`` is the corpus that ships with qatbench as next-token sequences (see ``text.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class TaskData:
     eval_x: torch.Tensor
     eval_y: torch.Tensor | None
     num_classes: int | None
+    task: str = "classification"  # a key of qatbench.data.tasks.TASKS
 
     @property
     def labelled(self) -> bool:
@@ -36,6 +38,17 @@ def load_data(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
     """The dataset named in ``spec``, split with ``seed``."""
     if spec.dataset == "digits":
         return _digits(spec, seed)
+    if spec.dataset == "text":
+        from qatbench.data.text import load_text
+
+        return load_text(
+            spec.seq_len,
+            spec.calibration_samples,
+            spec.eval_samples,
+            example,
+            seed,
+            spec.tokenizer,
+        )
     return _synthetic(spec, example, seed)
 
 

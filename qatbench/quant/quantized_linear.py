@@ -2,7 +2,9 @@
 
 Weights: symmetric per-output-channel, 8 bits stored as int8, 4 bits packed two per byte.
 Activations: static, asymmetric uint8 (7-bit range by default, see ``from_float``) with
-calibrated input and output ranges.
+calibrated input and output ranges. Narrower inputs (``activation_bits`` below 8, e.g. 4)
+are clamped to their calibrated range and quantized onto ``2**bits`` levels held in uint8:
+the same integer kernels, fed integers of the narrower width.
 
 Eager execution runs PyTorch's x86/fbgemm quantized GEMM (``quantized::linear``) on
 prepacked weights built once, never a dequantize-per-call. The ONNX graph is the QDQ form
@@ -41,13 +43,16 @@ class QuantizedLinear(torch.nn.Module):
     output_scale: torch.Tensor
     output_zero_point: torch.Tensor
 
-    def __init__(self, in_features: int, out_features: int, weight_bits: int) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, weight_bits: int, activation_bits: int = 8
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.weight_bits = (
             in_features,
             out_features,
             weight_bits,
         )
+        self.activation_bits = activation_bits
         n = in_features * out_features
         packed = weight_bits <= 4
         self.register_buffer(
@@ -68,24 +73,64 @@ class QuantizedLinear(torch.nn.Module):
         input_range: tuple[torch.Tensor, torch.Tensor],
         output_range: tuple[torch.Tensor, torch.Tensor],
         reduce_range: bool = True,
+        activation_bits: int = 8,
     ) -> QuantizedLinear:
         """Quantize ``linear``'s weights; activation qparams from calibrated ranges.
 
-        ``reduce_range`` maps inputs onto 7 bits: x86 u8s8 kernels without VNNI (fbgemm,
-        onnxruntime's MLAS) sum byte products pairwise into saturating int16, which
-        overflows with full-range 8-bit inputs and 8-bit weights.
+        ``reduce_range`` maps 8-bit inputs onto 7 bits: x86 u8s8 kernels without VNNI
+        (fbgemm, onnxruntime's MLAS) sum byte products pairwise into saturating int16, which
+        overflows with full-range 8-bit inputs and 8-bit weights. ``activation_bits`` below
+        8 quantizes inputs onto that many bits (``reduce_range`` is then moot).
         """
-        layer = cls(linear.in_features, linear.out_features, weight_bits)
         q, scale = quantize_weight_per_channel(linear.weight, weight_bits)
-        layer.weight_q = pack_int4(q) if weight_bits <= 4 else q.flatten()
-        layer.weight_scale = scale
-        if linear.bias is not None:
-            layer.bias = linear.bias.detach().float().clone()
-        layer.input_scale, zp = asymmetric_qparams(*input_range, bits=7 if reduce_range else 8)
-        layer.input_zero_point = zp.to(torch.uint8)
-        layer.output_scale, zp = asymmetric_qparams(*output_range, bits=8)
-        layer.output_zero_point = zp.to(torch.uint8)
+        in_bits = activation_bits if activation_bits < 8 else (7 if reduce_range else 8)
+        in_scale, in_zp = asymmetric_qparams(*input_range, bits=in_bits)
+        out_scale, out_zp = asymmetric_qparams(*output_range, bits=8)
+        return cls.from_quantized(
+            q,
+            scale,
+            linear.bias,
+            weight_bits,
+            (in_scale, in_zp),
+            (out_scale, out_zp),
+            activation_bits=activation_bits,
+        )
+
+    @classmethod
+    def from_quantized(
+        cls,
+        weight_q: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        weight_bits: int,
+        input_qparams: tuple[torch.Tensor, torch.Tensor],
+        output_qparams: tuple[torch.Tensor, torch.Tensor],
+        activation_bits: int = 8,
+    ) -> QuantizedLinear:
+        """Build from integers already chosen (e.g. by quantization-aware training).
+
+        ``weight_q`` is ``[out, in]`` int8 holding symmetric ``weight_bits``-bit values;
+        ``*_qparams`` are (scale, zero point) of the uint8 input and output.
+        """
+        out_features, in_features = weight_q.shape
+        layer = cls(in_features, out_features, weight_bits, activation_bits)
+        q = weight_q.to(torch.int8)
+        layer.weight_q = pack_int4(q) if weight_bits <= 4 else q.flatten().clone()
+        layer.weight_scale = weight_scale.detach().float().clone()
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        layer.input_scale = input_qparams[0].detach().float().reshape(()).clone()
+        layer.input_zero_point = input_qparams[1].reshape(()).to(torch.uint8)
+        layer.output_scale = output_qparams[0].detach().float().reshape(()).clone()
+        layer.output_zero_point = output_qparams[1].reshape(()).to(torch.uint8)
         return layer
+
+    def input_clamp(self) -> tuple[float, float] | None:
+        """The float range of ``activation_bits``-wide inputs, or None at 8 bits."""
+        if self.activation_bits >= 8:
+            return None
+        scale, zp = float(self.input_scale), int(self.input_zero_point)
+        return -zp * scale, (2**self.activation_bits - 1 - zp) * scale
 
     def int_weight(self) -> torch.Tensor:
         """The weight integers as an ``[out, in]`` int8 tensor (unpacked if sub-byte)."""
@@ -114,6 +159,9 @@ class QuantizedLinear(torch.nn.Module):
         if torch.onnx.is_in_onnx_export():
             # Unpacked outside the traced graph, so the integers become one int8 initializer.
             w_t = torch.from_numpy(self.int_weight().numpy().T.copy())
+            bounds = self.input_clamp()
+            if bounds is not None:
+                x = torch.clamp(x, *bounds)
             return _QdqLinearExport.apply(
                 x,
                 w_t,
@@ -124,6 +172,9 @@ class QuantizedLinear(torch.nn.Module):
                 self.output_scale,
                 self.output_zero_point,
             )
+        bounds = self.input_clamp()
+        if bounds is not None:
+            x = torch.clamp(x, *bounds)
         xq = torch.quantize_per_tensor(
             x, float(self.input_scale), int(self.input_zero_point), torch.quint8
         )
@@ -133,7 +184,10 @@ class QuantizedLinear(torch.nn.Module):
         return yq.dequantize()
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, w{self.weight_bits}a8 static"
+        return (
+            f"in={self.in_features}, out={self.out_features}, "
+            f"w{self.weight_bits}a{self.activation_bits} static"
+        )
 
 
 class _QdqLinearExport(torch.autograd.Function):

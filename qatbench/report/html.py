@@ -21,6 +21,8 @@ from urllib.parse import quote, urlparse
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
+from qatbench.report.distributions import Styling, latency_chart, layer_views, sample_batches
+from qatbench.report.svg import Scale, linear_domain, log_domain
 from qatbench.results import RunRecord, TrialResult, write_text_atomic
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -39,7 +41,6 @@ PALETTE = (
 BASELINE_COLOR = "#8c8c8c"
 CHART_W, CHART_H = 460, 280
 CHART_MARGIN = {"left": 60, "right": 16, "top": 14, "bottom": 42}
-MAX_DECADES = 6  # the mse axis spans at most this many decades; smaller values sit on it
 _BATCH_METRIC = re.compile(r"^(?:latency_p50_ms|throughput_per_s|speedup_vs_fp32)_b(\d+)$")
 
 # Table columns as (metric, header, format kind); "{n}" stands for a batch size.
@@ -218,7 +219,7 @@ def _cell(
     return {"text": FORMATS[column["kind"]](raw), "value": repr(raw), "note": note}
 
 
-def _run_link(tracking: dict[str, Any], run_id: str | None) -> str:
+def run_link(tracking: dict[str, Any], run_id: str | None) -> str:
     """MLflow UI address of a run when the tracking URI is an http(s) server, else ``""``."""
     uri, experiment_id = str(tracking.get("uri") or ""), tracking.get("experiment_id")
     if not run_id or experiment_id is None or urlparse(uri).scheme not in ("http", "https"):
@@ -226,59 +227,17 @@ def _run_link(tracking: dict[str, Any], run_id: str | None) -> str:
     return f"{uri.rstrip('/')}/#/experiments/{quote(str(experiment_id))}/runs/{quote(run_id)}"
 
 
-@dataclass(frozen=True)
-class Scale:
-    """Maps a data interval (in log10 when ``log``) linearly onto a pixel interval."""
-
-    lo: float
-    hi: float
-    start: float
-    end: float
-    log: bool = False
-
-    def below(self, value: float) -> bool:
-        """Whether a log scale cannot show ``value`` (zero or under its lowest decade)."""
-        return self.log and (value <= 0 or math.log10(value) < self.lo)
-
-    def __call__(self, value: float) -> float:
-        """Pixel position of ``value``; what a log scale cannot show sits at ``start``."""
-        if self.below(value):
-            return self.start
-        v = math.log10(value) if self.log else value
-        return round(self.start + (v - self.lo) / (self.hi - self.lo) * (self.end - self.start), 1)
-
-    def ticks(self) -> list[dict[str, Any]]:
-        """About five tick marks: whole decades on a log scale, 1/2/5 steps on a linear one."""
-        if self.log:
-            step = max(1, math.ceil((self.hi - self.lo) / 6))
-            exponents = range(math.ceil(self.lo), math.floor(self.hi) + 1, step)
-            return [{"pos": self(10.0**e), "label": f"1e{e}"} for e in exponents]
-        raw = (self.hi - self.lo) / 5
-        mag = 10 ** math.floor(math.log10(raw))
-        step = next(m * mag for m in (1, 2, 5, 10) if raw <= m * mag)
-        first = math.ceil(self.lo / step)
-        count = math.floor(self.hi / step) - first + 1
-        return [
-            {"pos": self(v), "label": f"{v:g}"}
-            for v in (round((first + i) * step, 10) for i in range(count))
-        ]
-
-
-def linear_domain(values: list[float]) -> tuple[float, float]:
-    """Padded ``(lo, hi)`` around ``values``; a single value gets a window around it."""
-    lo, hi = min(values), max(values)
-    pad = (hi - lo) * 0.08 or max(abs(lo) * 0.1, 0.5)
-    return lo - pad, hi + pad
-
-
-def log_domain(values: list[float]) -> tuple[float, float]:
-    """Whole decades ``(lo, hi)`` in log10 around the positive ``values`` (a default if none),
-    at most :data:`MAX_DECADES` wide so that round-off-sized errors do not flatten the rest."""
-    positive = [v for v in values if v > 0]
-    if not positive:
-        return -1.0, 0.0
-    hi = math.ceil(math.log10(max(positive)) + 0.1)
-    return max(math.floor(math.log10(min(positive)) - 0.1), hi - MAX_DECADES), hi
+def _tracking_view(tracking: dict[str, Any]) -> dict[str, str]:
+    """Where the runs are: the URI, the experiment (a link on a server) and how to browse."""
+    uri, experiment_id = _text(tracking.get("uri")), _text(tracking.get("experiment_id"))
+    served = urlparse(uri).scheme in ("http", "https")
+    link = (
+        f"{uri.rstrip('/')}/#/experiments/{quote(experiment_id)}"
+        if served and experiment_id
+        else ""
+    )
+    browse = "" if served or not uri else f"mlflow ui --backend-store-uri {uri} --workers 1"
+    return {"uri": uri, "experiment_id": experiment_id, "link": link, "browse": browse}
 
 
 @dataclass(frozen=True)
@@ -310,6 +269,15 @@ class _Page:
             colors=colors,
             tracking=record.tracking,
             markers={r: "ring" if i else "fill" for i, r in enumerate(runtimes)},
+        )
+
+    def styling(self) -> Styling:
+        """How the detail charts of :mod:`qatbench.report.distributions` draw a trial."""
+        return Styling(
+            color=lambda t: self.colors[(t.method, t.bits)],
+            anchor=lambda t: self.anchors[t.id],
+            link=lambda t: run_link(self.tracking, t.mlflow_run_id),
+            label=trial_label,
         )
 
 
@@ -400,7 +368,7 @@ def _row(
         "runtime": trial.runtime,
         "status": trial.status,
         "run_id": trial.mlflow_run_id or "",
-        "run_link": _run_link(page.tracking, trial.mlflow_run_id),
+        "run_link": run_link(page.tracking, trial.mlflow_run_id),
         "baseline": baseline is not None and trial.id == baseline.id,
         "fronts": [key for key, ids in fronts.items() if trial.id in ids],
         "cells": [_cell(trial, c, baseline) for c in columns],
@@ -448,6 +416,8 @@ def _model_view(name: str, trials: list[TrialResult], index: int, page: _Page) -
         ],
         "columns": columns,
         "rows": [_row(t, columns, baseline, fronts, page) for t in trials],
+        "latency": [latency_chart(trials, n, page.styling()) for n in sample_batches(trials)],
+        "layers": layer_views(trials, page.styling()),
     }
 
 
@@ -466,7 +436,8 @@ def build_view(record: RunRecord) -> dict[str, Any]:
 
     Keys: ``experiment`` (name, source, created), ``counts`` (total, finished, failed),
     ``tracking`` (uri, experiment_id), ``models`` (per model: ``best`` size/speed/error,
-    ``pareto`` size/speed labels, ``charts``, ``columns``, ``rows``), ``failed`` and ``env``.
+    ``pareto`` size/speed labels, ``charts``, ``columns``, ``rows``, ``latency`` charts per
+    batch size, ``layers`` of the worst trials), ``failed`` and ``env``.
     """
     models: dict[str, list[TrialResult]] = {}
     for trial in record.trials:
@@ -484,10 +455,7 @@ def build_view(record: RunRecord) -> dict[str, Any]:
             "finished": len(record.trials) - len(failed),
             "failed": len(failed),
         },
-        "tracking": {
-            "uri": _text(record.tracking.get("uri")),
-            "experiment_id": _text(record.tracking.get("experiment_id")),
-        },
+        "tracking": _tracking_view(record.tracking),
         "models": [
             _model_view(name, trials, i, page) for i, (name, trials) in enumerate(models.items())
         ],
@@ -517,6 +485,11 @@ def _environment() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
+
+
+def render_template(name: str, **context: Any) -> str:
+    """Render one of the package's templates (autoescaped) with ``context``."""
+    return _environment().get_template(name).render(**context)
 
 
 def render_html(record: RunRecord) -> str:

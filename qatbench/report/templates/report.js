@@ -54,7 +54,7 @@
     filter(input);
   }
 
-  for (const mark of document.querySelectorAll(".mark[data-row]")) {
+  for (const mark of document.querySelectorAll(".mark[data-row], .dist[data-row]")) {
     mark.addEventListener("click", () => {
       const row = document.getElementById(mark.dataset.row);
       if (!row) return;

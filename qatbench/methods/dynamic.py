@@ -1,0 +1,48 @@
+"""Dynamic quantization: int8 weights, activations quantized per call from their own range.
+
+No calibration: ``convert`` replaces every ``nn.Linear`` with a
+:class:`~qatbench.quant.dynamic_linear.DynamicQuantizedLinear`. torch runs fbgemm's
+dynamic integer GEMM on prepacked weights; the exported graph (``DynamicQuantizeLinear`` +
+``MatMulInteger``) runs onnxruntime's ``DynamicQuantizeMatMul``. Both compute the same
+integers, so their outputs agree to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+
+from qatbench.errors import PluginError
+from qatbench.methods.base import Capabilities, QuantMethod
+from qatbench.methods.layer_selection import LayerSelection, select_linears
+from qatbench.quant.dynamic_linear import DynamicQuantizedLinear
+
+
+class DynamicMethod(QuantMethod):
+    """Per-channel int8 weights, per-call uint8 activations (``w8a8``)."""
+
+    name = "dynamic"
+    capabilities = Capabilities(weight_bits=frozenset({8}), activation_bits=frozenset({8}))
+
+    class Config(LayerSelection):
+        override_bits: ClassVar[frozenset[int]] = frozenset({8})
+
+        reduce_range: bool = Field(
+            True,
+            description="7-bit weights: x86 u8s8 kernels without VNNI saturate int16 sums "
+            "with 8-bit weights and 8-bit activations",
+        )
+
+    def convert(self, model: torch.nn.Module) -> torch.nn.Module:
+        targets = select_linears(model, self.config, self.bits.weight)
+        if not targets:
+            raise PluginError(f"{self.name}: the model has no Linear layer to quantize")
+        for name in targets:
+            linear = model.get_submodule(name)
+            assert isinstance(linear, torch.nn.Linear)
+            model.set_submodule(
+                name, DynamicQuantizedLinear.from_float(linear, self.config.reduce_range)
+            )
+        return model

@@ -1,0 +1,113 @@
+"""GPTQ weight-only quantization (``gptq``): Hessian-based error correction from calibration.
+
+``calibrate`` records ``H = 2 X^T X`` of every planned Linear's inputs with forward
+pre-hooks while the runner's ``forward_loop`` runs, and quantizes with
+:func:`~qatbench.quant.gptq.gptq_quantize`. With ``sequential`` (the default) it goes
+layer by layer in module order: each layer's Hessian is taken with the layers before it
+already quantized (their weights replaced by the dequantized integers), one calibration
+pass per layer, as GPTQ does for a stack of blocks. ``convert`` stores the result exactly
+as ``rtn`` does (:class:`~qatbench.quant.weight_only_linear.WeightOnlyLinear`), so the two
+differ only in which integers they choose.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from qatbench.bitwidth import FP32, BitWidth
+from qatbench.errors import PluginError
+from qatbench.methods.base import Capabilities, ForwardLoop, MethodConfig, QuantMethod
+from qatbench.methods.rtn import (
+    WEIGHT_ONLY_BITS,
+    WeightOnlyConfig,
+    planned_layers,
+    replace_linears,
+)
+from qatbench.quant.affine import GroupQuantized
+from qatbench.quant.gptq import HessianAccumulator, gptq_quantize
+from qatbench.quant.weight_only_linear import WeightOnlyLinear
+
+
+class GptqMethod(QuantMethod):
+    """GPTQ (``w8``, ``w4``, ``w3``, ``w2``); needs calibration data."""
+
+    name = "gptq"
+    capabilities = Capabilities(
+        weight_bits=WEIGHT_ONLY_BITS, weight_only=True, needs_calibration=True
+    )
+
+    class Config(WeightOnlyConfig):
+        damp: float = Field(
+            0.01, gt=0, le=1, description="fraction of the mean Hessian diagonal added to it"
+        )
+        act_order: bool = Field(
+            False, description="quantize columns in decreasing Hessian diagonal order"
+        )
+        block_size: int = Field(128, ge=1, description="columns per lazy batch update")
+        sequential: bool = Field(
+            True, description="Hessians taken through the already quantized earlier layers"
+        )
+
+    def __init__(self, config: MethodConfig | None = None, bits: BitWidth = FP32) -> None:
+        super().__init__(config, bits)
+        self._results: dict[str, GroupQuantized] = {}
+
+    def calibrate(self, model: torch.nn.Module, forward_loop: ForwardLoop) -> torch.nn.Module:
+        plan = planned_layers(model, self.config, self.bits.weight, self.name)
+        batches = [list(plan)] if not self.config.sequential else [[name] for name in plan]
+        for names in batches:
+            hessians = self._collect(model, names, forward_loop)
+            for name in names:
+                layer = model.get_submodule(name)
+                assert isinstance(layer, torch.nn.Linear)  # planned layers are Linear layers
+                if hessians[name].samples == 0:
+                    raise PluginError(f"gptq: layer {name!r} saw no calibration data")
+                result = gptq_quantize(
+                    layer.weight,
+                    hessians[name].hessian,
+                    plan[name],
+                    self.config.group_size,
+                    self.config.symmetric,
+                    self.config.damp,
+                    self.config.block_size,
+                    self.config.act_order,
+                )
+                self._results[name] = result
+                with torch.no_grad():  # later layers see this one's quantized output
+                    layer.weight.copy_(result.dequantize().to(layer.weight.dtype))
+        return model
+
+    @staticmethod
+    def _collect(
+        model: torch.nn.Module, names: list[str], forward_loop: ForwardLoop
+    ) -> dict[str, HessianAccumulator]:
+        hessians: dict[str, HessianAccumulator] = {}
+        handles = []
+        for name in names:
+            layer = model.get_submodule(name)
+            assert isinstance(layer, torch.nn.Linear)  # planned layers are Linear layers
+            acc = hessians[name] = HessianAccumulator(layer.in_features)
+            handles.append(
+                layer.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
+            )
+        try:
+            with torch.no_grad():
+                forward_loop(model)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return hessians
+
+    def convert(self, model: torch.nn.Module) -> torch.nn.Module:
+        plan = planned_layers(model, self.config, self.bits.weight, self.name)
+        missing = [name for name in plan if name not in self._results]
+        if missing:
+            raise PluginError(f"gptq: layer {missing[0]!r} was not calibrated before convert")
+        return replace_linears(
+            model,
+            plan,
+            lambda name, layer, _bits: WeightOnlyLinear.from_quantized(
+                self._results[name], layer.bias
+            ),
+        )

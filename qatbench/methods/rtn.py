@@ -1,0 +1,108 @@
+"""Weight-only round-to-nearest (``rtn``): N-bit integer weights, floating-point activations.
+
+Each ``nn.Linear`` becomes a :class:`~qatbench.quant.weight_only_linear.WeightOnlyLinear`:
+min-max integers per group of ``group_size`` input features (``null``: per output
+channel), symmetric or with zero points, packed in the artifact (8 bits one byte, 4 bits
+two per byte, 3 bits eight per three bytes, 2 bits four per byte) with fp32 scales. Torch
+runs integer-weight kernels (``int8pack_mm``, ``int4pack_mm``; see that module for which
+layouts have one and for measured speeds); layouts without one dequantize per call and
+say so (``dequantizes_per_call``). onnxruntime runs the exported DequantizeLinear+MatMul
+fused into ``MatMulNBits``.
+
+``keep_fp32`` and ``overrides`` give per-layer precision (:mod:`.layer_selection`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from pydantic import Field, field_validator
+
+from qatbench.errors import PluginError
+from qatbench.methods.base import Capabilities, QuantMethod
+from qatbench.methods.layer_selection import LayerSelection, select_linears
+from qatbench.quant.weight_only_linear import WeightOnlyLinear
+
+WEIGHT_ONLY_BITS = frozenset({2, 3, 4, 8})
+
+
+class WeightOnlyConfig(LayerSelection):
+    """Options shared by the weight-only methods."""
+
+    override_bits: ClassVar[frozenset[int]] = WEIGHT_ONLY_BITS
+
+    group_size: int | None = Field(
+        None,
+        description="input features per scale: a power of two >= 16 that divides every "
+        "quantized layer's inputs; null: one scale per output channel",
+    )
+    symmetric: bool = Field(True, description="zero point 0; false: a uint8 zero point per group")
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError(f"group_size must be a power of two >= 16 or null, got {value}")
+        return value
+
+
+def check_divides(name: str, layer: torch.nn.Linear, group_size: int | None, method: str) -> None:
+    """PluginError naming the layer when ``group_size`` does not divide its inputs."""
+    if group_size is not None and layer.in_features % group_size:
+        divisors = [g for g in (16, 32, 64, 128, 256) if layer.in_features % g == 0]
+        hint = (
+            f"group sizes that divide it: {divisors}" if divisors else "no power of two >= 16 does"
+        )
+        raise PluginError(
+            f"{method}: group_size {group_size} does not divide the {layer.in_features} input "
+            f"features of layer {name!r} ({hint}); use group_size: null (per channel) or keep "
+            f"the layer in fp32 with keep_fp32: [{name!r}]"
+        )
+
+
+def planned_layers(
+    model: torch.nn.Module, config: WeightOnlyConfig, bits: int, method: str
+) -> dict[str, int]:
+    """``name -> bits`` of the layers to quantize, group size checked against each."""
+    plan = select_linears(model, config, bits)
+    for name in plan:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, torch.nn.Linear)  # select_linears returns Linear layers only
+        check_divides(name, layer, config.group_size, method)
+    return plan
+
+
+def replace_linears(
+    model: torch.nn.Module,
+    plan: dict[str, int],
+    quantize: Callable[[str, torch.nn.Linear, int], WeightOnlyLinear],
+) -> torch.nn.Module:
+    """Swap each planned ``nn.Linear`` for ``quantize(name, layer, bits)``."""
+    for name, bits in plan.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, torch.nn.Linear)  # planned layers are Linear layers
+        model.set_submodule(name, quantize(name, layer, bits))
+    return model
+
+
+class RtnMethod(QuantMethod):
+    """Round-to-nearest weight-only quantization (``w8``, ``w4``, ``w3``, ``w2``)."""
+
+    name = "rtn"
+    capabilities = Capabilities(weight_bits=WEIGHT_ONLY_BITS, weight_only=True)
+
+    class Config(WeightOnlyConfig):
+        pass
+
+    def convert(self, model: torch.nn.Module) -> torch.nn.Module:
+        config = self.config
+        plan = planned_layers(model, config, self.bits.weight, self.name)
+        return replace_linears(
+            model,
+            plan,
+            lambda _name, layer, bits: WeightOnlyLinear.from_float(
+                layer, bits, config.group_size, config.symmetric
+            ),
+        )

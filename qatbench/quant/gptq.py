@@ -1,0 +1,130 @@
+"""GPTQ: weight quantization that corrects each column's rounding error with the Hessian.
+
+Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers" (ICLR 2023), Algorithm 1, as AutoGPTQ's ``GPTQ.fasterquant`` implements it:
+with ``H = 2 X^T X`` over the layer's calibration inputs, quantize the columns of ``W`` one
+at a time; the error of column ``i`` (scaled by ``1 / [H^-1]_ii``) is pushed onto the not
+yet quantized columns through the upper Cholesky factor of ``H^-1``, in blocks of
+``block_size`` columns with lazy batch updates of the rest.
+
+Options: ``damp`` (fraction of the mean Hessian diagonal added to it), ``group_size``
+(``None``: per output channel), ``act_order`` (columns in decreasing ``diag(H)``; with
+groups, the group parameters are computed up front on the original contiguous groups --
+AutoGPTQ's ``static_groups`` -- so the stored layout stays contiguous), ``symmetric``.
+Returns the same :class:`~qatbench.quant.affine.GroupQuantized` as round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qatbench.quant.affine import (
+    GroupQuantized,
+    check_bits,
+    check_group_size,
+    group_qparams,
+    quantize_with_qparams,
+    storage_dtype,
+)
+
+
+class HessianAccumulator:
+    """Running ``2/n * sum x^T x`` of a layer's inputs (rows of the flattened input)."""
+
+    def __init__(self, in_features: int) -> None:
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.samples = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        rows = x.detach().reshape(-1, x.shape[-1]).double()
+        n = rows.shape[0]
+        total = self.samples + n
+        self.hessian *= self.samples / total
+        self.hessian += (2.0 / total) * rows.t() @ rows
+        self.samples = total
+
+
+def _params(
+    w: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Min-max scale (and zero point) of each row of ``w`` ``[out, n]``: ``[out]`` each."""
+    return group_qparams(w.amin(dim=1), w.amax(dim=1), bits, symmetric)
+
+
+def _quant_column(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integers, dequantized values) of one column ``[out]``."""
+    q = quantize_with_qparams(
+        w.unsqueeze(1), scale.unsqueeze(1), None if zero is None else zero.unsqueeze(1), bits, None
+    ).squeeze(1)
+    deq = q.float() - (0.0 if zero is None else zero.float())
+    return q, deq * scale
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = True,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> GroupQuantized:
+    """Quantize ``weight`` ``[out, in]`` given the input Hessian ``[in, in]``."""
+    check_bits(bits)
+    out_features, in_features = weight.shape
+    check_group_size(in_features, group_size)
+    w = weight.detach().double().clone()
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    groups = 1 if group_size is None else in_features // group_size
+    size = in_features if group_size is None else group_size
+    scales = torch.empty(out_features, groups, dtype=torch.float32)
+    zeros = None if symmetric else torch.empty(out_features, groups, dtype=torch.uint8)
+    static = group_size is None or act_order
+    if static:  # parameters from the original weights, before any error feedback
+        for g in range(groups):
+            s, z = _params(w[:, g * size : (g + 1) * size].float(), bits, symmetric)
+            scales[:, g] = s
+            if zeros is not None and z is not None:
+                zeros[:, g] = z
+
+    perm = torch.arange(in_features)
+    if act_order:
+        perm = torch.argsort(torch.diag(h), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_features, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    q_int = torch.zeros(out_features, in_features, dtype=torch.int32)
+    for i1 in range(0, in_features, block_size):
+        i2 = min(i1 + block_size, in_features)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // size
+            if not static and col % size == 0:
+                # A new group: parameters from the weights as updated by earlier blocks.
+                s, z = _params(w[:, col : col + size].float(), bits, symmetric)
+                scales[:, g] = s
+                if zeros is not None and z is not None:
+                    zeros[:, g] = z
+            zero = None if zeros is None else zeros[:, g]
+            q, deq = _quant_column(w1[:, i].float(), scales[:, g], zero, bits)
+            q_int[:, col] = q.to(torch.int32)
+            d = hinv1[i, i]
+            e = (w1[:, i] - deq.double()) / d
+            w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    q_int = q_int.to(storage_dtype(bits, signed=symmetric))
+    return GroupQuantized(q_int, scales, zeros, bits, group_size)

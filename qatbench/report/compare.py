@@ -1,0 +1,396 @@
+"""Compare two runs trial by trial and check gates: data in, a :class:`CompareResult` out.
+
+A gate ``METRIC:CHANGE`` names a metric and the change that breaches it:
+
+- ``latency_p50_ms_b1:+5%`` an increase of more than 5% relative to A;
+- ``throughput_per_s:-5%`` a decrease of more than 5% (a name without ``_bN`` covers every
+  batch size; ``*`` and ``?`` glob, e.g. ``latency_p9?_ms_b*:+10%``);
+- ``accuracy:-0.5`` an absolute drop of more than 0.5 (in the metric's own unit).
+
+Timing metrics (``latency_*``, ``fp32_latency_*``, ``throughput_*``, ``speedup_*``) are not
+judged on a bare percentage: a gate on one is breached only when the recorded value moves
+past the threshold AND the raw per-call samples of the two runs
+(``details["latency_samples"]``) differ significantly by the Mann-Whitney U test of
+:mod:`qatbench.measure.stats`, in the same direction. Without samples on both sides the
+threshold alone decides and the change says so. A trial that finished in A and failed in B
+is a breach; trials present on one side only are listed, not judged. Rendering (a terminal
+table, an HTML page) lives in :mod:`qatbench.report.text` and :mod:`qatbench.report.pages`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from qatbench.errors import ConfigError
+from qatbench.measure.stats import ShiftTest, mann_whitney
+from qatbench.results import RunRecord, TrialResult
+
+DEFAULT_ALPHA = 0.01
+DEFAULT_MIN_EFFECT = 0.05
+# Shown for every paired trial even without a gate; "_b*" families expand per batch size.
+DEFAULT_METRICS = (
+    "size_bytes",
+    "latency_p50_ms_b*",
+    "speedup_vs_fp32_b*",
+    "mse",
+    "accuracy",
+)
+_GATE = re.compile(
+    r"^(?P<metric>[^:]+):(?P<sign>[+-])(?P<number>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(?P<pct>%?)$"
+)
+_TIMING = re.compile(
+    r"^(?P<family>fp32_latency|latency|throughput|speedup)_(?P<stat>[a-z0-9_]*?)_?b(?P<n>\d+)$"
+)
+_BATCH_SUFFIX = re.compile(r"_b\d+$")
+# Timing metrics that describe a distribution's spread, not its position: no shift test.
+_SPREAD = re.compile(r"^latency_cv_b\d+$")
+_HIGHER_BETTER = re.compile(
+    r"^(?:throughput_|speedup_|accuracy|sqnr|cosine|compression_ratio|int_op_fraction|"
+    r"worst_layer_sqnr|onnx_export_ok)"
+)
+_LOWER_BETTER = re.compile(
+    r"^(?:latency_|fp32_latency_|mse|max_abs_error|size_bytes|weight_bytes|peak_rss|model_rss|"
+    r"perplexity|onnx_parity|onnx_size)"
+)
+
+Verdict = Literal["breach", "noise", "held", "missing", "info"]
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A limit on the change of every metric it matches, from A to B.
+
+    ``sign`` +1: a rise beyond ``limit`` breaches, -1: a fall; ``relative``: ``limit`` is a
+    fraction of A's value (``+5%`` is 0.05), else in the metric's unit.
+    """
+
+    metric: str
+    sign: int
+    limit: float
+    relative: bool
+    text: str
+
+    def matches(self, metric: str) -> bool:
+        """The exact name, the name plus a batch suffix ``_bN``, or a glob pattern."""
+        if metric == self.metric:
+            return True
+        if _BATCH_SUFFIX.sub("", metric) == self.metric and _BATCH_SUFFIX.search(metric):
+            return True
+        return any(c in self.metric for c in "*?[") and fnmatch.fnmatchcase(metric, self.metric)
+
+    def change(self, a: float, b: float) -> float:
+        """B against A in the gate's terms: relative (a fraction) or absolute."""
+        return relative_change(a, b) if self.relative else b - a
+
+    def exceeded(self, a: float, b: float) -> bool:
+        """Whether the change goes past the limit in the gate's direction."""
+        change = self.change(a, b)
+        return not math.isnan(change) and self.sign * change > self.limit
+
+
+def parse_gate(text: str) -> Gate:
+    """``METRIC:+5%``, ``METRIC:-1%``, ``METRIC:+0.5`` or ``METRIC:-0.5``; else a ConfigError."""
+    match = _GATE.match(text.strip())
+    if match is None:
+        raise ConfigError(
+            f"--gate {text!r}: expected METRIC:CHANGE with a signed change, e.g. "
+            "latency_p50_ms_b1:+5% (a rise of more than 5% breaches), throughput_per_s:-5% "
+            "or accuracy:-0.5 (an absolute drop of more than 0.5)"
+        )
+    metric = match["metric"].strip()
+    if not metric or any(c.isspace() for c in metric):
+        raise ConfigError(f"--gate {text!r}: the metric name is empty or contains spaces")
+    number = float(match["number"])
+    relative = bool(match["pct"])
+    if not math.isfinite(number):
+        raise ConfigError(f"--gate {text!r}: the change must be a finite number")
+    return Gate(
+        metric=metric,
+        sign=1 if match["sign"] == "+" else -1,
+        limit=number / 100.0 if relative else number,
+        relative=relative,
+        text=text.strip(),
+    )
+
+
+def parse_gates(texts: Iterable[str]) -> list[Gate]:
+    return [parse_gate(t) for t in texts]
+
+
+def relative_change(a: float, b: float) -> float:
+    """(b - a) / |a|; from zero it is 0 when b is zero too, else infinite with b's sign."""
+    if a != 0.0:
+        return (b - a) / abs(a)
+    return 0.0 if b == 0.0 else math.copysign(math.inf, b)
+
+
+def better_direction(metric: str) -> int:
+    """+1 when a higher value is better (speed-up, accuracy), -1 when lower is (latency,
+    error, size), 0 when the name does not say."""
+    if _LOWER_BETTER.match(metric) and not _SPREAD.match(metric):
+        return -1
+    return 1 if _HIGHER_BETTER.match(metric) else 0
+
+
+def is_timing(metric: str) -> bool:
+    """Latency, throughput and speed-up metrics (judged with a shift test on samples)."""
+    return bool(_TIMING.match(metric)) and not _SPREAD.match(metric)
+
+
+def batch_samples(trial: TrialResult, batch: int | str, side: str = "candidate_ms") -> list[float]:
+    """Per-call ms of every timed round at ``batch`` (``candidate_ms`` or ``fp32_ms``); [] if
+    the trial recorded none or they are malformed."""
+    bucket = trial.details.get("latency_samples", {})
+    values = bucket.get(f"b{batch}", {}).get(side) if isinstance(bucket, dict) else None
+    if not isinstance(values, list):
+        return []
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return []
+    return [v for v in floats if math.isfinite(v)]
+
+
+def timing_samples(trial: TrialResult, metric: str) -> tuple[list[float], int]:
+    """The samples behind a timing metric and how the metric moves when they rise (+1/-1).
+
+    Latency metrics: the candidate's per-call ms (fp32's for ``fp32_latency_*``); throughput:
+    the same ms, moving the other way; speed-up: the per-round ratio fp32 / candidate of the
+    paired rounds. ``([], 0)`` when the metric is not a timing one or samples are missing.
+    """
+    match = _TIMING.match(metric)
+    if match is None or _SPREAD.match(metric):
+        return [], 0
+    family, n = match["family"], match["n"]
+    if family == "speedup":
+        cand, base = batch_samples(trial, n), batch_samples(trial, n, "fp32_ms")
+        if not cand or len(cand) != len(base) or min(cand) <= 0:
+            return [], 0
+        return [f / c for f, c in zip(base, cand, strict=True)], 1
+    side = "fp32_ms" if family == "fp32_latency" else "candidate_ms"
+    samples = batch_samples(trial, n, side)
+    return (samples, -1 if family == "throughput" else 1) if samples else ([], 0)
+
+
+@dataclass(frozen=True)
+class MetricChange:
+    """One metric of one paired trial: both values, the gates on it and the verdict.
+
+    ``test`` is the shift test of B's samples against A's (timing metrics with samples on
+    both sides); ``breached`` the gates it breaches. Verdicts: ``breach``; ``noise`` (past a
+    timing gate's threshold but not a significant shift); ``held``; ``missing`` (gated but
+    absent on a side); ``info`` (no gate, shown for context).
+    """
+
+    trial: str
+    metric: str
+    a: float | None
+    b: float | None
+    timing: bool
+    gates: tuple[Gate, ...] = ()
+    test: ShiftTest | None = None
+    breached: tuple[Gate, ...] = ()
+    verdict: Verdict = "info"
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.a is None or self.b is None else self.b - self.a
+
+    @property
+    def relative(self) -> float | None:
+        return None if self.a is None or self.b is None else relative_change(self.a, self.b)
+
+
+@dataclass(frozen=True)
+class TrialChange:
+    """One trial present in both runs: its status on each side and its metric changes."""
+
+    id: str
+    status_a: str
+    status_b: str
+    error_b: str = ""  # "phase: reason" when B failed
+    changes: tuple[MetricChange, ...] = ()
+
+    @property
+    def newly_failed(self) -> bool:
+        return self.status_a == "finished" and self.status_b != "finished"
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    """Everything ``compare`` found; ``breaches`` are one line each, ``ok`` sets the exit code."""
+
+    a_label: str
+    b_label: str
+    gates: tuple[Gate, ...]
+    alpha: float
+    min_effect: float
+    trials: tuple[TrialChange, ...] = ()
+    only_a: tuple[str, ...] = ()
+    only_b: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def breaches(self) -> list[str]:
+        lines = []
+        for trial in self.trials:
+            if trial.newly_failed:
+                lines.append(f"{trial.id}: finished in A but failed in B ({trial.error_b})")
+            lines += [breach_line(c) for c in trial.changes if c.verdict == "breach"]
+        return lines
+
+    @property
+    def ok(self) -> bool:
+        return not self.breaches
+
+
+def fmt_value(value: float | None) -> str:
+    """Four significant digits, or a dash for a missing value."""
+    return "-" if value is None else f"{value:.4g}"
+
+
+def fmt_change(change: MetricChange) -> str:
+    """``+20.1%`` (relative), ``-0.5`` (absolute for a zero A) or ``-`` when unknown."""
+    rel, delta = change.relative, change.delta
+    if rel is None or delta is None:
+        return "-"
+    if math.isinf(rel):
+        return f"{delta:+.4g}"
+    return f"{rel:+.1%}"
+
+
+def breach_line(change: MetricChange) -> str:
+    """``trial: metric a -> b (+20.1%, p=3e-09) breaches latency_p50_ms:+5%``."""
+    test = f", p={change.test.p_value:.2g}" if change.test is not None else ""
+    gates = ", ".join(g.text for g in change.breached)
+    return (
+        f"{change.trial}: {change.metric} {fmt_value(change.a)} -> {fmt_value(change.b)} "
+        f"({fmt_change(change)}{test}) breaches {gates}"
+    )
+
+
+def _judge(
+    trial_a: TrialResult,
+    trial_b: TrialResult,
+    metric: str,
+    gates: tuple[Gate, ...],
+    alpha: float,
+    min_effect: float,
+) -> MetricChange:
+    a, b = _finite(trial_a, metric), _finite(trial_b, metric)
+    timing = is_timing(metric)
+    test, direction = None, 0
+    if timing:
+        (sa, move), (sb, _) = timing_samples(trial_a, metric), timing_samples(trial_b, metric)
+        if sa and sb:
+            test = mann_whitney(sa, sb, alpha=alpha, min_effect=min_effect)
+            shift = (test.ratio > 1.0) - (test.ratio < 1.0)
+            direction = shift * move if test.significant else 0
+    base = MetricChange(trial_a.id, metric, a, b, timing, gates, test)
+    if not gates:
+        return base
+    if a is None or b is None:
+        return replace(base, verdict="missing")
+    exceeded = tuple(g for g in gates if g.exceeded(a, b))
+    if test is not None:
+        breached = tuple(g for g in exceeded if direction == g.sign)
+        verdict: Verdict = "breach" if breached else "noise" if exceeded else "held"
+    else:
+        breached, verdict = exceeded, "breach" if exceeded else "held"
+    return replace(base, breached=breached, verdict=verdict)
+
+
+def _finite(trial: TrialResult, metric: str) -> float | None:
+    value = trial.metrics.get(metric) if trial.ok else None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _metrics_of(trials: Sequence[TrialResult]) -> set[str]:
+    return {m for t in trials for m in t.metrics}
+
+
+def _shown(metrics: set[str], gates: Sequence[Gate], defaults: Sequence[str]) -> list[str]:
+    """Gated metrics and the default ones present, defaults first in their order, then A-Z."""
+    ordered: list[str] = []
+    for pattern in defaults:
+        ordered += sorted(m for m in metrics if fnmatch.fnmatchcase(m, pattern))
+    gated = sorted(m for m in metrics if any(g.matches(m) for g in gates))
+    return list(dict.fromkeys([*ordered, *gated]))
+
+
+def compare(
+    a: RunRecord,
+    b: RunRecord,
+    gates: Sequence[Gate] = (),
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    min_effect: float = DEFAULT_MIN_EFFECT,
+    labels: tuple[str, str] = ("A", "B"),
+    metrics: Sequence[str] = DEFAULT_METRICS,
+) -> CompareResult:
+    """Pair the trials of ``a`` and ``b`` by id and judge every gate on every paired trial.
+
+    ``metrics`` are glob patterns of what to show besides the gated metrics. A gate that
+    matches no metric of either run is a :class:`ConfigError` (most likely a typo).
+    """
+    if not 0.0 < alpha < 1.0:
+        raise ConfigError(f"--alpha {alpha}: must lie strictly between 0 and 1")
+    if min_effect < 0.0:
+        raise ConfigError(f"--min-effect {min_effect}: must not be negative")
+    present = _metrics_of(a.trials) | _metrics_of(b.trials)
+    for gate in gates:
+        if not any(gate.matches(m) for m in present):
+            known = sorted({_BATCH_SUFFIX.sub("", m) for m in present})
+            raise ConfigError(
+                f"--gate {gate.text!r}: no trial of either run reports a metric {gate.metric!r}; "
+                f"metrics reported: {', '.join(known) or '(none)'}"
+            )
+    by_id_b = {t.id: t for t in b.trials}
+    ids_a = {t.id for t in a.trials}
+    if (a.trials or b.trials) and not ids_a & by_id_b.keys():
+        raise ConfigError(
+            f"{labels[0]} and {labels[1]} have no trial id in common: nothing to compare "
+            f"({len(ids_a)} and {len(by_id_b)} trials)"
+        )
+    paired: list[TrialChange] = []
+    for ta in a.trials:
+        tb = by_id_b.get(ta.id)
+        if tb is None:
+            continue
+        shown = _shown(_metrics_of([ta, tb]), gates, metrics)
+        changes = tuple(
+            _judge(ta, tb, m, tuple(g for g in gates if g.matches(m)), alpha, min_effect)
+            for m in shown
+        )
+        error_b = f"{tb.error.phase}: {tb.error.reason}" if tb.error else ""
+        paired.append(TrialChange(ta.id, ta.status, tb.status, error_b, changes))
+    return CompareResult(
+        a_label=labels[0],
+        b_label=labels[1],
+        gates=tuple(gates),
+        alpha=alpha,
+        min_effect=min_effect,
+        trials=tuple(paired),
+        only_a=tuple(t.id for t in a.trials if t.id not in by_id_b),
+        only_b=tuple(t.id for t in b.trials if t.id not in ids_a),
+        notes=_notes(paired),
+    )
+
+
+def _notes(paired: Sequence[TrialChange]) -> tuple[str, ...]:
+    """Caveats worth a line: timing gates decided without samples."""
+    unsampled = sorted(
+        {c.metric for t in paired for c in t.changes if c.timing and c.gates and c.test is None}
+    )
+    if not unsampled:
+        return ()
+    return (
+        "no latency samples on both sides for "
+        + ", ".join(unsampled)
+        + ": judged on the threshold alone",
+    )

@@ -1,0 +1,152 @@
+"""A metric's trend over the sweeps of an experiment, with its significant changes marked.
+
+Data in (the sweeps of :mod:`qatbench.report.sources`), a :class:`History` out; the chart
+page is rendered by :mod:`qatbench.report.pages`. Each trial's series is judged point by
+point against its previous point: a timing metric with latency samples on both points by
+the Mann-Whitney U test (p < alpha and a median shift of at least ``min_effect``), any
+other metric by a relative change beyond ``threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from qatbench.errors import ConfigError
+from qatbench.measure.stats import ShiftTest, mann_whitney
+from qatbench.report.compare import (
+    DEFAULT_ALPHA,
+    DEFAULT_MIN_EFFECT,
+    relative_change,
+    timing_samples,
+)
+from qatbench.report.sources import Sweep
+
+DEFAULT_THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class Point:
+    """The metric of one trial in one sweep and how it moved since the trial's previous point.
+
+    ``direction`` is +1 (a significant rise), -1 (a significant fall) or 0; ``test`` is set
+    when the shift test decided, else the threshold did; ``change`` is relative to the
+    previous value (None for the first point).
+    """
+
+    sweep: int  # index into History.sweeps
+    value: float
+    run_id: str | None
+    change: float | None = None
+    test: ShiftTest | None = None
+    direction: int = 0
+
+
+@dataclass(frozen=True)
+class Series:
+    trial: str
+    points: tuple[Point, ...]
+
+    @property
+    def changes(self) -> list[Point]:
+        return [p for p in self.points if p.direction]
+
+
+@dataclass(frozen=True)
+class History:
+    experiment: str
+    metric: str
+    sweeps: tuple[tuple[str, str], ...]  # (sweep id, started), oldest first
+    series: tuple[Series, ...]
+    threshold: float
+    alpha: float
+    min_effect: float
+
+
+def parse_threshold(text: str) -> float:
+    """``5%`` or ``0.05`` as the fraction 0.05; a ConfigError when not a positive number."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"--threshold {text!r}: expected a relative change like 5% or 0.05")
+    return value
+
+
+def _judge(
+    previous: tuple[float, list[float]],
+    current: tuple[float, list[float]],
+    move: int,
+    threshold: float,
+    alpha: float,
+    min_effect: float,
+) -> tuple[float, ShiftTest | None, int]:
+    (a, samples_a), (b, samples_b) = previous, current
+    change = relative_change(a, b)
+    if samples_a and samples_b:
+        test = mann_whitney(samples_a, samples_b, alpha=alpha, min_effect=min_effect)
+        shift = (test.ratio > 1.0) - (test.ratio < 1.0)
+        return change, test, shift * move if test.significant else 0
+    moved = abs(change) > threshold
+    return change, None, ((b > a) - (b < a)) if moved else 0
+
+
+def history(
+    experiment: str,
+    sweeps: Sequence[Sweep],
+    metric: str,
+    *,
+    trial: str | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    alpha: float = DEFAULT_ALPHA,
+    min_effect: float = DEFAULT_MIN_EFFECT,
+) -> History:
+    """The series of ``metric`` for every trial (or just ``trial``) over ``sweeps``.
+
+    A ConfigError names what exists when no trial reports ``metric`` or ``trial`` is unknown.
+    """
+    ids = list(dict.fromkeys(t.id for s in sweeps for t in s.trials))
+    if trial is not None and trial not in ids:
+        raise ConfigError(
+            f"--trial {trial!r}: no run of experiment {experiment!r} has that trial id; "
+            f"trials: {', '.join(ids) or '(none)'}"
+        )
+    series = []
+    for tid in [trial] if trial is not None else ids:
+        points: list[Point] = []
+        previous: tuple[float, list[float]] | None = None
+        for index, sweep in enumerate(sweeps):
+            found = next((t for t in sweep.trials if t.id == tid), None)
+            value = found.metrics.get(metric) if found is not None and found.ok else None
+            if found is None or value is None or not math.isfinite(value):
+                continue
+            samples, move = timing_samples(found, metric)
+            current = (value, samples)
+            point = Point(index, value, found.mlflow_run_id)
+            if previous is not None:
+                change, test, direction = _judge(
+                    previous, current, move, threshold, alpha, min_effect
+                )
+                point = Point(index, value, found.mlflow_run_id, change, test, direction)
+            points.append(point)
+            previous = current
+        if points:
+            series.append(Series(tid, tuple(points)))
+    if not series:
+        reported = sorted({m for s in sweeps for t in s.trials for m in t.metrics})
+        raise ConfigError(
+            f"--metric {metric!r}: no trial of experiment {experiment!r} reports it; "
+            f"metrics: {', '.join(reported) or '(none)'}"
+        )
+    return History(
+        experiment=experiment,
+        metric=metric,
+        sweeps=tuple((s.id, s.started) for s in sweeps),
+        series=tuple(series),
+        threshold=threshold,
+        alpha=alpha,
+        min_effect=min_effect,
+    )

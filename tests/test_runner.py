@@ -1,0 +1,219 @@
+"""The sweep runner: run folders, the sweep tag on every MLflow run, interruptions, and a
+real sweep in which one method aborts its worker process.
+
+Most tests drive :func:`run_experiment` in-process with a FakeExecutor (no worker: the
+runner's bookkeeping is what they check) against a real SQLite MLflow store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from data.sweep_support import (
+    FakeExecutor,
+    all_runs,
+    qatbench,
+    report_trials,
+    sqlite_uri,
+    sweep_runs,
+    write_experiment,
+)
+
+from qatbench import sweeps
+from qatbench.errors import ConfigError
+from qatbench.runner import RunOutcome, new_sweep_id, run_experiment
+
+GRID = ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch", "mlp-ptq-w4a8-torch"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One SQLite store for the module (creating one takes seconds); experiments differ."""
+    from qatbench.tracking import init_store
+
+    return init_store(sqlite_uri(tmp_path_factory.mktemp("store")))
+
+
+def test_every_run_of_a_sweep_carries_its_id_and_failed_runs_end_failed(
+    store: str, tmp_path: Path
+) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", "tagged", store)
+    executor = FakeExecutor(fail=frozenset({"mlp-ptq-w4a8-torch"}))
+    outcome = run_experiment(exp, output_root=tmp_path / "reports", executor=executor)
+
+    sweep = outcome.record.tracking["sweep"]
+    assert outcome.report_json.parent.parent == tmp_path / "reports" / "tagged"
+    saved = json.loads(outcome.report_json.read_text())
+    assert saved["tracking"]["sweep"] == sweep
+    assert [t["id"] for t in saved["trials"]] == GRID
+    assert outcome.report_html.is_file()
+    assert outcome.exit_code == 1
+    assert executor.stopped >= 1
+
+    runs = {r.info.run_name: r for r in sweep_runs(store, "tagged", sweep)}
+    assert sorted(runs) == sorted(GRID)
+    for trial in saved["trials"]:
+        assert runs[trial["id"]].info.run_id == trial["mlflow_run_id"]
+    failed = runs["mlp-ptq-w4a8-torch"]
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["qatbench.error"] == "convert: worker process killed by SIGABRT"
+    assert runs["mlp-fp32-fp32-torch"].info.status == "FINISHED"
+    # each trial's result was kept beside its artifacts before it was logged
+    for trial_id in GRID:
+        kept = json.loads(
+            (outcome.report_json.parent / "trials" / trial_id / "result.json").read_text()
+        )
+        assert kept["id"] == trial_id
+
+
+def test_two_sweeps_of_one_experiment_get_their_own_folders_and_ids(
+    store: str, tmp_path: Path
+) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", "twice", store, methods="[fp32]")
+    first = run_experiment(exp, output_root=tmp_path / "reports", executor=FakeExecutor())
+    second = run_experiment(exp, output_root=tmp_path / "reports", executor=FakeExecutor())
+    assert first.report_json != second.report_json
+    assert first.record.tracking["sweep"] != second.record.tracking["sweep"]
+    assert len(all_runs(store, "twice")) == 2
+    for outcome in (first, second):
+        sweep = outcome.record.tracking["sweep"]
+        assert [r.info.run_id for r in sweep_runs(store, "twice", sweep)] == [
+            outcome.record.trials[0].mlflow_run_id
+        ]
+
+
+def test_sweep_ids_sort_by_time_and_are_unique() -> None:
+    t = dt.datetime(2026, 11, 29, 2, 27, 44, tzinfo=dt.UTC)
+    ids = {new_sweep_id(t) for _ in range(50)}
+    assert len(ids) == 50
+    assert all(i.startswith("20261129T022744Z-") for i in ids)
+    assert new_sweep_id(t) < new_sweep_id(t + dt.timedelta(seconds=1))
+
+
+def test_ctrl_c_mid_sweep_keeps_a_partial_report_and_stops_the_worker(
+    store: str, tmp_path: Path
+) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", "interrupted", store)
+
+    def ctrl_c_on_third(trial_id: str) -> None:
+        if trial_id == GRID[2]:
+            raise KeyboardInterrupt
+
+    executor = FakeExecutor(before=ctrl_c_on_third)
+    outcome = run_experiment(exp, output_root=tmp_path / "reports", executor=executor)
+    assert isinstance(outcome, RunOutcome)
+    assert outcome.interrupted == "SIGINT"
+    assert outcome.exit_code == 130
+    assert outcome.missing == [GRID[2]]
+    assert [t["id"] for t in report_trials(outcome.report_json)] == GRID[:2]
+    assert outcome.report_html.is_file()
+    assert executor.stopped >= 1
+    assert not list(outcome.report_json.parent.glob(".*.tmp"))  # no half-written file
+
+
+def test_sigterm_mid_sweep_is_an_interruption_too(store: str, tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", "terminated", store)
+
+    def terminate_on_second(trial_id: str) -> None:
+        if trial_id == GRID[1]:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handler = signal.getsignal(signal.SIGTERM)
+    executor = FakeExecutor(before=terminate_on_second)
+    outcome = run_experiment(exp, output_root=tmp_path / "reports", executor=executor)
+    assert outcome.interrupted == "SIGTERM"
+    assert outcome.exit_code == 143
+    assert [t["id"] for t in report_trials(outcome.report_json)] == GRID[:1]
+    assert signal.getsignal(signal.SIGTERM) == handler  # restored after the sweep
+
+
+# --- paths -----------------------------------------------------------------------------------
+
+
+def test_trial_folders_stay_inside_the_run_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "reports" / "x" / "20261129T022744Z"
+    for trial_id in [*GRID, "m.v2-ptq-w4a8-onnxruntime", "a..b-fp32-fp32-torch"]:
+        path = sweeps.trial_dir(run_dir, trial_id)
+        assert path.resolve().is_relative_to(run_dir.resolve())
+        assert path.parent == run_dir / "trials"
+    for hostile in ["../x", "..", ".", "a/../../b", "/etc/passwd", "x\\..\\y", "", "-rf", "a\x00"]:
+        with pytest.raises(ConfigError, match="cannot be a folder name"):
+            sweeps.trial_dir(run_dir, hostile)
+
+
+def test_a_trial_id_built_from_unchecked_names_cannot_escape(store: str, tmp_path: Path) -> None:
+    """Even a TrialSpec built around validation (model_construct) cannot write outside."""
+    from qatbench.spec import ModelEntry
+
+    entry = ModelEntry.model_construct(name="../../escape", factory=None, options={}, expect=[])
+    trial_id = f"{entry.name}-fp32-fp32-torch"
+    with pytest.raises(ConfigError):
+        sweeps.trial_dir(tmp_path / "run", trial_id)
+    with pytest.raises(ConfigError):
+        sweeps.new_run_dir(tmp_path / "reports", "../escape", dt.datetime.now(dt.UTC))
+    assert not (tmp_path / "escape").exists()
+
+
+def test_a_sweep_folder_is_written_by_one_process_at_a_time(tmp_path: Path) -> None:
+    busy = pytest.raises(ConfigError, match="another qatbench process")
+    with sweeps.locked(tmp_path), busy, sweeps.locked(tmp_path):
+        pass
+    with sweeps.locked(tmp_path):  # released when the holder is done
+        pass
+
+
+# --- a real sweep --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_method_that_aborts_fails_its_trial_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    """Done-when: 6 trials, one aborts its worker (SIGABRT): 5 finished, 1 failed with its
+    reason, exit 1, a complete report. The aborting method is a third-party plugin,
+    installed as an entry point (a dist-info folder on PYTHONPATH)."""
+    site = tmp_path / "site"
+    info = site / "qatbench_crashy-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: qatbench-crashy\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(
+        "[qatbench.methods]\nabort_in_convert = crashy_methods:AbortInConvert\n"
+    )
+    uri = sqlite_uri(tmp_path / "mlruns")
+    exp = write_experiment(
+        tmp_path / "exp.yaml",
+        "aborting",
+        uri,
+        methods="[fp32, ptq, abort_in_convert]",
+        bits="[w8a8, w4a8]",
+        runtimes="[torch, onnxruntime]",
+        extra="exclude: [{method: ptq, bits: w4a8, runtime: onnxruntime},\n"
+        "          {method: abort_in_convert, runtime: onnxruntime}]\n",
+    )
+    # fp32 on 2 runtimes, ptq w8a8 on 2 and w4a8 on torch, abort_in_convert (w8a8 only) on torch
+    env = {"PYTHONPATH": os.pathsep.join([str(site), str(Path(__file__).parent / "data")])}
+    proc = qatbench("run", exp, cwd=tmp_path, env=env, timeout=240)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "aborting: 5 finished, 1 failed" in proc.stdout
+
+    (report,) = (tmp_path / "reports" / "aborting").glob("*/report.json")
+    trials = {t["id"]: t for t in report_trials(report)}
+    assert len(trials) == 6
+    failed = [t for t in trials.values() if t["status"] == "failed"]
+    assert [t["id"] for t in failed] == ["mlp-abort_in_convert-w8a8-torch"]
+    assert failed[0]["error"]["phase"] == "convert"
+    assert "SIGABRT" in failed[0]["error"]["reason"]
+    assert "mlp-abort_in_convert-w8a8-torch: convert: worker process killed by SIGABRT" in (
+        proc.stderr
+    )
+    assert report.with_name("report.html").is_file()
+    sweep = json.loads(report.read_text())["tracking"]["sweep"]
+    runs = {r.info.run_name: r for r in sweep_runs(uri, "aborting", sweep)}
+    assert sorted(runs) == sorted(trials)
+    assert runs["mlp-abort_in_convert-w8a8-torch"].info.status == "FAILED"
+    assert "SIGABRT" in runs["mlp-abort_in_convert-w8a8-torch"].data.tags["qatbench.error"]
+    assert {r.info.status for n, r in runs.items() if "abort" not in n} == {"FINISHED"}
