@@ -251,7 +251,10 @@ class _Sweep:
             recovered = self.tracker.recover(runs)
             if recovered is not None:
                 self.console.print(
-                    f"recovered {trial.id} from MLflow run {recovered.mlflow_run_id}"
+                    f"recovered {trial.id} from MLflow run {recovered.mlflow_run_id}",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
                 )
                 return recovered
         out_dir = sweeps.trial_dir(self.run_dir, trial.id)
@@ -366,7 +369,7 @@ def _read_result(path: Path, trial_id: str) -> TrialResult | None:
     """The result.json an interrupted sweep left for ``trial_id``; None if absent or torn."""
     try:
         result = TrialResult.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     return result if result.id == trial_id else None
 

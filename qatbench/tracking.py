@@ -301,7 +301,7 @@ class Tracker:
             return None
         try:
             return TrialResult.from_dict(data).with_run_id(run.run_id)
-        except (KeyError, TypeError, ValueError):  # not a trial.json this version can read
+        except (KeyError, TypeError, ValueError, AttributeError):  # not one this version reads
             return None
 
     def has_run(self, run_id: str) -> bool:

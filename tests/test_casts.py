@@ -84,7 +84,7 @@ def test_bf16_cannot_be_asked_for_onnxruntime() -> None:
         "bits": ["w16a16"],
         "runtimes": ["onnxruntime"],
     }
-    with pytest.raises(ConfigError, match="bf16.*runs on none of"):
+    with pytest.raises(ConfigError, match=r"bf16.*runs on none of"):
         validate_experiment(spec)
     with pytest.raises(ConfigError, match="allowed: w16a16"):
         validate_experiment({**spec, "bits": ["w8a8"], "runtimes": ["torch"]})

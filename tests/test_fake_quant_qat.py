@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,16 @@ from qatbench.quant.fake_quant import (
 )
 from qatbench.quant.quantized_linear import QuantizedLinear
 from qatbench.runtimes import onnxruntime as ortrt
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Training tiny models is fastest on one thread (and does not fight other tests)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 # ---- estimators ----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ through ``qatbench validate``; here ``run`` must refuse them before creating any
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -190,3 +191,55 @@ def test_a_model_factory_that_raises_is_a_failed_trial_in_build(failing_sweep: S
             "reason": "RuntimeError: factory exploded with options {'width': 3}",
         }
         assert f"failed {trial_id}: build: RuntimeError: factory exploded" in proc.stderr
+
+
+# --- what the package itself loads --------------------------------------------------------
+
+PACKAGE = TESTS.parent / "qatbench"
+
+
+def _calls(attribute: str, module: str) -> list[tuple[str, ast.Call]]:
+    """Every call ``module.attribute(...)`` in the package's source, with its place."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == attribute
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == module
+            ):
+                found.append((f"{path.relative_to(PACKAGE)}:{node.lineno}", node))
+    return found
+
+
+def test_every_checkpoint_is_loaded_with_weights_only() -> None:
+    loads = _calls("load", "torch")
+    assert loads, "no torch.load found: the check would pass vacuously"
+    unsafe = [
+        where
+        for where, call in loads
+        if not any(
+            k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+            for k in call.keywords
+        )
+    ]
+    assert unsafe == [], f"torch.load without weights_only=True: {unsafe}"
+
+
+def test_yaml_is_only_read_with_the_safe_loader() -> None:
+    assert _calls("safe_load", "yaml")
+    unsafe = [
+        where
+        for name in (
+            "load",
+            "load_all",
+            "full_load",
+            "full_load_all",
+            "unsafe_load",
+            "unsafe_load_all",
+        )
+        for where, _ in _calls(name, "yaml")
+    ]
+    assert unsafe == []

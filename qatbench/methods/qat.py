@@ -51,7 +51,7 @@ class QatMethod(FakeQuantMethod):
         estimator: Literal["ste", "lsq"] = Field(
             "lsq", description="gradient through rounding: ste, or lsq with learned scales"
         )
-        steps: int = Field(300, ge=1, le=1_000_000, description="optimisation steps")
+        steps: int = Field(200, ge=1, le=1_000_000, description="optimisation steps")
         epochs: float | None = Field(
             None,
             gt=0,

@@ -1,6 +1,7 @@
 """A Linear layer that stores integers and computes with integer kernels.
 
-Weights: symmetric per-output-channel, 8 bits stored as int8, 4 bits packed two per byte.
+Weights: symmetric per-output-channel, 8 bits stored as int8, narrower ones packed densely
+(4 bits two per byte, 2 bits four per byte, 3 bits eight per three bytes).
 Activations: static, asymmetric uint8 (7-bit range by default, see ``from_float``) with
 calibrated input and output ranges. Narrower inputs (``activation_bits`` below 8, e.g. 4)
 are clamped to their calibrated range and quantized onto ``2**bits`` levels held in uint8:
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from qatbench.quant.affine import asymmetric_qparams, quantize_weight_per_channel
-from qatbench.quant.packing import pack_int4, unpack_int4
+from qatbench.quant.packing import pack_bits, packed_size, unpack_bits
 
 # PyTorch announces the deprecation of quantized tensors on every call; qatbench records the
 # dependency in its README instead of repeating it once per layer per trial.
@@ -54,10 +55,13 @@ class QuantizedLinear(torch.nn.Module):
         )
         self.activation_bits = activation_bits
         n = in_features * out_features
-        packed = weight_bits <= 4
+        packed = weight_bits < 8
         self.register_buffer(
             "weight_q",
-            torch.zeros((n + 1) // 2 if packed else n, dtype=torch.uint8 if packed else torch.int8),
+            torch.zeros(
+                packed_size(n, weight_bits) if packed else n,
+                dtype=torch.uint8 if packed else torch.int8,
+            ),
         )
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features))
@@ -115,7 +119,7 @@ class QuantizedLinear(torch.nn.Module):
         out_features, in_features = weight_q.shape
         layer = cls(in_features, out_features, weight_bits, activation_bits)
         q = weight_q.to(torch.int8)
-        layer.weight_q = pack_int4(q) if weight_bits <= 4 else q.flatten().clone()
+        layer.weight_q = pack_bits(q, weight_bits) if weight_bits < 8 else q.flatten().clone()
         layer.weight_scale = weight_scale.detach().float().clone()
         if bias is not None:
             layer.bias = bias.detach().float().clone()
@@ -135,8 +139,8 @@ class QuantizedLinear(torch.nn.Module):
     def int_weight(self) -> torch.Tensor:
         """The weight integers as an ``[out, in]`` int8 tensor (unpacked if sub-byte)."""
         shape = (self.out_features, self.in_features)
-        if self.weight_bits <= 4:
-            return unpack_int4(self.weight_q, shape)
+        if self.weight_bits < 8:
+            return unpack_bits(self.weight_q, self.weight_bits, shape)
         return self.weight_q.reshape(shape)
 
     def _prepacked(self) -> Any:

@@ -1,0 +1,177 @@
+"""SmoothQuant: where the smoothing folds, that it preserves the function, that it helps."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from qatbench.bitwidth import BitWidth
+from qatbench.export import export_onnx
+from qatbench.measure.error import output_error
+from qatbench.methods.ptq import ObservedLinear, PtqMethod
+from qatbench.methods.smoothquant import (
+    ScaledInput,
+    SmoothQuantMethod,
+    _groups,
+    _Trace,
+    _TraceFirstCall,
+)
+from qatbench.models.mlp import Mlp, MlpConfig
+from qatbench.models.transformer import TinyTransformer, TransformerConfig
+from qatbench.quant.quantized_linear import QuantizedLinear
+from qatbench.runtimes import onnxruntime as ortrt
+
+W8A8 = BitWidth.parse("w8a8")
+
+
+def _folds(model: torch.nn.Module, x: torch.Tensor) -> dict[tuple[str, ...], object]:
+    trace = _Trace()
+    with torch.no_grad():
+        _TraceFirstCall(model, trace)(x)
+    targets = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return {tuple(g.linears): g.fold_into for g in _groups(model, trace, targets)}
+
+
+class _SharedNorm(torch.nn.Module):
+    """One LayerNorm read by two Linears (shared factor), one read by a Linear and a residual."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_a, self.ln_b = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)
+        self.q, self.k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.v = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln_a(x)
+        y = self.q(h) * self.k(h)
+        g = self.ln_b(y)
+        return g + self.v(g)
+
+
+def _seeded(factory: type[torch.nn.Module], *args: object) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return factory(*args).eval()
+
+
+def test_folds_into_layernorms_and_through_relu() -> None:
+    transformer = _seeded(TinyTransformer, TransformerConfig(width=32, layers=1))
+    assert _folds(transformer, torch.randn(2, 28, 28)) == {
+        ("embed",): None,
+        ("blocks.0.attn.qkv",): ("layernorm", "blocks.0.ln_1"),
+        ("blocks.0.attn.proj",): None,
+        ("blocks.0.fc",): ("layernorm", "blocks.0.ln_2"),
+        ("blocks.0.out",): None,  # after GELU, which 1/s does not commute with
+        ("head",): None,  # after a mean over tokens of the final norm
+    }
+    mlp = _seeded(Mlp, MlpConfig(hidden=(32, 16)))
+    assert _folds(mlp, torch.randn(2, 28, 28)) == {
+        ("net.1",): None,
+        ("net.3",): ("linear", "net.1"),
+        ("net.5",): ("linear", "net.3"),
+    }
+
+
+def test_shared_norm_groups_and_residual_readers_block_folding() -> None:
+    folds = _folds(_seeded(_SharedNorm), torch.randn(4, 16))
+    assert folds == {("q", "k"): ("layernorm", "ln_a"), ("v",): None}
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        _seeded(TinyTransformer, TransformerConfig(width=32, layers=1)),
+        _seeded(Mlp, MlpConfig(hidden=(32, 16))),
+        _seeded(_SharedNorm),
+    ],
+    ids=["transformer", "mlp", "shared_norm"],
+)
+@pytest.mark.parametrize("alpha", [0.5, 0.85])
+def test_smoothing_preserves_the_fp32_function(model: torch.nn.Module, alpha: float) -> None:
+    shape = (8, 16) if isinstance(model, _SharedNorm) else (8, 28, 28)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 2
+    method = SmoothQuantMethod(SmoothQuantMethod.Config(alpha=alpha), W8A8)
+    smoothed = method.calibrate(method.prepare(copy.deepcopy(model)), lambda m: m(x))
+    observed = [m for m in smoothed.modules() if isinstance(m, ObservedLinear)]
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(observed) == len(linears)
+    with torch.inference_mode():
+        ref, out = model(x), smoothed(x)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    changed = [
+        a
+        for a, b in zip(observed, linears, strict=True)
+        if not torch.equal(a.linear.weight, b.weight)
+    ]
+    assert changed, "smoothing must move scale into the weights"
+
+
+class _Outliers(torch.nn.Module):
+    """A LayerNorm whose gain makes three channels 40x larger, then a Linear: the case
+    SmoothQuant exists for (per-tensor activation ranges ruined by a few channels)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(16, 64)
+        self.ln = torch.nn.LayerNorm(64)
+        with torch.no_grad():
+            self.ln.weight[:3] = 40.0
+        self.fc = torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.relu(self.fc(self.ln(self.embed(x)))))
+
+
+def test_smoothing_beats_plain_ptq_on_activation_outliers(tmp_path: Path) -> None:
+    model = _seeded(_Outliers)
+    gen = torch.Generator().manual_seed(4)
+    calib, evaluation = torch.randn(256, 16, generator=gen), torch.randn(128, 16, generator=gen)
+
+    def loop(m: torch.nn.Module) -> None:
+        for xb in calib.split(64):
+            m(xb)
+
+    with torch.inference_mode():
+        ref = model(evaluation)
+    errors = {}
+    for name, method in {
+        "ptq": PtqMethod(PtqMethod.Config(), W8A8),
+        "smoothquant": SmoothQuantMethod(SmoothQuantMethod.Config(alpha=0.5), W8A8),
+    }.items():
+        q = method.convert(method.calibrate(method.prepare(copy.deepcopy(model)), loop)).eval()
+        with torch.inference_mode():
+            errors[name] = output_error(ref, q(evaluation))["mse"]
+        if name == "smoothquant":
+            assert sum(isinstance(m, QuantizedLinear) for m in q.modules()) == 3
+            assert isinstance(q.get_submodule("embed"), ScaledInput)  # its input is the data
+            path = export_onnx(q, (evaluation[:1],), tmp_path / "sq.onnx")
+            assert ortrt.kernel_counts(path, 1) == (3, 0)
+            run = ortrt.as_callable(ortrt.make_session(path, 1))
+            with torch.inference_mode():
+                torch_out = q(evaluation)
+            assert float((run(evaluation) - torch_out).abs().max()) < 0.05 * float(
+                torch_out.abs().max()
+            )
+    assert errors["smoothquant"] < 0.5 * errors["ptq"], errors
+
+
+def test_unfoldable_skip_adds_no_multiply() -> None:
+    model = _seeded(Mlp, MlpConfig(hidden=(32, 16)))
+    x = torch.randn(8, 28, 28)
+    method = SmoothQuantMethod(SmoothQuantMethod.Config(unfoldable="skip"), W8A8)
+    q = method.convert(method.calibrate(method.prepare(copy.deepcopy(model)), lambda m: m(x)))
+    assert not any(isinstance(m, ScaledInput) for m in q.modules())
+    assert sum(isinstance(m, QuantizedLinear) for m in q.modules()) == 3
+
+
+def test_options_validated() -> None:
+    with pytest.raises(ValueError, match="alpha"):
+        SmoothQuantMethod.Config.model_validate({"alpha": 1.5})
+    with pytest.raises(ValueError, match="unfoldable"):
+        SmoothQuantMethod.Config.model_validate({"unfoldable": "fold"})
+    assert SmoothQuantMethod.changes_layer_inputs is True
