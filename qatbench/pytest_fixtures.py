@@ -192,7 +192,7 @@ class Qatbench:
             run = self._experiment_run(name)
         except QatbenchError as exc:
             fail_one_line(str(exc))
-        out_dir = run.run_dir / "trials" / trial.id
+        out_dir = run.trial_dir(trial.id)
         if isolated:
             result = self._state.executor.run(trial, out_dir, trial.timeout_s)
         else:

@@ -224,7 +224,7 @@ class TrialItem(pytest.Item):
             spec=self.spec.model_dump(mode="json"),
             threads=self.spec.measure.threads,
         )
-        trial_dir = experiment.run_dir / "trials" / self.trial.id
+        trial_dir = experiment.trial_dir(self.trial.id)
         result = session.executor.run(self.trial, trial_dir, self.trial.timeout_s)
         result = experiment.add(result, tags={"qatbench.pytest.nodeid": self.nodeid})
         self.user_properties.extend(result_properties(result))
@@ -276,13 +276,23 @@ def result_properties(result: TrialResult, prefix: str = "") -> list[tuple[str, 
 
 @dataclass
 class ExperimentRun:
-    """One MLflow experiment of the session and the report.json it keeps current."""
+    """One experiment's sweep in this session: its MLflow experiment, and the report.json
+    it keeps current. Its runs carry the sweep id (tag ``qatbench.sweep``) as those of
+    ``qatbench run`` do, so ``qatbench compare mlflow:NAME`` and ``history`` see it."""
 
     tracker: Tracker
     record: RunRecord
     run_dir: Path
     tags: dict[str, str]
-    warned: bool = False
+
+    @property
+    def sweep(self) -> str:
+        return str(self.record.tracking["sweep"])
+
+    def trial_dir(self, trial_id: str) -> Path:
+        from qatbench import sweeps
+
+        return sweeps.trial_dir(self.run_dir, trial_id)
 
     @property
     def report_json(self) -> Path:
@@ -299,7 +309,7 @@ class ExperimentRun:
         still counts and still goes into the report."""
         try:
             run_id = self.tracker.log_trial(
-                result, params=result.params, tags={**self.tags, **(tags or {})}
+                result, params=result.params, tags={**self.tags, **(tags or {})}, sweep=self.sweep
             )
         except QatbenchError as exc:
             warnings.warn(f"{result.id}: not logged to MLflow: {exc}", stacklevel=2)
@@ -356,13 +366,14 @@ class SessionState:
         uri = self.tracking_uri(yaml_uri)
         key = (name, uri or "")
         if key not in self.experiments:
+            from qatbench import sweeps
             from qatbench.measure.env import fingerprint
             from qatbench.results import RunRecord
+            from qatbench.runner import new_sweep_id
             from qatbench.tracking import Tracker
 
             tracker = Tracker(uri, name, root=self.root)
             env = fingerprint(threads=threads)
-            stamp = self.started.strftime("%Y%m%dT%H%M%SZ")
             record = RunRecord(
                 experiment={"name": name, "source": source, "spec": spec},
                 created=self.started.isoformat(timespec="seconds"),
@@ -371,9 +382,11 @@ class SessionState:
                     "uri": tracker.uri,
                     "experiment_id": tracker.experiment_id,
                     "experiment": tracker.experiment_name,
+                    "sweep": new_sweep_id(self.started),
                 },
             )
-            run = ExperimentRun(tracker, record, self.output_root / name / stamp, _tags(env))
+            run_dir = sweeps.new_run_dir(self.output_root, name, self.started)
+            run = ExperimentRun(tracker, record, run_dir, _tags(env))
             run.record.save(run.report_json)
             self.experiments[key] = run
         return self.experiments[key]

@@ -172,3 +172,10 @@ def test_gptq_layer_without_data_is_a_plugin_error() -> None:
     method = GptqMethod(GptqMethod.Config(), BitWidth.parse("w4"))
     with pytest.raises(PluginError, match="saw no calibration data"):
         method.calibrate(copy.deepcopy(model), lambda _m: None)
+
+
+def test_a_barely_indefinite_hessian_gets_more_damping() -> None:
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(11)).double()
+    hessian = 2 * x.t() @ x - 1e-3 * torch.eye(32, dtype=torch.float64)  # rank 2, minus a bit
+    gq = gptq_quantize(torch.randn(8, 32, generator=torch.Generator().manual_seed(12)), hessian, 4)
+    assert torch.isfinite(gq.scale).all() and gq.q.shape == (8, 32)

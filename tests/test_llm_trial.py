@@ -116,9 +116,7 @@ def test_decode_with_kv_cache_on_both_runtimes(
         assert details["decode_mode"] == "kv_cache", tid
         assert details["prompt_tokens"] == PROMPT and details["new_tokens"] == NEW
         assert m["decode_tokens_per_s"] > 0 and m["prefill_latency_p50_ms"] > 0
-        assert m["decode_latency_p50_ms_per_token"] == pytest.approx(
-            1e3 / m["decode_tokens_per_s"]
-        )
+        assert m["decode_latency_p50_ms_per_token"] == pytest.approx(1e3 / m["decode_tokens_per_s"])
         assert m["decode_speedup_ci_low"] <= m["decode_speedup_vs_fp32"]
         assert m["decode_speedup_vs_fp32"] <= m["decode_speedup_ci_high"]
         assert m["kv_cache_bytes"] == 2 * LAYERS * WIDTH * (PROMPT + NEW) * 4
@@ -147,7 +145,14 @@ def test_without_a_decode_graph_onnxruntime_recomputes_and_says_so(tmp_path: Pat
 
     notes: list[str] = []
     decoder = gen.ort_decoder(
-        model, tokens[:, :PROMPT], tokens, NEW, broken_export, lambda p: None, model, tmp_path,
+        model,
+        tokens[:, :PROMPT],
+        tokens,
+        NEW,
+        broken_export,
+        lambda p: None,
+        model,
+        tmp_path,
         notes,
     )
     assert decoder.mode == gen.RECOMPUTE

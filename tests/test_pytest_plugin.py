@@ -50,20 +50,24 @@ def tiny(ptq_expect: str = '"compression_ratio > 1"', timeout_s: float = 300) ->
 
 
 @pytest.fixture(scope="module")
-def _imported() -> None:
-    """Import what the plugin uses before pytester's in-process runs: each run removes the
-    modules it imported, so the next would import a second copy of qatbench's classes (and
-    registered methods) that the first copies do not recognise."""
+def _imported(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Import what the plugin and these tests use before any pytester run: pytester forgets
+    the modules imported while it is in use, so the next test would import a second copy of
+    qatbench's classes and registered methods (that the first copies do not recognise) and
+    of SQLAlchemy (whose compiled parts break when imported twice)."""
     import qatbench.executor
     import qatbench.pytest_fixtures
     import qatbench.report.html
     import qatbench.runner
-    import qatbench.tracking
     import qatbench.trial  # noqa: F401  # imported for the side effect above
     from qatbench import registry
+    from qatbench.tracking import Tracker, default_uri, search_trials
 
     registry.methods.names()
     registry.models.names()
+    store = default_uri(tmp_path_factory.mktemp("store"))
+    Tracker(store, "imports")
+    search_trials(store, "imports")  # the tests read their runs back like this
 
 
 @pytest.fixture

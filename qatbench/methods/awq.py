@@ -6,6 +6,11 @@ per-feature scales and clipping ranges (:func:`~qatbench.quant.awq.awq_quantize`
 stored layer is the same :class:`~qatbench.quant.weight_only_linear.WeightOnlyLinear` as
 ``rtn`` and ``gptq`` produce, plus a per-input-feature ``input_scale`` (``1 / s``) applied
 to the input on every call (an elementwise multiply; a ``Mul`` node in ONNX).
+
+``clip`` is off by default: on the digits MLP (w4, group 16) it lowered every layer's own
+output error, on calibration and evaluation data alike, yet raised the network's output
+MSE from 0.063 to 0.150 (clipping shrinks weights toward zero, a bias that compounds
+through the layers); per channel it helped slightly (0.090 to 0.086).
 """
 
 from __future__ import annotations
@@ -62,7 +67,9 @@ class AwqMethod(QuantMethod):
 
     class Config(WeightOnlyConfig):
         grid: int = Field(20, ge=1, le=100, description="scale exponents tried in [0, 1)")
-        clip: bool = Field(True, description="search per-group clipping of the weight range")
+        clip: bool = Field(
+            False, description="search per-group clipping of the weight range (llm-awq's)"
+        )
         max_rows: int = Field(
             2048, ge=16, le=1_000_000, description="calibration input rows kept per layer"
         )

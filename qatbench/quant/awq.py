@@ -106,7 +106,7 @@ def awq_quantize(
     group_size: int | None = None,
     symmetric: bool = True,
     grid: int = 20,
-    clip: bool = True,
+    clip: bool = False,
 ) -> tuple[GroupQuantized, torch.Tensor]:
     """(integers of ``W * s``, ``1 / s``) for a layer whose inputs ``x`` are ``[n, in]``."""
     check_bits(bits)

@@ -63,6 +63,22 @@ def _quant_column(
     return q, deq * scale
 
 
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; the damping grows
+    tenfold (at most three times) while ``H`` is not numerically positive definite."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = torch.mean(torch.diag(h))
+    for attempt in range(4):
+        try:
+            damped = h + damp * 10**attempt * mean_diag * eye
+            return torch.linalg.cholesky(
+                torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True
+            )
+        except torch.linalg.LinAlgError:
+            continue
+    raise ValueError(f"gptq: the Hessian is not positive definite even with damping {damp * 1e3}")
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -99,8 +115,7 @@ def gptq_quantize(
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(in_features, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = _inverse_cholesky(h, damp)
 
     q_int = torch.zeros(out_features, in_features, dtype=torch.int32)
     for i1 in range(0, in_features, block_size):

@@ -26,8 +26,9 @@ method measures. Measured on a 2-core AVX2 EPYC, one thread, a 4096x4096 Linear:
 (group 128) 2.7 ms and 88 ms. The kernels win at small batches, where the weight bytes
 read dominate, and lose to fp32 at batch 64 on a CPU without native bf16 arithmetic.
 
-The kernels' operands are non-persistent buffers: counted as resident weights, not
-saved. ONNX export emits a placeholder node that :mod:`qatbench.quant.weight_only_onnx`
+The kernels' operands are non-persistent buffers: counted as resident weights, not saved
+(the int4 layout is a second copy of the weights in memory, half a byte per weight; 8-bit
+symmetric weights are used in place). ONNX export emits a placeholder node that :mod:`qatbench.quant.weight_only_onnx`
 lowers to ``DequantizeLinear`` (int4/uint4/int2/uint2/int8/uint8 initializers, blocked
 by ``group_size``) + ``MatMul``, which onnxruntime fuses into ``MatMulNBits``.
 """
@@ -197,6 +198,7 @@ class WeightOnlyLinear(torch.nn.Module):
         """Build the kernel operands from the stored integers (non-persistent buffers)."""
         for name in ("kernel_weight", "kernel_scales", "kernel_zero_term"):
             self._buffers.pop(name, None)
+            self.__dict__.pop(name, None)
         if self.torch_kernel == "int8pack_mm":
             self._build_int8()
         elif self.torch_kernel == "int4pack_mm":
@@ -213,8 +215,14 @@ class WeightOnlyLinear(torch.nn.Module):
             q = q - 128
             self._register_kernel("kernel_zero_term", (zero.float() * scales).float())
         self._padded_in = _round_up(self.in_features, 8)  # the kernel reads K in steps of 8
-        weight = F.pad(q, (0, self._padded_in - self.in_features)).to(torch.int8).contiguous()
-        self._register_kernel("kernel_weight", weight)
+        if self.symmetric and self._padded_in == self.in_features and self.bits == 8:
+            # The stored bytes are the kernel's int8 operand: a view, not a second copy (a
+            # plain attribute, so resident weights are not counted twice).
+            shape = (self.out_features, self.in_features)
+            self.kernel_weight = self.qweight.view(torch.int8).reshape(shape)
+        else:
+            weight = F.pad(q, (0, self._padded_in - self.in_features)).to(torch.int8)
+            self._register_kernel("kernel_weight", weight.contiguous())
         self._register_kernel("kernel_scales", scales.to(KERNEL_DTYPE))
 
     def _build_int4(self) -> None:
