@@ -111,6 +111,16 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(pytest_fixtures, "qatbench.fixtures")
     listed = _ini_experiments(config)
     config.stash[_LISTED] = listed
+    named = {p for p in _named_on_command_line(config) if p.suffix in (".yaml", ".yml")}
+    config.stash[_NAMED] = named
+    if config.getoption("qatbench") and not listed and not named:
+        config.issue_config_time_warning(
+            pytest.PytestConfigWarning(
+                "--qatbench: no experiment file named; folders are not searched for YAML "
+                "(e.g. pytest --qatbench experiments/quickstart.yaml)"
+            ),
+            stacklevel=2,
+        )
     # Like testpaths: the listed experiments join a run that names no paths of its own.
     if listed and config.args_source != pytest.Config.ArgsSource.ARGS:
         known = {Path(a).resolve() for a in config.args}
@@ -133,7 +143,8 @@ def _named_on_command_line(config: pytest.Config) -> set[Path]:
     return {(here / str(a).split("::", 1)[0]).resolve() for a in args}
 
 
-_LISTED = pytest.StashKey[set[Path]]()
+_LISTED = pytest.StashKey[set[Path]]()  # experiment files the ini option lists
+_NAMED = pytest.StashKey[set[Path]]()  # YAML files named on the command line
 
 
 def _opted_in(config: pytest.Config) -> bool:
@@ -148,9 +159,7 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     if not _opted_in(config):
         return None
     path = file_path.resolve()
-    listed = path in config.stash.get(_LISTED, set())
-    named = path.suffix in (".yaml", ".yml") and path in _named_on_command_line(config)
-    if listed or named:
+    if path in config.stash.get(_LISTED, set()) or path in config.stash.get(_NAMED, set()):
         experiment_file: pytest.Collector = ExperimentFile.from_parent(parent, path=file_path)
         return experiment_file
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,8 +23,12 @@ from qatbench.errors import ConfigError
 
 QATBENCH = str(Path(sys.executable).with_name("qatbench"))  # the console script
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+]
 
 
 def test_the_server_command_suits_a_small_machine(tmp_path: Path) -> None:
@@ -96,8 +101,13 @@ def store(tmp_path: Path) -> tuple[str, str, str]:
     uri = default_uri(tmp_path)
     tracker = Tracker(uri, "ui_check")
     result = TrialResult(
-        id="mlp-ptq-w8a8-torch", model="mlp", method="ptq", bits="w8a8", runtime="torch",
-        status="finished", metrics={"mse": 0.001, "compression_ratio": 3.7},
+        id="mlp-ptq-w8a8-torch",
+        model="mlp",
+        method="ptq",
+        bits="w8a8",
+        runtime="torch",
+        status="finished",
+        metrics={"mse": 0.001, "compression_ratio": 3.7},
     )
     run_id = tracker.log_trial(result, params={"threads": 1})
     return uri, tracker.experiment_id, run_id
@@ -110,7 +120,10 @@ def served(store: tuple[str, str, str], tmp_path: Path) -> Iterator[dict[str, An
     port = ui.free_port()
     process = subprocess.Popen(
         [QATBENCH, "ui", "--tracking-uri", uri, "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
         env={**os.environ, "COLUMNS": "200"},
     )
     info: dict[str, Any] = {"process": process, "url": f"http://127.0.0.1:{port}"}
@@ -121,10 +134,8 @@ def served(store: tuple[str, str, str], tmp_path: Path) -> Iterator[dict[str, An
             process.kill()
             process.wait()
             for pid in info.get("group", []):
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 @pytest.mark.slow
@@ -159,8 +170,11 @@ def test_ui_serves_the_runs_and_stops_its_whole_process_group(
     assert "Traceback" not in out
     with pytest.raises(ProcessLookupError):
         os.killpg(served["group"][0], 0)
-    assert not [c.pid for c in children if psutil.pid_exists(c.pid)
-                and psutil.Process(c.pid).status() != psutil.STATUS_ZOMBIE]
+    assert not [
+        c.pid
+        for c in children
+        if psutil.pid_exists(c.pid) and psutil.Process(c.pid).status() != psutil.STATUS_ZOMBIE
+    ]
 
 
 def _render_in_chromium(url: str, experiment_id: str) -> None:
