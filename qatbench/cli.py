@@ -13,7 +13,7 @@ import sys
 import warnings
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,10 @@ from rich.table import Table
 
 from qatbench import registry
 from qatbench.errors import ConfigError, QatbenchError
+
+if TYPE_CHECKING:
+    from qatbench.report.compare import CompareResult, Gate
+    from qatbench.results import RunRecord
 
 app = typer.Typer(
     add_completion=False,
@@ -64,10 +68,26 @@ def run(
             "report.json; only trials missing from it run",
         ),
     ] = False,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="after the sweep, compare it with this one: 'previous' (the experiment's "
+            "sweep before this one in MLflow), a report.json, or mlflow:EXPERIMENT[@K]; "
+            "exit 1 when a --gate is breached"
+        ),
+    ] = None,
+    gate: Annotated[
+        list[str] | None,
+        typer.Option("--gate", "-g", help="gate for --baseline, as for qatbench compare"),
+    ] = None,
 ) -> None:
     """Run experiments: every model x method x bits x runtime trial, logged and reported."""
+    from qatbench.report.compare import parse_gates
     from qatbench.runner import resume_experiment, run_experiment
 
+    gates = parse_gates(gate or [])
+    if gates and baseline is None:
+        raise ConfigError("--gate: needs --baseline to compare against")
     plans = [_plan(path, output_dir, resume) for path in _expand(files)]  # validate all first
     code = 0
     for path, report in plans:
@@ -102,7 +122,46 @@ def run(
             f"sweep {outcome.record.tracking.get('sweep')})"
         )
         code = max(code, outcome.exit_code)
+        if baseline is not None:
+            code = max(code, _judge_against_baseline(outcome.record, baseline, gates, tracking_uri))
     raise typer.Exit(code)
+
+
+def _judge_against_baseline(
+    record: RunRecord, baseline: str, gates: list[Gate], tracking_uri: str | None
+) -> int:
+    """Compare a finished sweep with its baseline, print the result; 1 on a breach."""
+    from qatbench.report import compare as cmp
+    from qatbench.report.sources import load_record, load_sweeps, sweep_record
+
+    if baseline == "previous":
+        name = record.tracking["experiment"]
+        uri, experiment_id, sweeps = load_sweeps(name, tracking_uri or record.tracking["uri"])
+        ids = [s.id for s in sweeps]
+        here = (
+            ids.index(record.tracking["sweep"]) if record.tracking.get("sweep") in ids else len(ids)
+        )
+        if here == 0:
+            out.print(f"baseline: no sweep of {name!r} before this one; nothing to compare")
+            return 0
+        reference = sweep_record(name, uri, experiment_id, sweeps[here - 1])
+        label = f"previous sweep {sweeps[here - 1].id}"
+    else:
+        reference = load_record(baseline, tracking_uri)
+        label = baseline
+    result = cmp.compare(reference, record, gates, labels=(label, "this sweep"))
+    return _print_comparison(result)
+
+
+def _print_comparison(result: CompareResult) -> int:
+    from qatbench.report import text
+
+    out.print(text.compare_table(result))
+    for line in text.compare_summary(result):
+        out.print(line, markup=False, highlight=False)
+    for line in result.breaches:
+        err.print(f"breach: {line}", markup=False, highlight=False, soft_wrap=True)
+    return 0 if result.ok else 1
 
 
 def _plan(path: Path, output_dir: Path, resume: bool) -> tuple[Path, Path | None]:
@@ -242,7 +301,6 @@ def compare(
     samples also differ significantly (Mann-Whitney U); other metrics on the threshold.
     """
     from qatbench.report import compare as cmp
-    from qatbench.report import text
     from qatbench.report.sources import load_record, parse_source
 
     gates = cmp.parse_gates(gate or [])
@@ -255,16 +313,12 @@ def compare(
         min_effect=min_effect,
         labels=labels,
     )
-    out.print(text.compare_table(result))
-    for line in text.compare_summary(result):
-        out.print(line, markup=False, highlight=False)
+    code = _print_comparison(result)
     if output is not None:
         from qatbench.report.pages import write_compare_html
 
         out.print(f"compare.html: {write_compare_html(result, output)}")
-    for line in result.breaches:
-        err.print(f"breach: {line}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(0 if result.ok else 1)
+    raise typer.Exit(code)
 
 
 @app.command()
