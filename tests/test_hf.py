@@ -68,9 +68,8 @@ def test_every_projection_and_the_head_are_linear(gpt2: HfCausalLM) -> None:
 
 
 def test_a_local_checkpoint_directory_loads_offline(gpt2: HfCausalLM, tmp_path: Path) -> None:
-    original = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(**GPT2)
-    )
+    config = transformers.AutoConfig.for_model(**GPT2)
+    original = transformers.AutoModelForCausalLM.from_config(config).eval()
     original.save_pretrained(tmp_path / "ckpt")
     loaded, example = build_hf_causal_lm(hf=str(tmp_path / "ckpt"))
     assert example[0].shape == (1, 64)  # the context, at most 128

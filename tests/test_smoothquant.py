@@ -76,6 +76,22 @@ def test_folds_into_layernorms_and_through_relu() -> None:
     }
 
 
+def test_calibrate_folds_where_the_trace_says() -> None:
+    """The statistics hooks must not look like extra readers of a layer's input."""
+    x = torch.randn(8, 28, 28)
+    mlp = _seeded(Mlp, MlpConfig(hidden=(32, 16)))
+    method = SmoothQuantMethod(SmoothQuantMethod.Config(), W8A8)
+    smoothed = method.calibrate(method.prepare(copy.deepcopy(mlp)), lambda m: m(x))
+    kinds = {n: type(smoothed.get_submodule(n)) for n in ("net.1", "net.3", "net.5")}
+    assert kinds == {"net.1": ScaledInput, "net.3": ObservedLinear, "net.5": ObservedLinear}
+    transformer = _seeded(TinyTransformer, TransformerConfig(width=32, layers=1))
+    smoothed = method.calibrate(method.prepare(copy.deepcopy(transformer)), lambda m: m(x))
+    wrapped = {n for n, m in smoothed.named_modules() if isinstance(m, ScaledInput)}
+    assert wrapped == {"embed", "blocks.0.attn.proj", "blocks.0.out", "head"}
+    ln = smoothed.get_submodule("blocks.0.ln_1")
+    assert not torch.equal(ln.weight, transformer.get_submodule("blocks.0.ln_1").weight)
+
+
 def test_shared_norm_groups_and_residual_readers_block_folding() -> None:
     folds = _folds(_seeded(_SharedNorm), torch.randn(4, 16))
     assert folds == {("q", "k"): ("layernorm", "ln_a"), ("v",): None}

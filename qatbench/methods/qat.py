@@ -59,7 +59,9 @@ class QatMethod(FakeQuantMethod):
             description="passes over the training data; overrides steps when the runner's "
             "train loop says how many steps an epoch has",
         )
-        lr: float = Field(1e-3, gt=0, le=10, description="learning rate")
+        lr: float = Field(
+            3e-4, gt=0, le=10, description="learning rate (fine-tuning from trained weights)"
+        )
         optimizer: Literal["adam", "sgd"] = "adam"
         momentum: float = Field(0.9, ge=0, lt=1, description="sgd momentum")
         weight_decay: float = Field(0.0, ge=0, le=1)

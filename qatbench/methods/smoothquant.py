@@ -74,6 +74,7 @@ class _Trace:
 
     calls: list[_Call] = field(default_factory=list)
     keep: list[torch.Tensor] = field(default_factory=list)  # ids stay unique while alive
+    recording: bool = False
 
     def consumers(self, tensor_id: int) -> list[_Call]:
         """Calls that read the tensor and produce tensors (metadata queries do not count)."""
@@ -101,18 +102,27 @@ class _Recorder(TorchFunctionMode):
 
 
 class _TraceFirstCall(torch.nn.Module):
-    """Runs ``model``; records the dataflow of the first call only."""
+    """Runs ``model``; records the dataflow of the first call only.
+
+    While recording, ``trace.recording`` is set so statistics hooks can stay out of the
+    way (their own torch calls would read like extra consumers of a layer's input); the
+    first batch then runs once more, unrecorded, for them.
+    """
 
     def __init__(self, model: torch.nn.Module, trace: _Trace) -> None:
         super().__init__()
         self.model, self.trace, self.done = model, trace, False
 
     def forward(self, *args: Any) -> Any:
-        if self.done:
-            return self.model(*args)
-        self.done = True
-        with _Recorder(self.trace):
-            return self.model(*args)
+        if not self.done:
+            self.done = True
+            self.trace.recording = True
+            try:
+                with _Recorder(self.trace):
+                    self.model(*args)
+            finally:
+                self.trace.recording = False
+        return self.model(*args)
 
 
 @dataclass
@@ -182,12 +192,17 @@ def _groups(model: torch.nn.Module, trace: _Trace, targets: list[str]) -> list[_
 
 
 @contextmanager
-def _input_absmax(model: torch.nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    """While open, record each named Linear's per-input-channel absmax."""
+def _input_absmax(
+    model: torch.nn.Module, names: list[str], trace: _Trace
+) -> Iterator[dict[str, torch.Tensor]]:
+    """While open, record each named Linear's per-input-channel absmax (except while
+    ``trace`` is recording)."""
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name: str) -> Callable[..., None]:
         def record(_module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            if trace.recording:
+                return
             x = args[0].detach()
             amax = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             stats[name] = torch.maximum(stats[name], amax) if name in stats else amax
@@ -204,8 +219,28 @@ def _input_absmax(model: torch.nn.Module, names: list[str]) -> Iterator[dict[str
 
 def _linear(model: torch.nn.Module, name: str) -> torch.nn.Linear:
     module = model.get_submodule(name)
+    if isinstance(module, ScaledInput):  # smoothed already, as the input of its own group
+        module = module.inner
     assert isinstance(module, torch.nn.Linear)  # groups hold Linear names only
     return module
+
+
+def _apply(model: torch.nn.Module, group: _Group, s: torch.Tensor) -> None:
+    """``W * s`` for the group's Linears and ``1 / s`` where their input comes from."""
+    for name in group.linears:
+        linear = _linear(model, name)
+        linear.weight.mul_(s.to(linear.weight.dtype))
+        if group.fold_into is None:
+            model.set_submodule(name, ScaledInput(1.0 / s, model.get_submodule(name)))
+    if group.fold_into is None:
+        return
+    kind, name = group.fold_into
+    source = _linear(model, name) if kind == "linear" else model.get_submodule(name)
+    weight, bias = source.weight, source.bias
+    assert isinstance(weight, torch.Tensor)  # a LayerNorm or Linear, checked when grouped
+    weight.div_(s if kind == "layernorm" else s[:, None])
+    if isinstance(bias, torch.Tensor):
+        bias.div_(s)
 
 
 class SmoothQuantMethod(QuantMethod):
@@ -241,15 +276,19 @@ class SmoothQuantMethod(QuantMethod):
         if not targets:
             raise PluginError(f"{self.name}: the model has no Linear layer to quantize")
         trace = _Trace()
-        with _input_absmax(model, targets) as stats, torch.no_grad():
+        with _input_absmax(model, targets, trace) as stats, torch.no_grad():
             forward_loop(_TraceFirstCall(model, trace))
         missing = [n for n in targets if n not in stats]
         if missing:
             raise PluginError(f"{self.name}: layer {missing[0]!r} saw no calibration data")
-        with torch.no_grad():
-            for group in _groups(model, trace, targets):
-                self._smooth(model, group, stats)
+        groups = _groups(model, trace, targets)
         trace.keep.clear()
+        with torch.no_grad():
+            # every factor from the original weights first, then all of them applied
+            factors = [(g, self._factor(model, g, stats)) for g in groups]
+            for group, factor in factors:
+                if group.fold_into is not None or self.config.unfoldable == "scale":
+                    _apply(model, group, factor)
         for target in targets:
             name = target
             if isinstance(model.get_submodule(name), ScaledInput):
@@ -270,31 +309,18 @@ class SmoothQuantMethod(QuantMethod):
             forward_loop(model)
         return model
 
-    def _smooth(
+    def _factor(
         self, model: torch.nn.Module, group: _Group, stats: dict[str, torch.Tensor]
-    ) -> None:
-        if group.fold_into is None and self.config.unfoldable == "skip":
-            return
+    ) -> torch.Tensor:
+        """``s_j = a_j**alpha / w_j**(1 - alpha)`` over the group's shared input channels."""
         linears = [_linear(model, n) for n in group.linears]
         act = torch.stack([stats[n] for n in group.linears]).amax(dim=0)
         wmax = torch.stack([m.weight.detach().abs().amax(dim=0) for m in linears]).amax(dim=0)
         alpha = self.config.alpha
         s = act.clamp(min=1e-8).pow(alpha) / wmax.clamp(min=1e-8).pow(1 - alpha)
-        s = torch.where((act > 0) & (wmax > 0), s.clamp(min=1e-5, max=1e5), torch.ones_like(s))
-        for m in linears:
-            m.weight.mul_(s.to(m.weight.dtype))
-        if group.fold_into is None:
-            for name in group.linears:
-                inner = model.get_submodule(name)
-                model.set_submodule(name, ScaledInput(1.0 / s, inner))
-            return
-        kind, name = group.fold_into
-        source = model.get_submodule(name)
-        weight, bias = source.weight, source.bias
-        assert isinstance(weight, torch.Tensor)  # a LayerNorm or Linear, checked when grouped
-        weight.div_(s if kind == "layernorm" else s[:, None])
-        if isinstance(bias, torch.Tensor):
-            bias.div_(s)
+        return torch.where(
+            (act > 0) & (wmax > 0), s.clamp(min=1e-5, max=1e5), torch.ones_like(s)
+        ).float()
 
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
         observed = [(n, m) for n, m in model.named_modules() if isinstance(m, ObservedLinear)]

@@ -12,9 +12,11 @@ and returns the logits and the keys and values of the new tokens, which the call
 into the cache. Every shape in ``step`` is static, so it exports to ONNX with the cache as
 an ordinary input and onnxruntime decodes with a KV cache too.
 
-Presets: ``gpt_tiny`` (tests: trains in seconds), ``gpt_small`` (the LLM experiment: a
-couple of minutes on 2 cores) and ``gpt2_small_shape`` (GPT-2 small's 12 layers, 12 heads,
-width 768, context 1024 and 50,257-token vocabulary: for speed, too big to train here).
+Presets: ``gpt_tiny`` (tests: trains in seconds), ``gpt_small`` (the LLM experiment: about
+two minutes on 2 cores to a byte perplexity near 6 on the shipped corpus; at this budget two
+layers learn far faster than four, which sit for hundreds of steps at the unigram plateau)
+and ``gpt2_small_shape`` (GPT-2 small's 12 layers, 12 heads, width 768, context 1024 and
+50,257-token vocabulary: for speed, too big to train here).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class GPTConfig:
 
 PRESETS: dict[str, GPTConfig] = {
     "gpt_tiny": GPTConfig(context=64, layers=2, heads=2, width=64),
-    "gpt_small": GPTConfig(context=128, layers=4, heads=4, width=128),
+    "gpt_small": GPTConfig(context=128, layers=2, heads=4, width=128),
     "gpt2_small_shape": GPTConfig(vocab_size=50257, context=1024, layers=12, heads=12, width=768),
 }
 
@@ -226,7 +228,7 @@ def build_gpt_tiny(**options: object) -> tuple[nn.Module, tuple[torch.Tensor, ..
 
 
 def build_gpt_small(**options: object) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """Registered as ``gpt_small``: 4 layers, 4 heads, width 128, context 128."""
+    """Registered as ``gpt_small``: 2 layers, 4 heads, width 128, context 128."""
     return build_gpt("gpt_small", **options)
 
 

@@ -129,8 +129,9 @@ def build_hf_causal_lm(
     from transformers.utils import logging as hf_logging
 
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # config notes about token ids are not ours to print
+    hf_logging.disable_progress_bar()  # nor a progress bar per checkpoint load
     try:
         if hf is not None:
             if not Path(hf).is_dir():
@@ -149,6 +150,8 @@ def build_hf_causal_lm(
             model = AutoModelForCausalLM.from_config(config, **extra)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     conv1d_to_linear(model)
     wrapped = HfCausalLM(model.float().eval())
     length = seq_len or min(wrapped.context, DEFAULT_MAX_SEQ_LEN)
