@@ -33,6 +33,7 @@ from qatbench.measure import generation as gen
 from qatbench.measure import size
 from qatbench.measure.timing import TimingSettings, time_paired
 from qatbench.methods.base import QuantMethod
+from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
 from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.spec import TrialSpec, resolve_model_factory
@@ -167,6 +168,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
             candidate = _checked(method.train(candidate, loop_t), method, "train")
     with step("convert"):
         candidate = _checked(method.convert(candidate), method, "convert").eval()
+        state.details.update(kernel_summary(candidate))
+        state.details["simulated"] = method.simulated
 
     onnx_path = out_dir / "model.onnx"
     session = None

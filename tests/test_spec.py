@@ -22,7 +22,7 @@ INVALID = Path(__file__).resolve().parent / "data" / "invalid"
 INVALID_CASES: dict[str, list[str]] = {
     "misspelt_key.yaml": ["runtims", "unknown key", "runtimes"],
     "unknown_method.yaml": ["methods[1].name", "'gptq_xyz'", "known methods: fp32, ptq"],
-    "unsupported_bits.yaml": ["methods[0].bits[0]", "'w2a8'", "allowed: w4a8, w8a8"],
+    "unsupported_bits.yaml": ["methods[0].bits[0]", "'w4'", "allowed: w2a4,"],
     "unknown_runtime.yaml": ["runtimes[1]", "'tensorrt'", "'torch'", "'onnxruntime'"],
     "yaml_syntax.yaml": ["invalid YAML", "line 4"],
     "empty.yaml": ["empty", "name, models, methods"],

@@ -26,6 +26,8 @@ def onnx_weight_bytes(path: Path) -> int:
     model = onnx.load(str(path))
     total = 0
     for init in model.graph.initializer:
-        array = onnx.numpy_helper.to_array(init)
-        total += array.nbytes
+        if init.raw_data:  # as stored: sub-byte integers stay packed
+            total += len(init.raw_data)
+        else:
+            total += onnx.numpy_helper.to_array(init).nbytes
     return total

@@ -118,6 +118,9 @@ class QuantMethod:
     name: ClassVar[str]
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     capabilities: ClassVar[Capabilities] = Capabilities()
+    # True when the converted model only simulates quantization (fp32 storage and compute);
+    # recorded with every trial so the report can say so.
+    simulated: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, bits: BitWidth = FP32) -> None:
         self.config: Any = config if config is not None else self.Config()

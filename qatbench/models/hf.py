@@ -22,6 +22,7 @@ the trial fails in its build phase with a message saying so.
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +74,14 @@ class HfCausalLM(nn.Module):
     def cached_forward(self, input_ids: torch.Tensor, past: Any = None) -> tuple[torch.Tensor, Any]:
         """Logits of ``input_ids`` following the tokens held in ``past`` (the model's
         cache object; None to start), and the cache grown by them."""
-        out = self.model(input_ids=input_ids, past_key_values=past, use_cache=True)
-        return out.logits, out.past_key_values
+        out = self.model(input_ids=input_ids, use_cache=True, **{self._cache_keyword(): past})
+        grown = getattr(out, "cache", None)
+        return out.logits, grown if grown is not None else out.past_key_values
+
+    def _cache_keyword(self) -> str:
+        """``cache`` since transformers 5.x renamed it, else ``past_key_values``."""
+        params = inspect.signature(self.model.forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
 
     @staticmethod
     def copy_cache(past: Any) -> Any:

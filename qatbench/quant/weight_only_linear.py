@@ -21,16 +21,22 @@ Torch execution picks the kernel once, at construction (``torch_kernel``):
 Both kernels take bfloat16 activations (their fp32-activation variants run scalar code:
 4 to 35 times slower than an fp32 Linear on an AVX2 machine), so inputs are cast to
 bf16 and outputs back to fp32; that rounding (about 2^-9 relative) is part of what the
-method measures. Measured on a 2-core AVX2 EPYC, one thread, a 4096x4096 Linear: fp32
-9.8 ms at batch 1 and 67 ms at batch 64; int8pack_mm 3.2 ms and 113 ms; int4pack_mm
-(group 128) 2.7 ms and 88 ms. The kernels win at small batches, where the weight bytes
-read dominate, and lose to fp32 at batch 64 on a CPU without native bf16 arithmetic.
+method measures. Speed against an fp32 ``nn.Linear``, paired rounds, one thread, a 2-core
+AVX2 EPYC without VNNI: a 4096x4096 Linear runs 2.0x (int8pack_mm) and 2.7x (int4pack_mm,
+group 128) faster at batch 1, but 0.84x and 0.6x (slower) at batch 64, where a CPU
+without native bf16 arithmetic loses to fp32 GEMM; the 784-512-256-128-10 MLP runs 0.65x
+to 0.8x at batch 1 (its weights fit in cache, so the per-call casts dominate) and about
+0.5x at batch 64. The ``dequantize`` path runs 0.02x to 0.16x. onnxruntime's MatMulNBits
+(see the ONNX form below) beats both: 4x to 8x at batch 1, 1.2x to 1.7x at batch 64 on
+the 4096 Linear.
 
 The kernels' operands are non-persistent buffers: counted as resident weights, not saved
 (the int4 layout is a second copy of the weights in memory, half a byte per weight; 8-bit
-symmetric weights are used in place). ONNX export emits a placeholder node that :mod:`qatbench.quant.weight_only_onnx`
-lowers to ``DequantizeLinear`` (int4/uint4/int2/uint2/int8/uint8 initializers, blocked
-by ``group_size``) + ``MatMul``, which onnxruntime fuses into ``MatMulNBits``.
+symmetric weights are used in place). An optional per-feature ``input_scale`` (AWQ's
+``1 / s``) multiplies the input first. ONNX export emits a placeholder node that
+:mod:`qatbench.quant.weight_only_onnx` lowers to ``DequantizeLinear`` (int4/uint4/int2/
+uint2/int8/uint8 initializers, blocked by ``group_size``) + ``MatMul``, which onnxruntime
+fuses into ``MatMulNBits``.
 """
 
 from __future__ import annotations
