@@ -174,28 +174,61 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     onnx_path = out_dir / "model.onnx"
     session = None
     with step("export"):
-        try:
-            method.export(candidate, example, onnx_path)
-            check_onnx(onnx_path)
-            session = ortrt.make_session(onnx_path, threads)
-            state.artifacts["onnx"] = str(onnx_path)
-            state.metrics["onnx_export_ok"] = 1.0
-            state.metrics["onnx_size_bytes"] = float(onnx_path.stat().st_size)
-            integer, floating = ortrt.kernel_counts(onnx_path, threads)
-            state.metrics["int_op_fraction"] = integer / max(integer + floating, 1)
-        except Exception as exc:
-            if trial.runtime == "onnxruntime":
-                raise
-            state.metrics["onnx_export_ok"] = 0.0
-            state.warnings.append(f"ONNX export failed: {_one_line(exc)}")
+        if "onnxruntime" in caps.runtimes:
+            session = _export(trial, method, candidate, example, onnx_path, state)
+        else:
+            state.warnings.append(f"{method.name} runs in torch only: no ONNX export")
 
     with step("measure"):
-        _measure(trial, out_dir, state, fp32, candidate, session, data, reference_out, example)
+        # Methods that rewrite what a layer receives (smoothing folded into the previous
+        # layer) have no like-for-like per-layer comparison.
+        per_layer = trial.measure.per_layer and not getattr(method, "changes_layer_inputs", False)
+        _measure(
+            trial,
+            out_dir,
+            state,
+            fp32,
+            candidate,
+            session,
+            data,
+            reference_out,
+            example,
+            per_layer=per_layer,
+            torch_runs=trial.runtime == "torch" or "torch" in caps.runtimes,
+        )
         if data.task == "language_modelling" and trial.measure.generation.enabled:
             _generation(trial, out_dir, state, fp32, candidate, session, data, method)
     state.metrics["peak_rss_bytes"] = float(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
+
+
+def _export(
+    trial: TrialSpec,
+    method: QuantMethod,
+    candidate: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    onnx_path: Path,
+    state: _State,
+) -> Any:
+    """Export, check and open the ONNX graph; a failure fails only onnxruntime trials."""
+    threads = trial.measure.threads
+    try:
+        method.export(candidate, example, onnx_path)
+        check_onnx(onnx_path)
+        session = ortrt.make_session(onnx_path, threads)
+    except Exception as exc:
+        if trial.runtime == "onnxruntime":
+            raise
+        state.metrics["onnx_export_ok"] = 0.0
+        state.warnings.append(f"ONNX export failed: {_one_line(exc)}")
+        return None
+    state.artifacts["onnx"] = str(onnx_path)
+    state.metrics["onnx_export_ok"] = 1.0
+    state.metrics["onnx_size_bytes"] = float(onnx_path.stat().st_size)
+    integer, floating = ortrt.kernel_counts(onnx_path, threads)
+    state.metrics["int_op_fraction"] = integer / max(integer + floating, 1)
+    return session
 
 
 def _build(trial: TrialSpec) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -233,6 +266,9 @@ def _measure(
     data: TaskData,
     reference_out: torch.Tensor,
     example: tuple[torch.Tensor, ...],
+    *,
+    per_layer: bool,
+    torch_runs: bool,
 ) -> None:
     m = state.metrics
     if trial.runtime == "onnxruntime":
@@ -257,14 +293,14 @@ def _measure(
 
     outputs = _predict(run, data.eval_x, trial.data.batch_size)
     m.update(err.output_error(reference_out, outputs))
-    if session is not None:
+    if session is not None and torch_runs:  # ort-only methods: no torch model to agree with
         torch_out = _predict(candidate, data.eval_x, trial.data.batch_size)
         ort_out = _predict(ortrt.as_callable(session), data.eval_x, trial.data.batch_size)
         m["onnx_parity_max_abs"] = float((torch_out - ort_out).abs().max())
     if data.eval_y is not None:  # accuracy, or perplexity and next-token accuracy
         m.update(task_for(data).quality(outputs, reference_out, data.eval_y))
 
-    if trial.measure.per_layer:
+    if per_layer:
         layers = err.layer_errors(fp32, candidate, data.calib_x[: trial.data.batch_size])
         if layers:
             state.details["per_layer"] = layers[:TOP_LAYERS]

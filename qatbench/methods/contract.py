@@ -74,10 +74,15 @@ def check_method(method_cls: type[QuantMethod], bits: str | None = None) -> None
             f"bits {bits!r} is not among capabilities.allowed_bits() {labels}",
         )
         labels = [bits]
-    with torch.random.fork_rng(devices=[]):
-        for label in labels:
-            torch.manual_seed(_SEED)
-            _check_lifecycle(method_cls, label)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as trials run by default; 2 threads on a busy 2-core box crawl
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for label in labels:
+                torch.manual_seed(_SEED)
+                _check_lifecycle(method_cls, label)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _fail(method_cls: Any, message: str, bits: str | None = None) -> AssertionError:
