@@ -82,12 +82,7 @@ def pretrained(
         return model, True
     steps = epochs * -(-len(data.train_x) // batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(threads, len(os.sched_getaffinity(0))))  # untimed: every core
-    try:
-        train_loop(data, batch_size, seed)(model, optimizer, steps)
-    finally:
-        torch.set_num_threads(threads)
+    train_loop(data, batch_size, seed)(model, optimizer, steps)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(model.state_dict(), tmp)
