@@ -71,6 +71,11 @@ def test_sequence_length_defaults_to_the_context_and_may_not_exceed_it() -> None
         load_text(65, 4, 4, CONTEXT, seed=0)
 
 
+def test_a_model_that_takes_no_token_ids_is_refused() -> None:
+    with pytest.raises(ConfigError, match="token ids"):
+        load_text(None, 4, 4, torch.zeros(1, 28, 28), seed=0)
+
+
 def test_text_is_a_dataset_of_the_spec() -> None:
     spec = DataSpec(dataset="text", seq_len=16, calibration_samples=4, eval_samples=8)
     data = load_data(spec, CONTEXT, seed=0)

@@ -128,6 +128,11 @@ def load_text(
     tokenizer: str = BYTES,
 ) -> TaskData:
     """Splits of ``seq_len``-token sequences (default: the model's example length)."""
+    if example.dtype.is_floating_point or example.dim() != 2:
+        raise ConfigError(
+            "data.dataset: 'text' needs a language model whose example input is token ids "
+            f"[batch, time]; this model's is {example.dtype} {list(example.shape)}"
+        )
     context = int(example.shape[-1])
     seq_len = seq_len or context
     if seq_len > context:

@@ -7,7 +7,8 @@ batch 1. How a model decodes is chosen from what it offers (duck-typed, nothing 
   cache. In torch the model's ``step`` runs eagerly; on onnxruntime two graphs are exported
   through the method's own ``export`` (a prefill graph over the prompt and a one-token
   decode graph, both taking the cache as an input and returning the new keys and values),
-  so the quantized layers run the same kernels as in the trial's main graph.
+  so the quantized layers run the same kernels as in the trial's main graph. The two files
+  are deleted once their sessions are open; they are not artifacts of the trial.
 - ``cached_forward(ids, past)`` (Hugging Face models): the model's own KV cache, torch only.
 - anything else, and onnxruntime where no decode graph can be had: *full-sequence
   recompute*, one forward over a window of the evaluation length per new token, with no
@@ -25,6 +26,7 @@ before the first difference; not for recompute, whose window is not the prompt).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +234,8 @@ def ort_decoder(
         except Exception as exc:  # measured honestly without the cache instead
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             notes.append(f"no KV-cache decode graph ({reason}); decode measured by recompute")
+        finally:  # measurement aids, not artifacts: the open sessions keep what they need
+            shutil.rmtree(out_dir, ignore_errors=True)
     return RecomputeDecoder(main, window, n)
 
 

@@ -90,13 +90,14 @@ class HfCausalLM(nn.Module):
     @staticmethod
     def cache_bytes(past: Any) -> int:
         """Bytes of the key and value tensors held in a cache object."""
-        total = 0
-        for layer in getattr(past, "layers", None) or []:
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
-        return total
+        tensors = [
+            getattr(layer, n, None)
+            for layer in getattr(past, "layers", None) or []
+            for n in ("keys", "values")
+        ]
+        # transformers 4.x caches keep lists instead of layer objects
+        tensors += [*getattr(past, "key_cache", []), *getattr(past, "value_cache", [])]
+        return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def conv1d_to_linear(model: nn.Module) -> int:
