@@ -347,20 +347,30 @@ def _checked_sweep(sweep: str) -> str:
     return sweep
 
 
+def _store_client(uri: str) -> MlflowClient:
+    """A client on an existing store: never creates an empty SQLite database."""
+    _check_reachable(uri)
+    db = _sqlite_file(uri)
+    if db is not None and not db.is_file():
+        raise TrackingError(f"tracking uri {uri}: no such store ({db} does not exist)")
+    return MlflowClient(tracking_uri=uri)
+
+
+def _existing_experiment(client: MlflowClient, uri: str, experiment: str) -> Any:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise TrackingError(f"tracking uri {uri}: no experiment named {experiment!r}")
+    return found
+
+
 def search_trials(uri: str, experiment: str) -> list[dict[str, Any]]:
     """Every active run of ``experiment`` as plain data, newest first.
 
     Each item holds ``run_id``, ``run_name``, ``status``, ``metrics``, ``params`` and ``tags``.
     """
-    _check_reachable(uri)
-    db = _sqlite_file(uri)
-    if db is not None and not db.is_file():
-        raise TrackingError(f"tracking uri {uri}: no such store ({db} does not exist)")
-    client = MlflowClient(tracking_uri=uri)
+    client = _store_client(uri)
     try:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise TrackingError(f"tracking uri {uri}: no experiment named {experiment!r}")
+        found = _existing_experiment(client, uri, experiment)
         return [_run_dict(run) for run in _all_runs(client, str(found.experiment_id))]
     except MlflowException as exc:
         raise TrackingError(f"tracking uri {uri}: {_one_line(exc)}") from exc
@@ -467,15 +477,9 @@ def fetch_trial_runs(
     ``trial.json`` parsed (a :class:`~qatbench.results.TrialResult` dict) when
     ``with_results``, else None; None too when that artifact is missing or unreadable.
     """
-    _check_reachable(uri)
-    db = _sqlite_file(uri)
-    if db is not None and not db.is_file():
-        raise TrackingError(f"tracking uri {uri}: no such store ({db} does not exist)")
-    client = MlflowClient(tracking_uri=uri)
+    client = _store_client(uri)
     try:
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            raise TrackingError(f"tracking uri {uri}: no experiment named {experiment!r}")
+        found = _existing_experiment(client, uri, experiment)
         runs = [r for r in _all_runs(client, str(found.experiment_id)) if _is_trial(r)]
         runs.sort(key=lambda r: (r.info.start_time or 0, r.info.run_id))
         with _no_progress_bars(), tempfile.TemporaryDirectory(prefix="qatbench-trials-") as tmp:
