@@ -17,8 +17,10 @@ import pytest
 
 from qatbench.errors import ConfigError
 from qatbench.report.compare import (
+    DEFAULT_METRICS,
     CompareResult,
     MetricChange,
+    better_direction,
     compare,
     is_timing,
     parse_gate,
@@ -239,6 +241,45 @@ def test_quality_gates_are_direction_aware(run_a: RunRecord) -> None:
         b = replace(run_a, trials=(replace(trial, metrics=metrics), *run_a.trials[1:]))
         result = compare(run_a, b, gates)
         assert {c.metric for c in result.trials[0].changes if c.verdict == "breach"} == expected
+
+
+@pytest.mark.parametrize(
+    ("metric", "direction"),
+    [
+        ("perplexity", -1),
+        ("perplexity_delta_vs_fp32", -1),
+        ("bits_per_token", -1),
+        ("next_token_accuracy", 1),
+        ("next_token_accuracy_delta_vs_fp32", 1),
+        ("prefill_latency_p50_ms", -1),
+        ("decode_latency_p50_ms_per_token", -1),
+        ("prefill_tokens_per_s", 1),
+        ("decode_tokens_per_s", 1),
+        ("decode_speedup_vs_fp32", 1),
+        ("kv_cache_bytes", -1),
+        ("weights_plus_kv_cache_bytes", -1),
+        ("greedy_prefix_match_fraction", 1),
+        ("onnx_parity_ok", 1),
+        ("onnx_parity_max_abs", -1),
+        ("latency_cv_b1", 0),
+    ],
+)
+def test_language_model_metrics_have_a_direction(metric: str, direction: int) -> None:
+    assert better_direction(metric) == direction
+
+
+def test_language_model_gates_breach_on_a_worse_model(run_a: RunRecord) -> None:
+    trial = _finished(run_a)
+    lm = {"perplexity": 6.80, "next_token_accuracy": 47.8, "decode_tokens_per_s": 900.0}
+    a = replace(run_a, trials=(replace(trial, metrics={**trial.metrics, **lm}),))
+    worse = {"perplexity": 7.10, "next_token_accuracy": 46.9, "decode_tokens_per_s": 600.0}
+    b = replace(run_a, trials=(replace(trial, metrics={**trial.metrics, **worse}),))
+    gates = parse_gates(["perplexity:+2%", "next_token_accuracy:-0.5", "decode_tokens_per_s:-10%"])
+    result = compare(a, b, gates)
+    assert {c.metric for c in result.trials[0].changes if c.verdict == "breach"} == set(lm)
+    assert compare(b, a, gates).breaches == []  # the better direction never breaches
+    shown = {c.metric for c in compare(a, b, []).trials[0].changes}
+    assert set(lm) <= shown and set(lm) <= set(DEFAULT_METRICS)
 
 
 def test_unpaired_and_newly_failed_trials(run_a: RunRecord, same: RunRecord) -> None:

@@ -13,7 +13,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from urllib.parse import quote, urlparse
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from qatbench.report.distributions import Styling, latency_chart, layer_views, sample_batches
+from qatbench.report.flags import parity_flag, trial_flags
 from qatbench.report.svg import Scale, linear_domain, log_domain
 from qatbench.results import RunRecord, TrialResult, write_text_atomic
 
@@ -61,7 +62,13 @@ _TAIL_COLUMNS = (
     ("sqnr_db", "SQNR dB", "db"),
     ("cosine", "cosine", "cos"),
     ("accuracy", "accuracy", "acc"),
+    # language models (text data): quality, then generation at batch 1
     ("perplexity", "perplexity", "num"),
+    ("perplexity_delta_vs_fp32", "Δ ppl", "delta"),
+    ("next_token_accuracy", "next-token acc %", "pct_points"),
+    ("prefill_latency_p50_ms", "prefill ms", "num"),
+    ("decode_tokens_per_s", "decode tok/s", "num"),
+    ("kv_cache_bytes", "KV cache", "bytes"),
     ("onnx_size_bytes", "ONNX size", "bytes"),
     ("onnx_parity_max_abs", "ONNX parity", "sci"),
     ("int_op_fraction", "int ops", "pct"),
@@ -92,7 +99,11 @@ FORMATS: dict[str, Callable[[float], str]] = {
     "cos": lambda v: f"{v:.5f}",
     "acc": lambda v: f"{v:.4f}",
     "pct": lambda v: f"{v:.0%}",
+    "pct_points": lambda v: f"{v:.2f}",  # already in percent
+    "delta": lambda v: f"{v:+.4f}",
 }
+# Cells whose second line is the change against the fp32 baseline.
+_DELTA_NOTES = frozenset({"size_bytes", "accuracy", "next_token_accuracy"})  # ppl: own column
 
 
 def _metric(trial: TrialResult, name: str) -> float | None:
@@ -206,17 +217,18 @@ def _cell(
     """One table cell: display text, sortable value (empty when missing) and a note line."""
     metric = column["metric"]
     raw = trial.metrics.get(metric)
+    flag = "bad" if metric == "onnx_parity_max_abs" and parity_flag(trial) else ""
     if raw is None:
-        return {"text": "—", "value": "", "note": ""}
+        return {"text": "—", "value": "", "note": "", "flag": ""}
     if not math.isfinite(raw):
-        return {"text": str(raw), "value": "", "note": ""}
+        return {"text": str(raw), "value": "", "note": "", "flag": flag}
     if metric.startswith("speedup_vs_fp32_b"):
         note = _ci_note(trial, metric)
-    elif metric in ("size_bytes", "accuracy", "perplexity"):
+    elif metric in _DELTA_NOTES:
         note = _delta_note(trial, metric, baseline)
     else:
-        note = ""
-    return {"text": FORMATS[column["kind"]](raw), "value": repr(raw), "note": note}
+        note = "mismatch" if flag else ""
+    return {"text": FORMATS[column["kind"]](raw), "value": repr(raw), "note": note, "flag": flag}
 
 
 def run_link(tracking: dict[str, Any], run_id: str | None) -> str:
@@ -371,8 +383,18 @@ def _row(
         "run_link": run_link(page.tracking, trial.mlflow_run_id),
         "baseline": baseline is not None and trial.id == baseline.id,
         "fronts": [key for key, ids in fronts.items() if trial.id in ids],
+        "flags": [asdict(f) for f in trial_flags(trial)],
         "cells": [_cell(trial, c, baseline) for c in columns],
     }
+
+
+def _flag_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per flag key, the trial ids that carry it (the warning line above a model's table)."""
+    found: dict[str, list[str]] = {}
+    for row in rows:
+        for flag in row["flags"]:
+            found.setdefault(flag["key"], []).append(row["id"])
+    return [{"key": key, "ids": ids} for key, ids in found.items()]
 
 
 def _model_view(name: str, trials: list[TrialResult], index: int, page: _Page) -> dict[str, Any]:
@@ -384,6 +406,7 @@ def _model_view(name: str, trials: list[TrialResult], index: int, page: _Page) -
         for key, metric in (("size", "compression_ratio"), ("speed", "speedup_vs_fp32_b1"))
     }
     legend = sorted({(method_label(t), page.colors[(t.method, t.bits)]) for t in trials})
+    rows = [_row(t, columns, baseline, fronts, page) for t in trials]
     return {
         "name": name,
         "section_id": f"model-{index}",
@@ -415,7 +438,8 @@ def _model_view(name: str, trials: list[TrialResult], index: int, page: _Page) -
             if any(t.runtime == r for t in trials)
         ],
         "columns": columns,
-        "rows": [_row(t, columns, baseline, fronts, page) for t in trials],
+        "rows": rows,
+        "flagged": _flag_summary(rows),
         "latency": [latency_chart(trials, n, page.styling()) for n in sample_batches(trials)],
         "layers": layer_views(trials, page.styling()),
     }

@@ -1,0 +1,82 @@
+"""Warnings a report row carries, computed from one trial: plain data for the templates.
+
+- ``simulated``: the method quantizes in simulation only, so nobody mistakes its numbers for
+  integer inference. Either the trial says so (``details["simulated"]`` true: fake-quant
+  methods that claim no integer kernels), or its bits are integer (8 or fewer weight bits)
+  while its exported graph runs no integer kernel (``int_op_fraction`` 0).
+- ``parity``: onnxruntime disagrees with the torch model beyond the export check's
+  tolerance (``onnx_parity_ok`` 0); the ONNX parity cell is marked too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qatbench.bitwidth import BitWidth
+from qatbench.results import TrialResult
+
+INTEGER_MAX_BITS = 8  # wider "bits" (w16a16 casts, fp32) are floating point by design
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One badge: a stable ``key`` (CSS class, tests), its short ``text`` and a ``title``."""
+
+    key: str
+    text: str
+    title: str
+
+
+def integer_bits(bits: str) -> bool:
+    """Whether a bit-width label names integer weights (``w8a8``, ``w4``; not ``fp32``)."""
+    try:
+        return BitWidth.parse(bits).weight <= INTEGER_MAX_BITS
+    except ValueError:
+        return False
+
+
+def _finite(trial: TrialResult, name: str) -> float | None:
+    value = trial.metrics.get(name)
+    return value if value is not None and math.isfinite(value) else None
+
+
+def simulated_flag(trial: TrialResult) -> Flag | None:
+    """The ``simulated`` badge of a finished trial, with why, or None."""
+    if not trial.ok:
+        return None
+    if trial.details.get("simulated") is True:
+        return Flag(
+            "simulated",
+            "simulated",
+            f"{trial.method} quantizes in simulation (fake-quant): floating-point kernels, "
+            "so its speed and size are not those of integer inference",
+        )
+    fraction = _finite(trial, "int_op_fraction")
+    if fraction == 0.0 and integer_bits(trial.bits):
+        return Flag(
+            "simulated",
+            "simulated",
+            f"{trial.bits} claims integer weights, but int_op_fraction is 0: no node of the "
+            "exported graph runs an integer kernel",
+        )
+    return None
+
+
+def parity_flag(trial: TrialResult) -> Flag | None:
+    """The ONNX parity mismatch badge (``onnx_parity_ok`` 0), naming the difference."""
+    if not trial.ok or _finite(trial, "onnx_parity_ok") != 0.0:
+        return None
+    worst = _finite(trial, "onnx_parity_max_abs")
+    shown = f"max |torch - onnxruntime| = {worst:.3g}" if worst is not None else "see the trial"
+    return Flag(
+        "parity",
+        "ONNX parity \u2717",  # ballot x
+        f"onnxruntime's outputs disagree with the torch model ({shown}): the ONNX graph does "
+        "not compute what the torch numbers describe",
+    )
+
+
+def trial_flags(trial: TrialResult) -> list[Flag]:
+    """Every flag of ``trial``, in a fixed order."""
+    return [f for f in (parity_flag(trial), simulated_flag(trial)) if f is not None]
