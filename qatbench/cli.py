@@ -1,4 +1,4 @@
-"""The thin command line: ``run``, ``validate``, ``list``, ``report``.
+"""The thin command line: ``run``, ``validate``, ``list``, ``report``, ``merge``, ...
 
 User errors (:class:`QatbenchError`) are caught once, in :func:`main`, and printed as one
 line without a traceback. Exit codes: 0 all ran and every expectation held; 1 a trial
@@ -7,10 +7,12 @@ failed or an expectation was breached; 2 the command line or an experiment file 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -23,8 +25,11 @@ from qatbench import registry
 from qatbench.errors import ConfigError, QatbenchError
 
 if TYPE_CHECKING:
+    from qatbench.executor import Executor
     from qatbench.report.compare import CompareResult, Gate
     from qatbench.results import RunRecord
+    from qatbench.runner import RunOutcome
+    from qatbench.sweeps import Shard
 
 app = typer.Typer(
     add_completion=False,
@@ -45,6 +50,11 @@ def _expand(patterns: list[str]) -> list[Path]:
             raise ConfigError(f"{pattern}: no experiment file matches")
         paths += [Path(m) for m in matches]
     return paths
+
+
+class ExecutorKind(StrEnum):
+    local = "local"
+    ray = "ray"
 
 
 @app.command()
@@ -80,51 +90,119 @@ def run(
         list[str] | None,
         typer.Option("--gate", "-g", help="gate for --baseline, as for qatbench compare"),
     ] = None,
+    executor: Annotated[
+        ExecutorKind,
+        typer.Option(
+            help="where trials run: local (one at a time, each in a fresh worker process) or "
+            "ray (Ray tasks on a cluster, several at once; needs the extra qatbench[ray])"
+        ),
+    ] = ExecutorKind.local,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray cluster address for --executor ray (default: RAY_ADDRESS, else a local "
+            "Ray instance)"
+        ),
+    ] = None,
+    ray_one_per_node: Annotated[
+        bool,
+        typer.Option(
+            "--ray-one-per-node",
+            help="at most one trial per node at a time (latency-critical runs); each node "
+            "must offer the custom resource qatbench_node: 1",
+        ),
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="run only shard I/N of each grid (round-robin over its trials), e.g. 1/4 in "
+            "a CI matrix job; combine the reports with qatbench merge"
+        ),
+    ] = None,
 ) -> None:
     """Run experiments: every model x method x bits x runtime trial, logged and reported."""
     from qatbench.report.compare import parse_gates
     from qatbench.runner import resume_experiment, run_experiment
+    from qatbench.sweeps import Shard
 
     gates = parse_gates(gate or [])
     if gates and baseline is None:
         raise ConfigError("--gate: needs --baseline to compare against")
-    plans = [_plan(path, output_dir, resume) for path in _expand(files)]  # validate all first
-    code = 0
-    for path, report in plans:
-        if report is None:
-            outcome = run_experiment(path, tracking_uri=tracking_uri, output_root=output_dir)
-        else:
-            outcome = resume_experiment(report, tracking_uri=tracking_uri)
-        if outcome.interrupted:
-            saved = len(outcome.record.trials)
-            total = saved + len(outcome.missing)
-            what = "interrupted" if outcome.interrupted == "SIGINT" else "terminated"
-            err.print(
-                f"{what}: {saved} of {total} trials saved in {outcome.report_json}; "
-                f"resume with: qatbench run --resume {outcome.report_json}",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(outcome.exit_code)
-        finished = sum(t.ok for t in outcome.record.trials)
-        out.print(
-            f"{outcome.record.experiment['name']}: {finished} finished, "
-            f"{len(outcome.failed)} failed"
-        )
-        for breach in outcome.breaches:
-            out.print(f"[red]expectation breached[/] {breach}")
-        out.print(f"report.json: {outcome.report_json}")
-        out.print(f"report.html: {outcome.report_html}")
-        out.print(
-            f"mlflow: {outcome.record.tracking.get('uri')} "
-            f"(experiment {outcome.record.tracking.get('experiment')}, "
-            f"sweep {outcome.record.tracking.get('sweep')})"
-        )
-        code = max(code, outcome.exit_code)
-        if baseline is not None:
-            code = max(code, _judge_against_baseline(outcome.record, baseline, gates, tracking_uri))
+    part = Shard.parse(shard) if shard is not None else None
+    with _executor(executor, ray_address, ray_one_per_node) as pool:
+        plans = [_plan(path, output_dir, resume, part) for path in _expand(files)]  # check first
+        code = 0
+        for path, report in plans:
+            if report is None:
+                outcome = run_experiment(
+                    path,
+                    tracking_uri=tracking_uri,
+                    output_root=output_dir,
+                    executor=pool,
+                    shard=part,
+                )
+            else:
+                outcome = resume_experiment(report, tracking_uri=tracking_uri, executor=pool)
+            code = max(code, _finish_run(outcome, baseline, gates, tracking_uri))
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _executor(kind: ExecutorKind, address: str | None, one_per_node: bool) -> Iterator[Executor]:
+    """The executor ``run`` hands trials to, closed (a Ray instance it started) at the end."""
+    from qatbench.executor import LocalProcessExecutor
+
+    if kind is ExecutorKind.local:
+        if address is not None or one_per_node:
+            option = "--ray-address" if address is not None else "--ray-one-per-node"
+            raise ConfigError(f"{option}: only with --executor ray")
+        yield LocalProcessExecutor()
+        return
+    from qatbench.ray_executor import RayExecutor
+
+    pool = RayExecutor(address, one_per_node=one_per_node)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def _finish_run(
+    outcome: RunOutcome, baseline: str | None, gates: list[Gate], tracking_uri: str | None
+) -> int:
+    """Print what one sweep did; its exit code (after the baseline comparison, if any)."""
+    if outcome.interrupted:
+        saved = len(outcome.record.trials)
+        total = saved + len(outcome.missing)
+        what = "interrupted" if outcome.interrupted == "SIGINT" else "terminated"
+        err.print(
+            f"{what}: {saved} of {total} trials saved in {outcome.report_json}; "
+            f"resume with: qatbench run --resume {outcome.report_json}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(outcome.exit_code)
+    finished = sum(t.ok for t in outcome.record.trials)
+    shard = outcome.record.experiment.get("shard")
+    out.print(
+        f"{outcome.record.experiment['name']}"
+        f"{f' shard {shard}' if shard else ''}: {finished} finished, "
+        f"{len(outcome.failed)} failed"
+    )
+    for breach in outcome.breaches:
+        out.print(f"[red]expectation breached[/] {breach}")
+    out.print(f"report.json: {outcome.report_json}")
+    out.print(f"report.html: {outcome.report_html}")
+    out.print(
+        f"mlflow: {outcome.record.tracking.get('uri')} "
+        f"(experiment {outcome.record.tracking.get('experiment')}, "
+        f"sweep {outcome.record.tracking.get('sweep')})"
+    )
+    code = outcome.exit_code
+    if baseline is not None:
+        code = max(code, _judge_against_baseline(outcome.record, baseline, gates, tracking_uri))
+    return code
 
 
 def _judge_against_baseline(
@@ -164,7 +242,9 @@ def _print_comparison(result: CompareResult) -> int:
     return 0 if result.ok else 1
 
 
-def _plan(path: Path, output_dir: Path, resume: bool) -> tuple[Path, Path | None]:
+def _plan(
+    path: Path, output_dir: Path, resume: bool, shard: Shard | None = None
+) -> tuple[Path, Path | None]:
     """Validate one ``run`` argument: (experiment file, report.json to resume or None)."""
     from qatbench import sweeps
     from qatbench.results import RunRecord
@@ -175,10 +255,15 @@ def _plan(path: Path, output_dir: Path, resume: bool) -> tuple[Path, Path | None
         raise ConfigError(f"{path}: a report, not an experiment file; continue it with --resume")
     if is_report:
         report = sweeps.report_path(path)
-        sweeps.stored_spec(RunRecord.load(report), report)
+        record = RunRecord.load(report)
+        sweeps.stored_spec(record, report)
+        ran = record.experiment.get("shard")
+        if shard is not None and str(shard) != ran:
+            what = f"shard {ran}" if ran else "the whole grid"
+            raise ConfigError(f"--shard {shard}: {report} is a sweep of {what}")
         return path, report
     spec = load_experiment(path)
-    return path, sweeps.find_unfinished(spec, output_dir, path) if resume else None
+    return path, sweeps.find_unfinished(spec, output_dir, path, shard) if resume else None
 
 
 @app.command()
@@ -447,6 +532,53 @@ def sync(
 
     pushed, present = sync_report(report, tracking_uri=tracking_uri, console=out)
     out.print(f"{report}: {pushed} trials pushed, {present} already in MLflow")
+
+
+@app.command()
+def merge(
+    reports: Annotated[
+        list[Path], typer.Argument(help="report.json files (or run folders) of the shards")
+    ],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="folder for the merged report.json and .html")
+    ],
+) -> None:
+    """Merge the reports of a sharded sweep (run --shard I/N) into one report.json + .html."""
+    from qatbench import sweeps
+    from qatbench.report.html import write_html
+    from qatbench.report.merge import load_and_merge
+
+    record = load_and_merge([sweeps.report_path(p) for p in reports])
+    output.mkdir(parents=True, exist_ok=True)
+    record.save(output / "report.json")
+    write_html(record, output / "report.html")
+    failed = sum(not t.ok for t in record.trials)
+    out.print(
+        f"{record.experiment['name']}: {len(record.trials)} trials merged from "
+        f"{len(reports)} reports ({failed} failed)"
+    )
+    missing = _missing_from_grid(record)
+    if missing:
+        err.print(
+            f"warning: {len(missing)} trial(s) of the grid are in no report: {', '.join(missing)}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+    out.print(f"report.json: {output / 'report.json'}")
+    out.print(f"report.html: {output / 'report.html'}")
+
+
+def _missing_from_grid(record: RunRecord) -> list[str]:
+    """Trial ids of the report's experiment grid that it lacks (none if it has no spec)."""
+    from qatbench.spec import validate_experiment
+
+    spec = record.experiment.get("spec")
+    if not isinstance(spec, dict):
+        return []
+    have = {t.id for t in record.trials}
+    grid = validate_experiment(spec, source="experiment.spec").expand()
+    return [t.id for t in grid if t.id not in have]
 
 
 def _show_warning(

@@ -5,6 +5,11 @@ a fraction of a second with a clean heap. The worker reports the phase it enters
 its result over a pipe; a worker that dies (segfault, abort, out-of-memory kill) or
 overruns its timeout becomes a failed result naming the phase it was in.
 
+:func:`results_as_completed` drives a batch of trials through any executor: one that can
+run several at once (:class:`ConcurrentExecutor`, e.g. the Ray executor) hands results back
+as they finish; any other runs them one at a time, as the local executor must (latency
+measurements need a quiet machine).
+
 Each worker leads a process group of its own, so a Ctrl-C at the terminal reaches only the
 parent, which then kills the whole group (the worker and anything it started). A worker
 also holds the read end of a "lifeline" pipe whose write end only the parent has: when the
@@ -20,10 +25,11 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from qatbench.results import TrialFailure, TrialResult
 from qatbench.spec import TrialSpec
@@ -68,7 +74,7 @@ class WorkerContext:
         from qatbench import registry
 
         sys.path[:] = list(self.sys_path)
-        if self.cwd:
+        if self.cwd and os.path.isdir(self.cwd):  # another node of a cluster may lack it
             os.chdir(self.cwd)
         os.environ.update(self.env)
         registry.methods.register_from(self.methods)
@@ -82,6 +88,42 @@ class Executor(Protocol):
 
     def stop(self) -> None:
         """Kill whatever is running now (timeouts, Ctrl-C); idempotent."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One trial to run: its spec, the folder its artifacts go to and its time limit."""
+
+    trial: TrialSpec
+    out_dir: Path
+    timeout_s: float
+
+
+@runtime_checkable
+class ConcurrentExecutor(Executor, Protocol):
+    """An executor that may run several trials at once (on a cluster, say)."""
+
+    def run_many(self, jobs: list[Job]) -> Iterator[tuple[Job, TrialResult]]:
+        """Start every job and yield each with its result as it finishes, in any order.
+
+        Every job comes back exactly once, a failure as a failed result. Closing the
+        iterator early (an interruption) leaves the rest to :meth:`Executor.stop`.
+        """
+        ...
+
+
+def results_as_completed(
+    executor: Executor, jobs: Iterable[Job], started: Callable[[Job], None] | None = None
+) -> Iterator[tuple[Job, TrialResult]]:
+    """Each job with its result as it finishes: all at once on a :class:`ConcurrentExecutor`,
+    else one at a time, calling ``started`` before each."""
+    if isinstance(executor, ConcurrentExecutor):
+        yield from executor.run_many(list(jobs))
+        return
+    for job in jobs:
+        if started is not None:
+            started(job)
+        yield job, executor.run(job.trial, job.out_dir, job.timeout_s)
 
 
 def _kill_own_group() -> None:
@@ -115,15 +157,30 @@ def _worker(
     context.apply()
 
     result = run_trial(trial, Path(out_dir), report=lambda phase: conn.send(("phase", phase)))
-    conn.send(("result", result.to_dict()))
+    conn.send(("result", with_node_env(result, trial).to_dict()))
     conn.close()
 
 
-class LocalProcessExecutor:
-    """Runs trials one at a time, each in a fresh worker process."""
+def with_node_env(result: TrialResult, trial: TrialSpec) -> TrialResult:
+    """``result`` with the fingerprint of the machine that ran it as ``details["env"]``
+    (on a cluster that is not the machine that writes the report)."""
+    from qatbench.measure.env import fingerprint
 
-    def __init__(self) -> None:
+    env = fingerprint(threads=trial.measure.threads)
+    return replace(result, details={**result.details, "env": env})
+
+
+class LocalProcessExecutor:
+    """Runs trials one at a time, each in a fresh worker process.
+
+    ``context`` is what workers take from their parent (see :class:`WorkerContext`); by
+    default it is captured from this process at each trial, and the Ray executor passes
+    the driver's instead.
+    """
+
+    def __init__(self, context: WorkerContext | None = None) -> None:
         self._current: Any = None
+        self._context = context
 
     def run(self, trial: TrialSpec, out_dir: Path, timeout_s: float) -> TrialResult:
         out_dir = Path(out_dir).absolute()
@@ -134,7 +191,7 @@ class LocalProcessExecutor:
         lifeline, keep = ctx.Pipe(duplex=False)
         process = ctx.Process(
             target=_worker,
-            args=(trial, str(out_dir), child, WorkerContext.capture(), lifeline),
+            args=(trial, str(out_dir), child, self._context or WorkerContext.capture(), lifeline),
             daemon=True,
         )
         self._current = process
@@ -196,6 +253,11 @@ def _died(trial: TrialSpec, phase: str, process: Any) -> TrialResult:
 
 
 def _failed(trial: TrialSpec, phase: str, reason: str) -> TrialResult:
+    return with_node_env(failed_result(trial, phase, reason), trial)
+
+
+def failed_result(trial: TrialSpec, phase: str, reason: str) -> TrialResult:
+    """A failed result of ``trial`` that never reported one (crash, timeout, lost node)."""
     return TrialResult(
         id=trial.id,
         model=trial.model.name,

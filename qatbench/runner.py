@@ -42,7 +42,7 @@ from rich.progress import (
 
 from qatbench import sweeps
 from qatbench.errors import ConfigError, QatbenchError
-from qatbench.executor import Executor, LocalProcessExecutor
+from qatbench.executor import Executor, Job, LocalProcessExecutor, results_as_completed
 from qatbench.measure.env import fingerprint
 from qatbench.report.html import write_html
 from qatbench.results import RunRecord, TrialResult, write_text_atomic
@@ -90,16 +90,21 @@ def run_experiment(
     console: Console | None = None,
     select: Callable[[TrialSpec], bool] | None = None,
     executor: Executor | None = None,
+    shard: sweeps.Shard | None = None,
 ) -> RunOutcome:
-    """Run every trial of the experiment file at ``path`` as a new sweep; see RunOutcome."""
+    """Run every trial of the experiment file at ``path`` (of its ``shard`` of the grid, if
+    given; the report names it) as a new sweep; see RunOutcome."""
     from qatbench.tracking import Tracker  # the only module importing mlflow
 
     spec = load_experiment(path)
     tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment or spec.name)
     created = dt.datetime.now(dt.UTC)
     run_dir = sweeps.new_run_dir(output_root, spec.name, created)
+    experiment = {"name": spec.name, "source": str(path), "spec": spec.model_dump(mode="json")}
+    if shard is not None:
+        experiment["shard"] = str(shard)
     record = RunRecord(
-        experiment={"name": spec.name, "source": str(path), "spec": spec.model_dump(mode="json")},
+        experiment=experiment,
         created=created.isoformat(timespec="seconds"),
         env=fingerprint(threads=spec.measure.threads),
         tracking={
@@ -109,6 +114,7 @@ def run_experiment(
             "sweep": new_sweep_id(created),
         },
     )
+    select = _in_shard(spec, shard, select)
     sweep = _Sweep(spec, record, run_dir, tracker, console, executor, select, known_runs={})
     return sweep.run()
 
@@ -126,7 +132,8 @@ def resume_experiment(
     The experiment is the one stored in the report, so the grid and settings are those the
     sweep started with. Trials in the report are kept as they are; each missing trial is
     recovered from the sweep's MLflow runs or its ``result.json`` if it got that far, and
-    run otherwise. The MLflow store is the report's unless ``tracking_uri`` is given.
+    run otherwise. The MLflow store is the report's unless ``tracking_uri`` is given. A
+    sweep of one shard of the grid continues that shard only.
     """
     from qatbench.tracking import Tracker
 
@@ -148,8 +155,22 @@ def resume_experiment(
         },
     )
     known = tracker.sweep_runs(sweep_id)
+    shard = record.experiment.get("shard")
+    select = _in_shard(spec, sweeps.Shard.parse(str(shard)) if shard else None, select)
     sweep = _Sweep(spec, record, json_path.parent, tracker, console, executor, select, known)
     return sweep.run()
+
+
+def _in_shard(
+    spec: ExperimentSpec,
+    shard: sweeps.Shard | None,
+    select: Callable[[TrialSpec], bool] | None,
+) -> Callable[[TrialSpec], bool] | None:
+    """``select`` narrowed to the trials of ``shard`` (unchanged without a shard)."""
+    if shard is None:
+        return select
+    ids = shard.ids(spec)
+    return lambda t: t.id in ids and (select is None or select(t))
 
 
 def new_sweep_id(created: dt.datetime) -> str:
@@ -205,19 +226,22 @@ class _Sweep:
             todo = [t for t in self.trials if t.id not in done]
             try:
                 with _signals_interrupt(), self._progress(len(todo)) as advance:
-                    for trial in todo:
-                        advance(trial.id, False)
-                        result = self._obtain(trial)
-                        self.record = self.record.with_trial(result)
-                        self.record.save(self.json_path)
-                        advance(trial.id, True)
-                        if not result.ok and result.error:
-                            self.console.print(
-                                f"[red]failed[/] {escape(trial.id)}: "
-                                f"{escape(result.error.phase)}: {escape(result.error.reason)}",
-                                highlight=False,
-                                soft_wrap=True,
-                            )
+                    jobs = []
+                    for trial in todo:  # what an interrupted attempt got to, then the rest
+                        recovered = self._recover(trial)
+                        if recovered is None:
+                            jobs.append(self._job(trial))
+                        else:
+                            self._record(recovered, advance)
+
+                    def started(job: Job) -> None:
+                        advance(job.trial.id, False)
+
+                    for job, result in results_as_completed(self.executor, jobs, started):
+                        write_text_atomic(
+                            job.out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2)
+                        )
+                        self._record(result.with_run_id(self._log(result)), advance)
                     self._log_unlogged(done)
             except KeyboardInterrupt as exc:
                 interrupted = getattr(exc, "signal_name", "SIGINT")
@@ -243,9 +267,22 @@ class _Sweep:
             )
         return outcome
 
-    def _obtain(self, trial: TrialSpec) -> TrialResult:
-        """The trial's result: recovered from MLflow or result.json if it got that far
-        before an interruption, else measured now; logged to MLflow either way."""
+    def _record(self, result: TrialResult, advance: Callable[[str, bool], None]) -> None:
+        """Add a logged result to report.json, advance the bar, name a failure."""
+        self.record = self.record.with_trial(result)
+        self.record.save(self.json_path)
+        advance(result.id, True)
+        if not result.ok and result.error:
+            self.console.print(
+                f"[red]failed[/] {escape(result.id)}: "
+                f"{escape(result.error.phase)}: {escape(result.error.reason)}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    def _recover(self, trial: TrialSpec) -> TrialResult | None:
+        """The trial's result if an interrupted attempt got it: from a complete MLflow run
+        of the sweep, else from its result.json (then logged now); None if it must run."""
         runs = self.known_runs.get(trial.id)
         if runs:
             recovered = self.tracker.recover(runs)
@@ -257,14 +294,15 @@ class _Sweep:
                     soft_wrap=True,
                 )
                 return recovered
+        result = _read_result(sweeps.trial_dir(self.run_dir, trial.id) / RESULT_FILE, trial.id)
+        return None if result is None else result.with_run_id(self._log(result))
+
+    def _job(self, trial: TrialSpec) -> Job:
+        """A job for ``trial`` with a clean artifact folder."""
         out_dir = sweeps.trial_dir(self.run_dir, trial.id)
-        result = _read_result(out_dir / RESULT_FILE, trial.id)
-        if result is None:
-            if out_dir.exists():  # what an interrupted attempt left: never mixed with this one
-                shutil.rmtree(out_dir)
-            result = self.executor.run(trial, out_dir, trial.timeout_s)
-            write_text_atomic(out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2))
-        return result.with_run_id(self._log(result))
+        if out_dir.exists():  # what an interrupted attempt left: never mixed with this one
+            shutil.rmtree(out_dir)
+        return Job(trial, out_dir, trial.timeout_s)
 
     def _log_unlogged(self, skip: set[str]) -> None:
         """Log trials the record kept without a run id (an outage before a resume)."""
@@ -280,7 +318,7 @@ class _Sweep:
     def _log(self, result: TrialResult) -> str | None:
         try:
             return self.tracker.log_trial(
-                result, params=result.params, tags=self.tags, sweep=self.sweep
+                result, params=result.params, tags=_trial_tags(self.tags, result), sweep=self.sweep
             )
         except QatbenchError as exc:
             self.console.print(
@@ -355,7 +393,9 @@ def sync_report(
                 run_id = recovered.mlflow_run_id
                 console.print(f"{result.id}: already in MLflow as run {run_id}")
             else:
-                run_id = tracker.log_trial(result, params=result.params, tags=tags, sweep=sweep)
+                run_id = tracker.log_trial(
+                    result, params=result.params, tags=_trial_tags(tags, result), sweep=sweep
+                )
                 console.print(f"{result.id}: logged as run {run_id}")
             record = record.with_trial(result.with_run_id(run_id))
             record.save(json_path)
@@ -379,6 +419,13 @@ def _env_tags(env: dict[str, object]) -> dict[str, str]:
     if env.get("git_commit"):
         tags["mlflow.source.git.commit"] = str(env["git_commit"])
     return tags
+
+
+def _trial_tags(tags: dict[str, str], result: TrialResult) -> dict[str, str]:
+    """The sweep's env tags, overridden by the machine that ran the trial where it says
+    (on a cluster, the node; see :func:`qatbench.executor.with_node_env`)."""
+    node = result.details.get("env")
+    return {**tags, **_env_tags(node)} if isinstance(node, dict) else tags
 
 
 class _Stopped(KeyboardInterrupt):

@@ -2,7 +2,8 @@
 
 ``reports/<experiment>/<UTC time>/`` holds ``report.json``, ``report.html`` and
 ``trials/<trial id>/``. Every name that becomes part of a path is checked to stay inside
-the folder it belongs to, and a sweep folder is written by one process at a time.
+the folder it belongs to, and a sweep folder is written by one process at a time. A
+:class:`Shard` is a deterministic slice of an experiment's grid, for CI matrix jobs.
 """
 
 from __future__ import annotations
@@ -13,14 +14,46 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from qatbench.errors import ConfigError
 from qatbench.results import RunRecord
-from qatbench.spec import ExperimentSpec, validate_experiment
+from qatbench.spec import ExperimentSpec, TrialSpec, validate_experiment
 
 TRIAL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$"  # what spec.NAME_PATTERN builds
 LOCK_FILE = ".lock"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (1-based): the trials of ``spec.expand()`` whose position
+    is ``index - 1`` modulo ``count``, so the shards of a grid partition it, the same way on
+    every machine, and stay balanced across models and methods."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``I/N`` (``--shard 2/4``), checked: 1 <= I <= N."""
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if match:
+            index, count = int(match[1]), int(match[2])
+            if 1 <= index <= count:
+                return cls(index, count)
+        raise ConfigError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 1/2")
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def take(self, trials: list[TrialSpec]) -> list[TrialSpec]:
+        """This shard's part of ``trials`` (a whole grid, in ``expand()`` order)."""
+        return trials[self.index - 1 :: self.count]
+
+    def ids(self, spec: ExperimentSpec) -> frozenset[str]:
+        """The ids of this shard's trials of ``spec``."""
+        return frozenset(t.id for t in self.take(spec.expand()))
 
 
 def inside(base: Path, name: str, what: str) -> Path:
@@ -72,16 +105,21 @@ def stored_spec(record: RunRecord, source: Path) -> ExperimentSpec:
     return validate_experiment(data, source=f"{source} (experiment.spec)")
 
 
-def find_unfinished(spec: ExperimentSpec, output_root: Path, source: Path) -> Path:
-    """The report.json of the newest sweep of ``spec`` under ``output_root`` that lacks
-    some trial of ``spec``'s grid, checked to have run the same experiment."""
+def find_unfinished(
+    spec: ExperimentSpec, output_root: Path, source: Path, shard: Shard | None = None
+) -> Path:
+    """The report.json of the newest sweep of ``spec`` (of its ``shard``, if given) under
+    ``output_root`` that lacks some trial of its grid, checked to have run the same
+    experiment."""
     base = inside(output_root, spec.name, "experiment name")
-    grid = {t.id for t in spec.expand()}
+    grid = shard.ids(spec) if shard else {t.id for t in spec.expand()}
     for path in sorted(base.glob("*/report.json"), key=_started, reverse=True):
         try:
             record = RunRecord.load(path)
         except ConfigError:
             continue  # not a report this version reads: never resumed by guess
+        if record.experiment.get("shard") != (str(shard) if shard else None):
+            continue  # another shard's sweep (or the whole grid's)
         if grid <= {t.id for t in record.trials}:
             continue
         stored = record.experiment.get("spec")
@@ -98,9 +136,9 @@ def find_unfinished(spec: ExperimentSpec, output_root: Path, source: Path) -> Pa
                 f"(qatbench run --resume {path}) or run without --resume"
             )
         return path
+    what = f"{spec.name!r}" + (f" shard {shard}" if shard else "")
     raise ConfigError(
-        f"{source}: no unfinished sweep of {spec.name!r} under {base}; "
-        "run without --resume to start one"
+        f"{source}: no unfinished sweep of {what} under {base}; run without --resume to start one"
     )
 
 
