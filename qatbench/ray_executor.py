@@ -109,7 +109,13 @@ class RayExecutor:
         if not ray.is_initialized():
             where = self.address or "a local Ray instance"
             try:
-                ray.init(address=self.address, include_dashboard=False, logging_level="WARNING")
+                ray.init(
+                    address=self.address,
+                    include_dashboard=False,
+                    logging_level="WARNING",
+                    # a local instance of our own listens on loopback only
+                    **({} if self.address else {"_node_ip_address": "127.0.0.1"}),
+                )
             except (ConnectionError, RuntimeError, ValueError) as exc:
                 raise ConfigError(
                     f"--ray-address {where}: cannot connect: {_one_line(exc)}"
