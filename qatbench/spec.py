@@ -35,7 +35,7 @@ class _Strict(BaseModel):
 
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
-Runtime = Literal["torch", "onnxruntime"]
+Runtime = Literal["torch", "torch_compile", "onnxruntime"]
 
 
 def _default_runtimes() -> list[Runtime]:

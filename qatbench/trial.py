@@ -1,57 +1,52 @@
 """One trial's lifecycle, run inside an isolated worker process.
 
 build -> data -> pretrain -> reference -> prepare -> calibrate -> train -> convert -> export
--> measure. The runner owns data and time: it builds the loops handed to the method and
-times every phase. A failure anywhere becomes a failed :class:`TrialResult` naming the
-phase, never an exception out of :func:`run_trial`.
+-> compile -> measure. The runner owns data and time: it builds the loops handed to the
+method and times every phase. A failure anywhere becomes a failed :class:`TrialResult`
+naming the phase, never an exception out of :func:`run_trial`.
+
+``compile`` runs on the ``torch_compile`` runtime only: the candidate and the fp32 model
+are compiled for every input shape the trial uses before any warm-up; the candidate's
+wall time is ``compile_time_s`` (see :mod:`qatbench.runtimes.torch_compile`). Every
+exported graph carries qatbench's ``metadata_props`` (method, bits, calibration, group
+size, qatbench version, opset) and is checked for a dynamic batch axis; the example input
+is saved beside it (``input_example.npy``) for MLflow's ONNX flavour.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.metadata
+import json
 import resource
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
 from qatbench import registry
 from qatbench.bitwidth import BitWidth
 from qatbench.data.datasets import TaskData, load_data
-from qatbench.data.tasks import task_for
 from qatbench.data.training import forward_loop, pretrained, train_loop
-from qatbench.errors import PluginError, QatbenchError
-from qatbench.export import check_onnx, export_onnx
-from qatbench.measure import error as err
-from qatbench.measure import generation as gen
-from qatbench.measure import size
-from qatbench.measure.timing import TimingSettings, time_paired
+from qatbench.errors import PluginError, QatbenchError, TrialError
+from qatbench.export import check_onnx, write_metadata
 from qatbench.methods.base import QuantMethod
 from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
 from qatbench.runtimes import onnxruntime as ortrt
+from qatbench.runtimes import torch_compile as tc
 from qatbench.spec import TrialSpec, resolve_model_factory
+from qatbench.trial_measure import Subjects, batch_of, generation, measure, predict
+from qatbench.trial_measure import TrialState as _State
 
 PhaseReporter = Callable[[str], None]
-TOP_LAYERS = 10
-
-
-@dataclass
-class _State:
-    """Mutable bookkeeping of one trial while it runs."""
-
-    phase: str = "setup"
-    phases: dict[str, float] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
-    details: dict[str, Any] = field(default_factory=dict)
-    artifacts: dict[str, str] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
+INPUT_EXAMPLE = "input_example.npy"
 
 
 def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = None) -> TrialResult:
@@ -94,6 +89,8 @@ def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = No
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     message = text[0] if text else ""
+    if isinstance(exc, TrialError):
+        return exc.reason
     if isinstance(exc, QatbenchError):
         return message
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
@@ -149,7 +146,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
 
     with step("reference"):
         fp32 = model
-        reference_out = _predict(fp32, data.eval_x, trial.data.batch_size)
+        reference_out = predict(fp32, data.eval_x, trial.data.batch_size)
 
     with step("prepare"):
         method_cls = registry.methods.get(trial.method.name)
@@ -172,32 +169,34 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         state.details["simulated"] = method.simulated
 
     onnx_path = out_dir / "model.onnx"
-    session = None
+    subjects = Subjects(fp32, candidate, fp32_onnx_metadata=_fp32_metadata())
     with step("export"):
         if "onnxruntime" in caps.runtimes:
-            session = _export(trial, method, candidate, example, onnx_path, state)
+            subjects.session = _export(trial, method, candidate, example, onnx_path, state)
         else:
             state.warnings.append(f"{method.name} runs in torch only: no ONNX export")
+
+    if trial.runtime == "torch_compile":
+        with step("compile"):
+            _compile(trial, state, subjects, data, example)
 
     with step("measure"):
         # Methods that rewrite what a layer receives (smoothing folded into the previous
         # layer) have no like-for-like per-layer comparison.
         per_layer = trial.measure.per_layer and not getattr(method, "changes_layer_inputs", False)
-        _measure(
+        measure(
             trial,
             out_dir,
             state,
-            fp32,
-            candidate,
-            session,
+            subjects,
             data,
             reference_out,
             example,
             per_layer=per_layer,
-            torch_runs=trial.runtime == "torch" or "torch" in caps.runtimes,
+            torch_runs=trial.runtime != "onnxruntime" or "torch" in caps.runtimes,
         )
         if data.task == "language_modelling" and trial.measure.generation.enabled:
-            _generation(trial, out_dir, state, fp32, candidate, session, data, method)
+            generation(trial, out_dir, state, subjects, data, method)
     state.metrics["peak_rss_bytes"] = float(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
@@ -215,6 +214,7 @@ def _export(
     threads = trial.measure.threads
     try:
         method.export(candidate, example, onnx_path)
+        write_metadata(onnx_path, onnx_metadata(trial, method))
         check_onnx(onnx_path)
         session = ortrt.make_session(onnx_path, threads)
     except Exception as exc:
@@ -224,6 +224,9 @@ def _export(
         state.warnings.append(f"ONNX export failed: {_one_line(exc)}")
         return None
     state.artifacts["onnx"] = str(onnx_path)
+    if len(example) == 1:  # MLflow's ONNX flavour logs it as the model's input example
+        np.save(onnx_path.with_name(INPUT_EXAMPLE), example[0].numpy())
+        state.artifacts["onnx_input_example"] = str(onnx_path.with_name(INPUT_EXAMPLE))
     state.metrics["onnx_export_ok"] = 1.0
     state.metrics["onnx_size_bytes"] = float(onnx_path.stat().st_size)
     integer, floating = ortrt.kernel_counts(onnx_path, threads)
@@ -244,156 +247,71 @@ def _build(trial: TrialSpec) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]
     )
 
 
-def _predict(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
-) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([fn(xb) for xb in x.split(batch)])
-
-
-def _batch(x: torch.Tensor, n: int) -> torch.Tensor:
-    reps = -(-n // len(x))
-    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n].contiguous()
-
-
-def _measure(
+def _compile(
     trial: TrialSpec,
-    out_dir: Path,
     state: _State,
-    fp32: torch.nn.Module,
-    candidate: torch.nn.Module,
-    session: Any,
+    subjects: Subjects,
     data: TaskData,
-    reference_out: torch.Tensor,
     example: tuple[torch.Tensor, ...],
-    *,
-    per_layer: bool,
-    torch_runs: bool,
 ) -> None:
-    m = state.metrics
-    if trial.runtime == "onnxruntime":
-        run = ortrt.as_callable(session)
-        m["size_bytes"] = m["onnx_size_bytes"]
-        fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
-        fp32_bytes = fp32_path.stat().st_size
-        fp32_path.unlink()
-        fp32_path.parent.rmdir()
-        m["weight_bytes"] = float(size.onnx_weight_bytes(Path(state.artifacts["onnx"])))
-    else:
-        run = candidate
-        m["size_bytes"] = float(size.save_torch_artifact(candidate, out_dir / "model.pt"))
-        state.artifacts["torch"] = str(out_dir / "model.pt")
-        # Same file name as the artifact: torch.save stores the name inside the archive.
-        reference = out_dir / "fp32_reference" / "model.pt"
-        fp32_bytes = size.save_torch_artifact(fp32, reference)
-        reference.unlink()
-        reference.parent.rmdir()
-        m["weight_bytes"] = float(size.torch_weight_bytes(candidate))
-    m["compression_ratio"] = fp32_bytes / m["size_bytes"]
-
-    outputs = _predict(run, data.eval_x, trial.data.batch_size)
-    m.update(err.output_error(reference_out, outputs))
-    if session is not None and torch_runs:  # ort-only methods: no torch model to agree with
-        torch_out = _predict(candidate, data.eval_x, trial.data.batch_size)
-        ort_out = _predict(ortrt.as_callable(session), data.eval_x, trial.data.batch_size)
-        m["onnx_parity_max_abs"] = float((torch_out - ort_out).abs().max())
-    if data.eval_y is not None:  # accuracy, or perplexity and next-token accuracy
-        m.update(task_for(data).quality(outputs, reference_out, data.eval_y))
-
-    if per_layer:
-        layers = err.layer_errors(fp32, candidate, data.calib_x[: trial.data.batch_size])
-        if layers:
-            state.details["per_layer"] = layers[:TOP_LAYERS]
-            m["worst_layer_sqnr_db"] = float(layers[0]["sqnr_db"])
-
-    settings = TimingSettings(
-        warmup_s=trial.measure.warmup_s,
-        min_round_s=trial.measure.min_round_s,
-        min_rounds=trial.measure.min_rounds,
-        max_time_s=trial.measure.max_time_s,
-    )
-    samples: dict[str, Any] = {}
-    for n in trial.measure.batch_sizes:
-        x = _batch(data.eval_x, n)
-        with torch.inference_mode():
-            base_fn = _bind(fp32, x)
-            cand_fn = (
-                ortrt.runner_for(session, x)
-                if trial.runtime == "onnxruntime"
-                else _bind(candidate, x)
-            )
-            paired = time_paired(base_fn, cand_fn, settings)
-        s = paired.candidate.summary
-        m[f"latency_p50_ms_b{n}"] = s.median * 1e3
-        m[f"latency_p90_ms_b{n}"] = s.p90 * 1e3
-        m[f"latency_p99_ms_b{n}"] = s.p99 * 1e3
-        m[f"latency_ci_low_ms_b{n}"] = s.median_ci_low * 1e3
-        m[f"latency_ci_high_ms_b{n}"] = s.median_ci_high * 1e3
-        m[f"fp32_latency_p50_ms_b{n}"] = paired.baseline.summary.median * 1e3
-        m[f"throughput_per_s_b{n}"] = n / s.median
-        m[f"speedup_vs_fp32_b{n}"] = paired.speedup.value
-        m[f"speedup_ci_low_b{n}"] = paired.speedup.ci_low
-        m[f"speedup_ci_high_b{n}"] = paired.speedup.ci_high
-        m[f"latency_cv_b{n}"] = s.cv
-        if s.unstable:
-            state.warnings.append(
-                f"unstable timing at batch {n}: cv {s.cv:.2f}, {s.outliers} outliers"
-            )
-        samples[f"b{n}"] = {
-            "candidate_ms": [t * 1e3 for t in paired.candidate.per_call_s],
-            "fp32_ms": [t * 1e3 for t in paired.baseline.per_call_s],
-        }
-    state.details["latency_samples"] = samples
-
-
-def _generation(
-    trial: TrialSpec,
-    out_dir: Path,
-    state: _State,
-    fp32: torch.nn.Module,
-    candidate: torch.nn.Module,
-    session: Any,
-    data: TaskData,
-    method: QuantMethod,
-) -> None:
-    """Prefill latency, decode tokens/s and KV-cache memory (see measure/generation.py)."""
-    spec = trial.measure.generation
-    tokens = data.eval_x[:1]
-    prompt = min(spec.prompt_tokens, tokens.shape[1])
-    context = int(getattr(candidate, "context", tokens.shape[1]))
-    new_tokens = min(spec.new_tokens, context - prompt)
-    if new_tokens < spec.new_tokens:
-        state.warnings.append(f"generation: {new_tokens} new tokens fit the context of {context}")
-    if new_tokens < 1:
-        state.warnings.append("generation: the prompt fills the context; nothing to decode")
-        return
-    notes: list[str] = []
-    if trial.runtime == "onnxruntime":
-        decoder = gen.ort_decoder(
-            candidate,
-            tokens[:, :prompt],
-            tokens,
-            new_tokens,
-            method.export,
-            lambda path: ortrt.make_session(path, trial.measure.threads),
-            ortrt.as_callable(session),
-            out_dir / "generation",
-            notes,
+    """Compile the candidate, then fp32, for every shape measure() will feed them."""
+    if len(example) != 1:
+        raise TrialError("compile", "torch_compile runs models with one input tensor only")
+    shapes = [*data.eval_x.split(trial.data.batch_size)]
+    shapes += [batch_of(data.eval_x, n) for n in trial.measure.batch_sizes]
+    tc.reset()  # a trial compiles from scratch, also when several run in one process
+    compiled = tc.compile_model(subjects.candidate, shapes)
+    subjects.compiled = compiled
+    state.metrics["compile_time_s"] = compiled.seconds
+    state.metrics["compile_graph_breaks"] = float(compiled.graph_breaks)
+    state.details["compile"] = {
+        "mode": tc.MODE,
+        "dynamic": False,
+        "graphs": compiled.graphs,
+        "cache_hits": compiled.cache_hits,
+    }
+    if compiled.graph_breaks:
+        state.warnings.append(
+            f"torch.compile: {compiled.graph_breaks} graph breaks; parts run eager Python"
         )
-    else:
-        decoder = gen.torch_decoder(candidate, tokens[:, :prompt], tokens, new_tokens)
-    settings = TimingSettings(
-        warmup_s=trial.measure.warmup_s,
-        min_round_s=trial.measure.min_round_s,
-        min_rounds=trial.measure.min_rounds,
-        max_time_s=trial.measure.max_time_s,
+    fp32 = tc.compile_model(subjects.fp32, shapes)
+    subjects.fp32_compiled = fp32
+    state.metrics["fp32_compile_time_s"] = fp32.seconds
+
+
+def _fp32_metadata() -> dict[str, str]:
+    return _metadata_props("fp32", "fp32", "none", "n/a", {})
+
+
+def onnx_metadata(trial: TrialSpec, method: QuantMethod) -> dict[str, str]:
+    """What qatbench writes into an exported graph's ``metadata_props`` (the opset is
+    added by :func:`~qatbench.export.write_metadata`)."""
+    config = method.config
+    calibration = "none"
+    if method.capabilities.needs_calibration:
+        observer = getattr(config, "observer", None)
+        name = getattr(observer, "name", None) or getattr(config, "calibrate_method", "default")
+        samples = trial.data.calibration_samples
+        batches = -(-samples // trial.data.batch_size)
+        calibration = json.dumps({"observer": name, "batches": batches, "samples": samples})
+    group: object = "n/a"
+    if hasattr(config, "group_size"):
+        group = config.group_size or "per_channel"
+    elif hasattr(config, "block_size"):
+        group = config.block_size
+    return _metadata_props(
+        trial.method.name, trial.bits, calibration, str(group), trial.method.options
     )
-    weights = state.metrics.get("weight_bytes")
-    result = gen.measure_generation(fp32, decoder, tokens, prompt, new_tokens, settings, weights)
-    state.metrics.update(result.metrics)
-    state.details["generation"] = result.details
-    state.warnings.extend(notes + result.warnings)
 
 
-def _bind(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
-    return lambda: model(x)
+def _metadata_props(
+    method: str, bits: str, calibration: str, group_size: str, options: dict[str, Any]
+) -> dict[str, str]:
+    return {
+        "qatbench.version": importlib.metadata.version("qatbench"),
+        "qatbench.method": method,
+        "qatbench.bits": bits,
+        "qatbench.calibration": calibration,
+        "qatbench.group_size": group_size,
+        "qatbench.method_options": json.dumps(options, sort_keys=True, default=str),
+    }

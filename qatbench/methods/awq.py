@@ -20,7 +20,14 @@ from pydantic import Field
 
 from qatbench.bitwidth import FP32, BitWidth
 from qatbench.errors import PluginError
-from qatbench.methods.base import Capabilities, ForwardLoop, MethodConfig, QuantMethod
+from qatbench.methods.base import (
+    ALL_RUNTIMES,
+    COMPILED,
+    Capabilities,
+    ForwardLoop,
+    MethodConfig,
+    QuantMethod,
+)
 from qatbench.methods.rtn import (
     WEIGHT_ONLY_BITS,
     WeightOnlyConfig,
@@ -62,7 +69,10 @@ class AwqMethod(QuantMethod):
 
     name = "awq"
     capabilities = Capabilities(
-        weight_bits=WEIGHT_ONLY_BITS, weight_only=True, needs_calibration=True
+        weight_bits=WEIGHT_ONLY_BITS,
+        weight_only=True,
+        needs_calibration=True,
+        runtimes=ALL_RUNTIMES | COMPILED,
     )
 
     class Config(WeightOnlyConfig):

@@ -63,7 +63,12 @@ from qatbench.bitwidth import FP32, BitWidth
 ForwardLoop = Callable[[torch.nn.Module], None]
 TrainLoop = Callable[[torch.nn.Module, torch.optim.Optimizer, int], None]
 
+# The default of ``Capabilities.runtimes``: torch eager and the exported ONNX graph.
 ALL_RUNTIMES = frozenset({"torch", "onnxruntime"})
+# torch.compile (inductor) is opt-in: a method adds it where inductor can compile its
+# converted model whole (qatbench's fbgemm-backed layers cannot be: their quantized
+# tensors have no fake-tensor support, so dynamo would fall back to eager around them).
+COMPILED = frozenset({"torch_compile"})
 
 
 class MethodConfig(BaseModel):
@@ -79,6 +84,9 @@ class Capabilities:
     ``weight_bits`` empty means the method does not quantize (it runs once, as ``fp32``).
     ``activation_bits`` lists the activation widths of ``wNaM`` labels; ``weight_only``
     says whether ``wN`` labels (activations left in floating point) are accepted.
+    ``runtimes`` names what can execute the converted model: ``torch`` (eager),
+    ``torch_compile`` (inductor; opt in with ``ALL_RUNTIMES | COMPILED``) and
+    ``onnxruntime`` (the graph ``export`` writes).
     """
 
     weight_bits: frozenset[int] = frozenset()

@@ -17,7 +17,7 @@ from typing import ClassVar
 
 import torch
 
-from qatbench.methods.base import Capabilities, QuantMethod
+from qatbench.methods.base import ALL_RUNTIMES, COMPILED, Capabilities, QuantMethod
 
 HALF_BITS = frozenset({16})
 
@@ -53,7 +53,9 @@ class Bf16Method(_CastMethod):
     name = "bf16"
     dtype = torch.bfloat16
     capabilities = Capabilities(
-        weight_bits=HALF_BITS, activation_bits=HALF_BITS, runtimes=frozenset({"torch"})
+        weight_bits=HALF_BITS,
+        activation_bits=HALF_BITS,
+        runtimes=frozenset({"torch", "torch_compile"}),
     )
 
 
@@ -62,4 +64,6 @@ class Fp16Method(_CastMethod):
 
     name = "fp16"
     dtype = torch.float16
-    capabilities = Capabilities(weight_bits=HALF_BITS, activation_bits=HALF_BITS)
+    capabilities = Capabilities(
+        weight_bits=HALF_BITS, activation_bits=HALF_BITS, runtimes=ALL_RUNTIMES | COMPILED
+    )

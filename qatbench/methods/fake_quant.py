@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 
 from qatbench.errors import PluginError
-from qatbench.methods.base import Capabilities, ForwardLoop, QuantMethod
+from qatbench.methods.base import ALL_RUNTIMES, COMPILED, Capabilities, ForwardLoop, QuantMethod
 from qatbench.methods.layer_selection import LayerSelection, select_linears
 from qatbench.quant.fake_quant import calibrate_activations, fake_quant_layers, wrap_linears
 
@@ -56,6 +56,7 @@ class FakeQuantMethod(QuantMethod):
         activation_bits=FAKE_ACTIVATION_BITS,
         weight_only=True,
         needs_calibration=True,
+        runtimes=ALL_RUNTIMES | COMPILED,
     )
     Config = FakeQuantConfig
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from qatbench.methods.base import QuantMethod
+from qatbench.methods.base import ALL_RUNTIMES, COMPILED, Capabilities, QuantMethod
 
 
 class Fp32Method(QuantMethod):
     """Leaves the model in fp32; every other trial is compared against it."""
 
     name = "fp32"
+    capabilities = Capabilities(runtimes=ALL_RUNTIMES | COMPILED)

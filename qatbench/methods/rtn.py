@@ -21,7 +21,7 @@ import torch
 from pydantic import Field, field_validator
 
 from qatbench.errors import PluginError
-from qatbench.methods.base import Capabilities, QuantMethod
+from qatbench.methods.base import ALL_RUNTIMES, COMPILED, Capabilities, QuantMethod
 from qatbench.methods.layer_selection import LayerSelection, select_linears
 from qatbench.quant.weight_only_linear import WeightOnlyLinear
 
@@ -91,7 +91,9 @@ class RtnMethod(QuantMethod):
     """Round-to-nearest weight-only quantization (``w8``, ``w4``, ``w3``, ``w2``)."""
 
     name = "rtn"
-    capabilities = Capabilities(weight_bits=WEIGHT_ONLY_BITS, weight_only=True)
+    capabilities = Capabilities(
+        weight_bits=WEIGHT_ONLY_BITS, weight_only=True, runtimes=ALL_RUNTIMES | COMPILED
+    )
 
     class Config(WeightOnlyConfig):
         pass

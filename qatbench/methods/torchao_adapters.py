@@ -6,8 +6,8 @@
 
 Both replace Linear weights with torchao tensor subclasses, which run in torch only (the
 TorchScript exporter cannot trace them; use the ``ort_*`` methods or qatbench's own for
-onnxruntime). torchao's int8 kernels are meant for ``torch.compile``; in eager mode they
-are slower than fp32 on CPU, which is what the ``torch`` runtime measures. torchao's int4
+onnxruntime). torchao's int8 kernels are meant for ``torch.compile`` (runtime
+``torch_compile``); in eager mode (``torch``) they are slower than fp32 on CPU. torchao's int4
 configs need CUDA, ``mslk`` or bf16-only layouts and fail on a CPU, so they are not offered.
 
 This module imports without torchao. When torchao is missing the methods stay listed,
@@ -30,6 +30,8 @@ from qatbench.errors import PluginError
 from qatbench.methods.base import Capabilities, QuantMethod
 from qatbench.methods.layer_selection import LayerSelection, select_linears
 
+# Eager and compiled: torchao's int8 tensor subclasses are meant for torch.compile.
+TORCH_ONLY = frozenset({"torch", "torch_compile"})
 INSTALL_HINT = "torchao is not installed: pip install 'qatbench[torchao]'"
 
 
@@ -95,7 +97,7 @@ class TorchaoInt8DynamicMethod(_TorchaoMethod):
 
     name = "torchao_int8_dynamic"
     capabilities = Capabilities(
-        weight_bits=frozenset({8}), activation_bits=frozenset({8}), runtimes=frozenset({"torch"})
+        weight_bits=frozenset({8}), activation_bits=frozenset({8}), runtimes=TORCH_ONLY
     )
 
     def _config(self, tq: Any) -> Any:
@@ -106,9 +108,7 @@ class TorchaoInt8WeightOnlyMethod(_TorchaoMethod):
     """torchao ``Int8WeightOnlyConfig``."""
 
     name = "torchao_int8_weight_only"
-    capabilities = Capabilities(
-        weight_bits=frozenset({8}), weight_only=True, runtimes=frozenset({"torch"})
-    )
+    capabilities = Capabilities(weight_bits=frozenset({8}), weight_only=True, runtimes=TORCH_ONLY)
 
     def _config(self, tq: Any) -> Any:
         return tq.Int8WeightOnlyConfig()

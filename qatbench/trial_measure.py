@@ -1,0 +1,258 @@
+"""The measure phase of a trial: size, output error, ONNX parity, paired latency.
+
+The runtime decides what runs: ``torch`` the converted module, ``torch_compile`` the
+module compiled by inductor (compiled in the trial's ``compile`` phase), ``onnxruntime``
+the exported graph. Speed-ups are paired ratios of medians, fp32 rounds alternating with
+the candidate's in this process: ``speedup_vs_fp32_b{N}`` is always against **eager fp32
+torch**, the issue's baseline, whatever runs the candidate. On ``torch_compile`` the
+candidate is also paired with the compiled fp32 model, timed the same way, as
+``speedup_vs_fp32_compiled_b{N}``: how much of a speed-up is the method's and how much
+the compiler's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qatbench.data.datasets import TaskData
+from qatbench.data.tasks import task_for
+from qatbench.export import export_onnx, write_metadata
+from qatbench.measure import error as err
+from qatbench.measure import generation as gen
+from qatbench.measure import size
+from qatbench.measure.timing import TimingSettings, time_paired
+from qatbench.methods.base import QuantMethod
+from qatbench.runtimes import onnxruntime as ortrt
+from qatbench.runtimes import parity
+from qatbench.runtimes import torch_compile as tc
+from qatbench.spec import TrialSpec
+
+TOP_LAYERS = 10
+
+
+@dataclass
+class TrialState:
+    """Mutable bookkeeping of one trial while it runs."""
+
+    phase: str = "setup"
+    phases: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    artifacts: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Subjects:
+    """What the measure phase compares: fp32 against the candidate, in each runtime."""
+
+    fp32: torch.nn.Module
+    candidate: torch.nn.Module
+    session: Any = None  # the onnxruntime session of the exported graph, if any
+    compiled: tc.Compiled | None = None
+    fp32_compiled: tc.Compiled | None = None
+    fp32_onnx_metadata: dict[str, str] = field(default_factory=dict)
+
+
+def predict(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
+) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([fn(xb) for xb in x.split(batch)])
+
+
+def batch_of(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` samples of ``x``, repeated if it has fewer."""
+    reps = -(-n // len(x))
+    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n].contiguous()
+
+
+def timing_settings(trial: TrialSpec) -> TimingSettings:
+    return TimingSettings(
+        warmup_s=trial.measure.warmup_s,
+        min_round_s=trial.measure.min_round_s,
+        min_rounds=trial.measure.min_rounds,
+        max_time_s=trial.measure.max_time_s,
+    )
+
+
+def measure(
+    trial: TrialSpec,
+    out_dir: Path,
+    state: TrialState,
+    subjects: Subjects,
+    data: TaskData,
+    reference_out: torch.Tensor,
+    example: tuple[torch.Tensor, ...],
+    *,
+    per_layer: bool,
+    torch_runs: bool,
+) -> None:
+    m = state.metrics
+    fp32, candidate, session = subjects.fp32, subjects.candidate, subjects.session
+    run: Callable[[torch.Tensor], torch.Tensor]
+    if trial.runtime == "onnxruntime":
+        run = ortrt.as_callable(session)
+        m["size_bytes"] = m["onnx_size_bytes"]
+        # The reference is exported and labelled like the artifact, so fp32 on onnxruntime
+        # is exactly 1.0 and every ratio compares the bytes of two files as written.
+        fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
+        write_metadata(fp32_path, subjects.fp32_onnx_metadata)
+        fp32_bytes = fp32_path.stat().st_size
+        fp32_path.unlink()
+        fp32_path.parent.rmdir()
+        m["weight_bytes"] = float(size.onnx_weight_bytes(Path(state.artifacts["onnx"])))
+    else:
+        run = subjects.compiled.fn if subjects.compiled is not None else candidate
+        m["size_bytes"] = float(size.save_torch_artifact(candidate, out_dir / "model.pt"))
+        state.artifacts["torch"] = str(out_dir / "model.pt")
+        # Same file name as the artifact: torch.save stores the name inside the archive.
+        reference = out_dir / "fp32_reference" / "model.pt"
+        fp32_bytes = size.save_torch_artifact(fp32, reference)
+        reference.unlink()
+        reference.parent.rmdir()
+        m["weight_bytes"] = float(size.torch_weight_bytes(candidate))
+    m["compression_ratio"] = fp32_bytes / m["size_bytes"]
+
+    outputs = predict(run, data.eval_x, trial.data.batch_size)
+    m.update(err.output_error(reference_out, outputs))
+    if session is not None and torch_runs:  # ort-only methods: no torch model to agree with
+        _parity(trial, state, candidate, session, data)
+    if data.eval_y is not None:  # accuracy, or perplexity and next-token accuracy
+        m.update(task_for(data).quality(outputs, reference_out, data.eval_y))
+
+    if per_layer:
+        layers = err.layer_errors(fp32, candidate, data.calib_x[: trial.data.batch_size])
+        if layers:
+            state.details["per_layer"] = layers[:TOP_LAYERS]
+            m["worst_layer_sqnr_db"] = float(layers[0]["sqnr_db"])
+    _latency(trial, state, subjects, data)
+
+
+def _parity(
+    trial: TrialSpec, state: TrialState, candidate: torch.nn.Module, session: Any, data: TaskData
+) -> None:
+    batch = trial.data.batch_size
+    torch_out = predict(candidate, data.eval_x, batch)
+    ort_out = predict(ortrt.as_callable(session), data.eval_x, batch)
+    step = parity.output_step(candidate, data.eval_x[:batch])
+    result = parity.compare(torch_out, ort_out, step)
+    state.metrics["onnx_parity_max_abs"] = result.max_abs
+    state.metrics["onnx_parity_tolerance"] = result.tolerance
+    state.metrics["onnx_parity_ok"] = 1.0 if result.ok else 0.0
+    state.details["onnx_parity_basis"] = result.basis
+    if not result.ok:
+        state.warnings.append(
+            f"ONNX parity: onnxruntime differs from torch by {result.max_abs:.3g}, more than "
+            f"the tolerance {result.tolerance:.3g} ({result.basis.replace('_', ' ')})"
+        )
+
+
+def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: TaskData) -> None:
+    m = state.metrics
+    settings = timing_settings(trial)
+    graphs_before = tc.graphs_compiled()
+    samples: dict[str, Any] = {}
+    for n in trial.measure.batch_sizes:
+        x = batch_of(data.eval_x, n)
+        with torch.inference_mode():
+            cand_fn = _candidate_call(trial, subjects, x)
+            paired = time_paired(_bind(subjects.fp32, x), cand_fn, settings)
+            compiled_pair = None
+            if subjects.fp32_compiled is not None:
+                compiled_pair = time_paired(_bind(subjects.fp32_compiled.fn, x), cand_fn, settings)
+        s = paired.candidate.summary
+        m[f"latency_p50_ms_b{n}"] = s.median * 1e3
+        m[f"latency_p90_ms_b{n}"] = s.p90 * 1e3
+        m[f"latency_p99_ms_b{n}"] = s.p99 * 1e3
+        m[f"latency_ci_low_ms_b{n}"] = s.median_ci_low * 1e3
+        m[f"latency_ci_high_ms_b{n}"] = s.median_ci_high * 1e3
+        m[f"fp32_latency_p50_ms_b{n}"] = paired.baseline.summary.median * 1e3
+        m[f"throughput_per_s_b{n}"] = n / s.median
+        m[f"speedup_vs_fp32_b{n}"] = paired.speedup.value
+        m[f"speedup_ci_low_b{n}"] = paired.speedup.ci_low
+        m[f"speedup_ci_high_b{n}"] = paired.speedup.ci_high
+        m[f"latency_cv_b{n}"] = s.cv
+        if s.unstable:
+            state.warnings.append(
+                f"unstable timing at batch {n}: cv {s.cv:.2f}, {s.outliers} outliers"
+            )
+        samples[f"b{n}"] = {
+            "candidate_ms": [t * 1e3 for t in paired.candidate.per_call_s],
+            "fp32_ms": [t * 1e3 for t in paired.baseline.per_call_s],
+        }
+        if compiled_pair is not None:
+            m[f"fp32_compiled_latency_p50_ms_b{n}"] = compiled_pair.baseline.summary.median * 1e3
+            m[f"speedup_vs_fp32_compiled_b{n}"] = compiled_pair.speedup.value
+            m[f"speedup_vs_fp32_compiled_ci_low_b{n}"] = compiled_pair.speedup.ci_low
+            m[f"speedup_vs_fp32_compiled_ci_high_b{n}"] = compiled_pair.speedup.ci_high
+            samples[f"b{n}"]["fp32_compiled_ms"] = [
+                t * 1e3 for t in compiled_pair.baseline.per_call_s
+            ]
+    state.details["latency_samples"] = samples
+    if subjects.compiled is not None and tc.graphs_compiled() > graphs_before:
+        state.warnings.append("torch.compile recompiled while being timed: latencies include it")
+
+
+def _candidate_call(trial: TrialSpec, subjects: Subjects, x: torch.Tensor) -> Callable[[], object]:
+    if trial.runtime == "onnxruntime":
+        return ortrt.runner_for(subjects.session, x)
+    if subjects.compiled is not None:
+        return _bind(subjects.compiled.fn, x)
+    return _bind(subjects.candidate, x)
+
+
+def generation(
+    trial: TrialSpec,
+    out_dir: Path,
+    state: TrialState,
+    subjects: Subjects,
+    data: TaskData,
+    method: QuantMethod,
+) -> None:
+    """Prefill latency, decode tokens/s and KV-cache memory (see measure/generation.py)."""
+    if trial.runtime == "torch_compile":
+        state.warnings.append("generation is measured on torch and onnxruntime, not compiled")
+        return
+    spec = trial.measure.generation
+    candidate = subjects.candidate
+    tokens = data.eval_x[:1]
+    prompt = min(spec.prompt_tokens, tokens.shape[1])
+    context = int(getattr(candidate, "context", tokens.shape[1]))
+    new_tokens = min(spec.new_tokens, context - prompt)
+    if new_tokens < spec.new_tokens:
+        state.warnings.append(f"generation: {new_tokens} new tokens fit the context of {context}")
+    if new_tokens < 1:
+        state.warnings.append("generation: the prompt fills the context; nothing to decode")
+        return
+    notes: list[str] = []
+    if trial.runtime == "onnxruntime":
+        decoder = gen.ort_decoder(
+            candidate,
+            tokens[:, :prompt],
+            tokens,
+            new_tokens,
+            method.export,
+            lambda path: ortrt.make_session(path, trial.measure.threads),
+            ortrt.as_callable(subjects.session),
+            out_dir / "generation",
+            notes,
+        )
+    else:
+        decoder = gen.torch_decoder(candidate, tokens[:, :prompt], tokens, new_tokens)
+    weights = state.metrics.get("weight_bytes")
+    result = gen.measure_generation(
+        subjects.fp32, decoder, tokens, prompt, new_tokens, timing_settings(trial), weights
+    )
+    state.metrics.update(result.metrics)
+    state.details["generation"] = result.details
+    state.warnings.extend(notes + result.warnings)
+
+
+def _bind(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], object]:
+    return lambda: model(x)
