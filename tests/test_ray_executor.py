@@ -1,0 +1,241 @@
+"""``qatbench run --executor ray``: trials as Ray tasks, logged to a shared MLflow server.
+
+A local Ray instance (127.0.0.1, two CPUs, one unit of the ``qatbench_node`` resource)
+stands in for a cluster, and a real ``mlflow server`` for the shared tracking store. The
+quickstart grid, with short budgets, must come out of Ray as it comes out of the local
+executor, each trial logged once; a crashing trial must be a failed result naming its
+phase; Ctrl-C must cancel what is still running.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from data.mlflow_server import mlflow_server
+from data.sweep_support import all_runs, qatbench, sweep_runs
+
+from qatbench.errors import ConfigError
+from qatbench.executor import Job, LocalProcessExecutor
+from qatbench.results import TrialResult
+from qatbench.runner import run_experiment
+from qatbench.spec import load_experiment
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
+TESTS_DIR = Path(__file__).parent
+CRASHY = {"name": "crashy", "factory": "data.crashy_methods:build", "options": {"hidden": [32]}}
+SHORT_DATA = {"pretrain_epochs": 3, "eval_samples": 128, "calibration_samples": 64}
+SHORT_MEASURE = {
+    "batch_sizes": [1],
+    "max_time_s": 0.2,
+    "min_rounds": 5,
+    "warmup_s": 0.01,
+    "per_layer": False,
+}
+
+
+@pytest.fixture(scope="module")
+def ray_local() -> Iterator[Any]:
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        resources={"qatbench_node": 1},
+        log_to_driver=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with mlflow_server(tmp_path_factory.mktemp("server")) as uri:
+        yield uri
+
+
+@pytest.fixture
+def cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """One data and pretraining cache for the module's trials (workers get QATBENCH_*)."""
+    folder = tmp_path_factory.getbasetemp() / "ray-cache"
+    monkeypatch.setenv("QATBENCH_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture
+def crashy() -> Iterator[Any]:
+    if str(TESTS_DIR) not in sys.path:
+        pytest.skip("tests/ is not on sys.path (pytest run with --import-mode=importlib?)")
+    from data import crashy_methods
+
+    crashy_methods.register()
+    yield crashy_methods
+    crashy_methods.unregister()
+
+
+def _experiment(path: Path, name: str, **changes: Any) -> Path:
+    """The quickstart grid with short budgets (same trial ids), as ``name``."""
+    data = yaml.safe_load(QUICKSTART.read_text())
+    data["name"] = name
+    data["data"].update(SHORT_DATA)
+    data["measure"].update(SHORT_MEASURE)
+    data["timeout_s"] = 120
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.slow
+def test_the_quickstart_grid_on_ray_matches_the_local_executor(
+    ray_local: Any, server: str, cache: Path, tmp_path: Path
+) -> None:
+    from qatbench.ray_executor import RayExecutor
+
+    exp = _experiment(tmp_path / "quickstart.yaml", "quickstart_ray")
+    grid = [t.id for t in load_experiment(exp).expand()]
+    reports = tmp_path / "reports"
+    local = run_experiment(
+        exp, tracking_uri=server, output_root=reports, executor=LocalProcessExecutor()
+    )
+    executor = RayExecutor()
+    remote = run_experiment(exp, tracking_uri=server, output_root=reports, executor=executor)
+    executor.close()
+    assert ray_local.is_initialized()  # a Ray it did not start is left alone
+
+    statuses = {(t.id, t.status) for t in local.record.trials}
+    assert {(t.id, t.status) for t in remote.record.trials} == statuses
+    assert sorted(t.id for t in remote.record.trials) == sorted(grid)
+    assert remote.report_json.with_name("report.html").is_file()
+
+    # each sweep logged each trial exactly once to the shared server
+    for outcome in (local, remote):
+        runs = sweep_runs(server, "quickstart_ray", outcome.record.tracking["sweep"])
+        assert sorted(r.info.run_name for r in runs) == sorted(grid)
+        assert {r.info.run_id for r in runs} == {t.mlflow_run_id for t in outcome.record.trials}
+    assert len(all_runs(server, "quickstart_ray")) == 2 * len(grid)
+
+    # artifacts came back as bytes and lie under the driver's trial folders
+    run_dir = remote.report_json.parent
+    for trial in remote.record.trials:
+        if trial.ok:
+            onnx = Path(trial.artifacts["onnx"])
+            assert onnx.parent == run_dir / "trials" / trial.id and onnx.stat().st_size > 0
+        assert (run_dir / "trials" / trial.id / "result.json").is_file()
+        assert trial.details["env"]["hostname"] == socket.gethostname()
+
+
+def test_a_crashing_trial_on_ray_is_a_failed_result_naming_its_phase(
+    ray_local: Any, crashy: Any, cache: Path, tmp_path: Path
+) -> None:
+    from qatbench.ray_executor import RayExecutor
+
+    exp = _experiment(
+        tmp_path / "crash.yaml",
+        "ray_crash",
+        models=[CRASHY],
+        methods=["fp32", "abort_in_convert"],
+        bits=["w8a8"],
+        runtimes=["torch"],
+        data={**SHORT_DATA, "dataset": "synthetic", "pretrain_epochs": 1},
+        expect=[],
+    )
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    executor = RayExecutor(one_per_node=True)
+    outcome = run_experiment(exp, tracking_uri=uri, output_root=tmp_path, executor=executor)
+    by_id = {t.id: t for t in outcome.record.trials}
+    assert by_id["crashy-fp32-fp32-torch"].ok
+    failed = by_id["crashy-abort_in_convert-w8a8-torch"]
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.phase == "convert"
+    assert "SIGABRT" in failed.error.reason
+    assert outcome.exit_code == 1
+
+
+class _CtrlCAfterFirst:
+    """A Ray executor whose sweep gets Ctrl-C as soon as the first result is in."""
+
+    def __init__(self) -> None:
+        from qatbench.ray_executor import RayExecutor
+
+        self.inner = RayExecutor()
+        self.stopped_pending = -1
+
+    def run(self, *args: Any) -> TrialResult:
+        raise AssertionError("run_many is used")
+
+    def run_many(self, jobs: list[Job]) -> Iterator[tuple[Job, TrialResult]]:
+        for item in self.inner.run_many(jobs):
+            yield item
+            raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        if self.stopped_pending < 0:
+            self.stopped_pending = len(self.inner._pending)
+        self.inner.stop()
+
+
+def test_ctrl_c_cancels_the_trials_still_running_on_ray(
+    ray_local: Any, crashy: Any, cache: Path, tmp_path: Path
+) -> None:
+    exp = _experiment(
+        tmp_path / "stop.yaml",
+        "ray_ctrl_c",
+        models=[CRASHY],
+        methods=["fp32", "sleep_in_convert"],
+        bits=["w8a8"],
+        runtimes=["torch"],
+        data={**SHORT_DATA, "dataset": "synthetic", "pretrain_epochs": 1},
+        expect=[],
+    )
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    executor = _CtrlCAfterFirst()
+    start = time.monotonic()
+    outcome = run_experiment(exp, tracking_uri=uri, output_root=tmp_path, executor=executor)
+    assert time.monotonic() - start < 100  # not the 120 s the sleeping trial wanted
+    assert outcome.interrupted == "SIGINT" and outcome.exit_code == 130
+    assert [t.id for t in outcome.record.trials] == ["crashy-fp32-fp32-torch"]
+    assert outcome.missing == ["crashy-sleep_in_convert-w8a8-torch"]
+    assert executor.stopped_pending == 1  # the sleeping trial was cancelled
+    assert not executor.inner._pending
+
+
+def test_more_threads_than_any_node_has_cpus_is_a_one_line_error(
+    ray_local: Any, tmp_path: Path
+) -> None:
+    from qatbench.ray_executor import RayExecutor
+
+    exp = _experiment(tmp_path / "wide.yaml", "ray_wide")
+    data = yaml.safe_load(exp.read_text())
+    data["measure"]["threads"] = 4
+    exp.write_text(yaml.safe_dump(data))
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    with pytest.raises(ConfigError, match=r"measure\.threads 4: no node of the Ray cluster"):
+        run_experiment(exp, tracking_uri=uri, output_root=tmp_path, executor=RayExecutor())
+
+
+def test_without_ray_the_executor_option_says_how_to_install_it(tmp_path: Path) -> None:
+    hidden = tmp_path / "hide" / "ray"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    exp = _experiment(tmp_path / "exp.yaml", "no_ray")
+    proc = qatbench(
+        "run", exp, "--executor", "ray", cwd=tmp_path, env={"PYTHONPATH": str(hidden.parent)}
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "error: --executor ray: Ray is not installed; install the extra: "
+        "pip install 'qatbench[ray]'"
+    )
+    assert not (tmp_path / "reports").exists()
+    ray_only = qatbench("run", exp, "--ray-one-per-node", cwd=tmp_path)
+    assert ray_only.returncode == 2
+    assert ray_only.stderr.strip() == "error: --ray-one-per-node: only with --executor ray"
