@@ -255,6 +255,8 @@ def test_quality_gates_are_direction_aware(run_a: RunRecord) -> None:
         ("decode_latency_p50_ms_per_token", -1),
         ("prefill_tokens_per_s", 1),
         ("decode_tokens_per_s", 1),
+        ("recompute_decode_tokens_per_s", 1),
+        ("recompute_decode_latency_p50_ms_per_token", -1),
         ("decode_speedup_vs_fp32", 1),
         ("kv_cache_bytes", -1),
         ("weights_plus_kv_cache_bytes", -1),

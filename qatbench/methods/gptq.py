@@ -84,8 +84,12 @@ class GptqMethod(QuantMethod):
                     self.config.act_order,
                 )
                 self._results[name] = result
-                with torch.no_grad():  # later layers see this one's quantized output
-                    layer.weight.copy_(result.dequantize().to(layer.weight.dtype))
+                # Later layers see this one's quantized output. A new tensor, not an
+                # in-place copy: a weight tied to another module (an LM head sharing the
+                # token embedding) must not rewrite that module too.
+                layer.weight = torch.nn.Parameter(
+                    result.dequantize().to(layer.weight.dtype), layer.weight.requires_grad
+                )
         return model
 
     @staticmethod

@@ -55,12 +55,13 @@ _SPREAD = re.compile(r"^latency_cv_b\d+$")
 _HIGHER_BETTER = re.compile(
     r"^(?:throughput_|speedup_|accuracy|sqnr|cosine|compression_ratio|int_op_fraction|"
     r"worst_layer_sqnr|onnx_export_ok|onnx_parity_ok|next_token_accuracy|"
-    r"(?:fp32_)?(?:prefill|decode)_tokens_per_s|(?:prefill|decode)_speedup|"
+    r"(?:fp32_|recompute_)?(?:prefill|decode)_tokens_per_s|(?:prefill|decode)_speedup|"
     r"greedy_prefix_match)"
 )
 _LOWER_BETTER = re.compile(
     r"^(?:latency_|fp32_latency_|mse|max_abs_error|size_bytes|weight_bytes|peak_rss|model_rss|"
-    r"perplexity|bits_per_token|onnx_parity_max_abs|onnx_size|prefill_latency|decode_latency|"
+    r"perplexity|bits_per_token|onnx_parity_max_abs|onnx_size|prefill_latency|"
+    r"(?:recompute_)?decode_latency|"
     r"kv_cache_bytes|weights_plus_kv_cache_bytes)"
 )
 
