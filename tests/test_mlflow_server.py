@@ -20,6 +20,7 @@ import pytest
 from data.mlflow_server import mlflow_server
 from data.sweep_support import QATBENCH, all_runs, cli_env, write_experiment
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from qatbench.results import RunRecord
 from qatbench.spec import load_experiment
@@ -57,8 +58,13 @@ def test_writers_racing_to_create_the_experiment_get_the_same_one(
     assert [p.returncode for p in procs] == [0] * RACERS, [err for _, err in answers]
     ids = {out.strip() for out, _ in answers}
     assert len(ids) == 1
-    found = MlflowClient(tracking_uri=server).search_experiments(filter_string="name = 'raced'")
+    client = MlflowClient(tracking_uri=server)
+    found = client.search_experiments(filter_string="name = 'raced'")
     assert [e.experiment_id for e in found] == list(ids)
+    # what a loser of the race gets from the server, and Tracker takes as "use theirs"
+    with pytest.raises(MlflowException) as lost:
+        client.create_experiment("raced")
+    assert lost.value.error_code == "RESOURCE_ALREADY_EXISTS"
 
 
 @pytest.mark.slow
