@@ -115,6 +115,13 @@ def test_integer_methods_run_integer_kernels(results: dict[str, TrialResult], ti
     assert results[tid].metrics["int_op_fraction"] > 0
 
 
+def test_torch_weight_only_runs_an_integer_weight_kernel(results: dict[str, TrialResult]) -> None:
+    """w4 in groups of 128 runs int4pack_mm in torch: no weight dequantized per call."""
+    details = results["linear-rtn-w4-torch"].details
+    assert details["torch_kernels"] == {"int4pack_mm": 1}
+    assert details["dequantizes_per_call"] is False
+
+
 def test_fp32_runs_no_integer_kernel(results: dict[str, TrialResult]) -> None:
     for runtime in ("torch", "onnxruntime"):
         assert results[f"linear-fp32-fp32-{runtime}"].metrics["int_op_fraction"] == 0
