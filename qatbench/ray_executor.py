@@ -32,6 +32,7 @@ from qatbench.spec import TrialSpec
 NODE_RESOURCE = "qatbench_node"  # one unit per node: `ray start --resources='{"qatbench_node": 1}'`
 MAX_RETURN_BYTES = 256 * 1024 * 1024  # artifact bytes one task hands back; more stays behind
 INSTALL_HINT = "pip install 'qatbench[ray]'"
+CONNECT_TIMEOUT_S = 5.0
 _WAIT_S = 0.5  # ray.wait in slices, so Ctrl-C and SIGTERM are handled promptly
 
 
@@ -57,6 +58,8 @@ class RayExecutor:
     def __init__(self, address: str | None = None, *, one_per_node: bool = False) -> None:
         self._ray = import_ray()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        if self.address:
+            _check_reachable(self.address)  # before the sweep starts, not at its first trial
         self.one_per_node = one_per_node
         self._started_ray = False
         self._pending: dict[Any, Job] = {}
@@ -160,6 +163,21 @@ class RayExecutor:
         result = TrialResult.from_dict(payload["result"])
         artifacts = {name: str(out_dir / rel) for name, rel in result.artifacts.items()}
         return _replaced(result, artifacts=artifacts)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a ``host:port`` where no Ray head listens (``ray.init`` would wait
+    for minutes); other forms (``auto``, ``ray://``) are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ConfigError(
+            f"--ray-address {address}: no Ray head answers there ({_one_line(exc)}); "
+            "start one with: ray start --head"
+        ) from None
 
 
 def _ray_task(trial: TrialSpec, timeout_s: float, context: WorkerContext) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
-from data.mlflow_server import mlflow_server
+from data.mlflow_server import free_port, mlflow_server
 from data.sweep_support import all_runs, qatbench, sweep_runs
 
 from qatbench.errors import ConfigError
@@ -219,6 +219,20 @@ def test_more_threads_than_any_node_has_cpus_is_a_one_line_error(
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     with pytest.raises(ConfigError, match=r"measure\.threads 4: no node of the Ray cluster"):
         run_experiment(exp, tracking_uri=uri, output_root=tmp_path, executor=RayExecutor())
+
+
+def test_an_address_where_no_ray_head_listens_fails_at_once(tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    port = free_port()  # nothing listens there
+    exp = _experiment(tmp_path / "exp.yaml", "no_head")
+    proc = qatbench(
+        "run", exp, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}", cwd=tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr
+    line = proc.stderr.strip()
+    assert "\n" not in line and "Traceback" not in line
+    assert line.startswith(f"error: --ray-address 127.0.0.1:{port}: no Ray head answers there")
+    assert not (tmp_path / "reports").exists()
 
 
 def test_without_ray_the_executor_option_says_how_to_install_it(tmp_path: Path) -> None:
