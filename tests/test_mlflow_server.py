@@ -117,5 +117,4 @@ def test_two_shards_at_once_log_each_trial_once_and_merge(server: str, tmp_path:
     client = MlflowClient(tracking_uri=server)
     logged = client.download_artifacts(runs[0].info.run_id, "trial.json", str(tmp_path))
     assert json.loads(Path(logged).read_text())["details"]["env"]["hostname"] == host
-    onnx = next(r for r in runs if r.info.run_name.endswith("onnxruntime"))
-    assert "model.onnx" in {f.path for f in client.list_artifacts(onnx.info.run_id)}
+    assert all(Path(t.artifacts["onnx"]).is_file() for t in record.trials)  # the shards' own
