@@ -284,6 +284,52 @@ def test_language_model_gates_breach_on_a_worse_model(run_a: RunRecord) -> None:
     assert set(lm) <= shown and set(lm) <= set(DEFAULT_METRICS)
 
 
+def _generation_trial(trial: TrialResult, decode_ms: float, seed: int) -> TrialResult:
+    """``trial`` with 40 paired prefill and decode rounds and the metrics they give."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+
+    def rounds(ms: float) -> list[float]:
+        return (ms * rng.lognormal(0, 0.05, 40)).tolist()
+
+    samples = {
+        "prefill": {"candidate_ms": rounds(4.0), "fp32_ms": rounds(5.0)},
+        "decode": {"candidate_ms": rounds(decode_ms), "fp32_ms": rounds(40.0)},
+    }
+    median = sorted(samples["decode"]["candidate_ms"])[20]
+    metrics = {
+        **trial.metrics,
+        "prefill_latency_p50_ms": sorted(samples["prefill"]["candidate_ms"])[20],
+        "decode_tokens_per_s": 32 * 1000.0 / median,
+        "decode_latency_p50_ms_per_token": median / 32,
+    }
+    details = {**trial.details, "generation": {"decode_mode": "kv_cache", "samples": samples}}
+    return replace(trial, metrics=metrics, details=details)
+
+
+def test_generation_timings_are_shift_tested_on_their_rounds(run_a: RunRecord) -> None:
+    trial = _finished(run_a)
+    a = replace(run_a, trials=(_generation_trial(trial, 30.0, seed=1),))
+    slower = replace(run_a, trials=(_generation_trial(trial, 36.0, seed=2),))
+    same = replace(run_a, trials=(_generation_trial(trial, 30.0, seed=3),))
+    samples, move = timing_samples(a.trials[0], "decode_tokens_per_s")
+    assert len(samples) == 40 and move == -1 and is_timing("decode_tokens_per_s")
+    assert timing_samples(a.trials[0], "prefill_speedup_vs_fp32")[1] == 1
+    gates = parse_gates(["decode_tokens_per_s:-5%", "decode_latency_p50_ms_per_token:+5%"])
+    result = compare(a, slower, gates)
+    breached = {c.metric for c in result.trials[0].changes if c.verdict == "breach"}
+    assert breached == {"decode_tokens_per_s", "decode_latency_p50_ms_per_token"}
+    assert all(c.test is not None for c in result.trials[0].changes if c.gates)
+    assert compare(a, same, gates).breaches == []
+    # a bare threshold would be fooled: move B's median past the gate without its rounds
+    jumped = replace(
+        same.trials[0], metrics={**same.trials[0].metrics, "decode_tokens_per_s": 900.0}
+    )
+    noisy = compare(a, replace(same, trials=(jumped,)), gates[:1])
+    assert _change(noisy, "decode_tokens_per_s").verdict == "noise" and noisy.breaches == []
+
+
 def test_unpaired_and_newly_failed_trials(run_a: RunRecord, same: RunRecord) -> None:
     trial = _finished(same)
     failed = replace(

@@ -126,6 +126,12 @@ def test_decode_with_kv_cache_on_both_runtimes(
         assert m["weights_plus_kv_cache_bytes"] == m["weight_bytes"] + m["kv_cache_bytes"]
         assert 0 <= m["greedy_prefix_match_fraction"] <= 1
         assert "recompute_decode_tokens_per_s" not in m
+        # the rounds behind the medians, for compare's shift tests
+        decode = details["samples"]["decode"]
+        assert len(decode["candidate_ms"]) == len(decode["fp32_ms"]) >= 3
+        median = sorted(decode["candidate_ms"])[len(decode["candidate_ms"]) // 2]
+        assert NEW * 1e3 / median == pytest.approx(m["decode_tokens_per_s"], rel=0.5)
+        assert set(details["samples"]) == {"prefill", "decode"}
 
 
 def test_weight_only_int4_shrinks_the_weights(results: dict[str, TrialResult]) -> None:

@@ -38,7 +38,7 @@ class Recipe:
 DEFAULT_RECIPE = Recipe()
 RECIPES: dict[str, Recipe] = {
     "language_modelling": Recipe(
-        lr=3e-3, schedule="cosine", warmup_fraction=0.03, final_lr_fraction=0.05
+        lr=2e-3, schedule="cosine", warmup_fraction=0.05, final_lr_fraction=0.05
     ),
 }
 

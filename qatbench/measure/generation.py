@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from qatbench.measure.timing import TimingSettings, time_paired
+from qatbench.measure.timing import PairedTiming, TimingSettings, time_paired
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 ExportFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], Path], Path]
@@ -239,6 +239,13 @@ def ort_decoder(
     return RecomputeDecoder(main, window, n)
 
 
+def _samples_ms(timing: PairedTiming) -> dict[str, list[float]]:
+    return {
+        "candidate_ms": [t * 1e3 for t in timing.candidate.per_call_s],
+        "fp32_ms": [t * 1e3 for t in timing.baseline.per_call_s],
+    }
+
+
 def measure_generation(
     fp32: torch.nn.Module,
     candidate: Decoder,
@@ -291,6 +298,10 @@ def measure_generation(
         "new_tokens": new_tokens,
         "recompute_window_tokens": int(tokens.shape[1]) if recompute else None,
         "decode_cv": decode.candidate.summary.cv,
+        # per-call ms of every paired round, for compare's shift tests (as latency_samples)
+        "samples": {
+            name: _samples_ms(timing) for name, timing in (("prefill", prefill), ("decode", decode))
+        },
     }
     if decode.candidate.summary.unstable:
         gen.warnings.append(f"unstable decode timing: cv {decode.candidate.summary.cv:.2f}")

@@ -49,6 +49,11 @@ _GATE = re.compile(
 _TIMING = re.compile(
     r"^(?P<family>fp32_latency|latency|throughput|speedup)_(?P<stat>[a-z0-9_]*?)_?b(?P<n>\d+)$"
 )
+# Generation timings (language models), sampled in details["generation"]["samples"].
+_GENERATION = re.compile(
+    r"^(?P<fp32>fp32_)?(?:recompute_)?(?P<phase>prefill|decode)_"
+    r"(?P<stat>latency_p50_ms(?:_per_token)?|tokens_per_s|speedup_vs_fp32)$"
+)
 _BATCH_SUFFIX = re.compile(r"_b\d+$")
 # Timing metrics that describe a distribution's spread, not its position: no shift test.
 _SPREAD = re.compile(r"^latency_cv_b\d+$")
@@ -146,7 +151,7 @@ def better_direction(metric: str) -> int:
 
 def is_timing(metric: str) -> bool:
     """Latency, throughput and speed-up metrics (judged with a shift test on samples)."""
-    return bool(_TIMING.match(metric)) and not _SPREAD.match(metric)
+    return bool(_TIMING.match(metric) or _GENERATION.match(metric)) and not _SPREAD.match(metric)
 
 
 def batch_samples(trial: TrialResult, batch: int | str, side: str = "candidate_ms") -> list[float]:
@@ -170,6 +175,8 @@ def timing_samples(trial: TrialResult, metric: str) -> tuple[list[float], int]:
     the same ms, moving the other way; speed-up: the per-round ratio fp32 / candidate of the
     paired rounds. ``([], 0)`` when the metric is not a timing one or samples are missing.
     """
+    if gen := _GENERATION.match(metric):
+        return _generation_samples(trial, gen)
     match = _TIMING.match(metric)
     if match is None or _SPREAD.match(metric):
         return [], 0
@@ -182,6 +189,34 @@ def timing_samples(trial: TrialResult, metric: str) -> tuple[list[float], int]:
     side = "fp32_ms" if family == "fp32_latency" else "candidate_ms"
     samples = batch_samples(trial, n, side)
     return (samples, -1 if family == "throughput" else 1) if samples else ([], 0)
+
+
+def _generation_samples(trial: TrialResult, match: re.Match[str]) -> tuple[list[float], int]:
+    """Prefill or decode rounds of ``details["generation"]["samples"]``, as timing_samples."""
+    generation = trial.details.get("generation")
+    bucket = generation.get("samples") if isinstance(generation, dict) else None
+    phase = bucket.get(match["phase"]) if isinstance(bucket, dict) else None
+    if not isinstance(phase, dict):
+        return [], 0
+    cand = _floats(phase.get("candidate_ms"))
+    base = _floats(phase.get("fp32_ms"))
+    if match["stat"] == "speedup_vs_fp32":
+        if not cand or len(cand) != len(base) or min(cand) <= 0:
+            return [], 0
+        return [f / c for f, c in zip(base, cand, strict=True)], 1
+    samples = base if match["fp32"] else cand
+    return (samples, -1 if match["stat"] == "tokens_per_s" else 1) if samples else ([], 0)
+
+
+def _floats(values: object) -> list[float]:
+    """Finite floats of a JSON list; [] when it is not one or holds something else."""
+    if not isinstance(values, list):
+        return []
+    try:
+        floats = [float(v) for v in values]
+    except (TypeError, ValueError):
+        return []
+    return [v for v in floats if math.isfinite(v)]
 
 
 @dataclass(frozen=True)
