@@ -172,7 +172,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     subjects = Subjects(fp32, candidate, fp32_onnx_metadata=_fp32_metadata())
     with step("export"):
         if "onnxruntime" in caps.runtimes:
-            subjects.session = _export(trial, method, candidate, example, onnx_path, state)
+            sample = data.eval_x[:1] if data.eval_x.shape[1:] == example[0].shape[1:] else None
+            subjects.session = _export(trial, method, candidate, example, onnx_path, state, sample)
         else:
             state.warnings.append(f"{method.name} runs in torch only: no ONNX export")
 
@@ -209,8 +210,12 @@ def _export(
     example: tuple[torch.Tensor, ...],
     onnx_path: Path,
     state: _State,
+    sample: torch.Tensor | None = None,
 ) -> Any:
-    """Export, check and open the ONNX graph; a failure fails only onnxruntime trials."""
+    """Export, check and open the ONNX graph; a failure fails only onnxruntime trials.
+
+    ``sample`` (one evaluation input, else the example) is saved beside the graph as the
+    input example of MLflow's ONNX flavour."""
     threads = trial.measure.threads
     try:
         method.export(candidate, example, onnx_path)
@@ -224,8 +229,9 @@ def _export(
         state.warnings.append(f"ONNX export failed: {_one_line(exc)}")
         return None
     state.artifacts["onnx"] = str(onnx_path)
-    if len(example) == 1:  # MLflow's ONNX flavour logs it as the model's input example
-        np.save(onnx_path.with_name(INPUT_EXAMPLE), example[0].numpy())
+    if len(example) == 1:
+        shown = sample if sample is not None else example[0]
+        np.save(onnx_path.with_name(INPUT_EXAMPLE), shown.numpy())
         state.artifacts["onnx_input_example"] = str(onnx_path.with_name(INPUT_EXAMPLE))
     state.metrics["onnx_export_ok"] = 1.0
     state.metrics["onnx_size_bytes"] = float(onnx_path.stat().st_size)

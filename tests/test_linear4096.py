@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,6 +121,17 @@ def test_torch_weight_only_runs_an_integer_weight_kernel(results: dict[str, Tria
     details = results["linear-rtn-w4-torch"].details
     assert details["torch_kernels"] == {"int4pack_mm": 1}
     assert details["dequantizes_per_call"] is False
+
+
+def test_an_evaluation_input_is_saved_as_the_onnx_input_example(
+    results: dict[str, TrialResult],
+) -> None:
+    for tid in ("linear-fp32-fp32-onnxruntime", "linear-rtn-w4-torch"):
+        artifacts = results[tid].artifacts
+        saved = np.load(artifacts["onnx_input_example"])
+        assert Path(artifacts["onnx_input_example"]).parent == Path(artifacts["onnx"]).parent
+        assert saved.shape == (1, SIZE) and saved.dtype == np.float32
+        assert np.abs(saved).sum() > 0  # a real (synthetic) sample, not the zero example
 
 
 def test_fp32_runs_no_integer_kernel(results: dict[str, TrialResult]) -> None:
