@@ -192,8 +192,9 @@ def test_qat_epochs_need_a_loop_that_knows_its_epoch(
     cfg = QatMethod.Config(epochs=0.5)
     method = QatMethod(cfg, BitWidth.parse("w8a8"))
     m = method.calibrate(method.prepare(copy.deepcopy(model)), forward_loop(data, 32))
-    with pytest.raises(PluginError, match="steps_per_epoch"):
-        method.train(m, train_loop(data, 32, 0))
+    with pytest.raises(PluginError, match="steps_per_epoch"):  # a loop that does not say
+        method.train(m, lambda model, optimizer, steps: None)
+    assert train_loop(data, 32, 0).steps_per_epoch == -(-len(data.train_x) // 32)  # runner's
     seen: list[int] = []
 
     def loop(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> None:
