@@ -229,18 +229,24 @@ def _apply(model: torch.nn.Module, group: _Group, s: torch.Tensor) -> None:
     """``W * s`` for the group's Linears and ``1 / s`` where their input comes from."""
     for name in group.linears:
         linear = _linear(model, name)
-        linear.weight.mul_(s.to(linear.weight.dtype))
+        _rescale(linear, "weight", s.to(linear.weight.dtype))
         if group.fold_into is None:
             model.set_submodule(name, ScaledInput(1.0 / s, model.get_submodule(name)))
     if group.fold_into is None:
         return
     kind, name = group.fold_into
     source = _linear(model, name) if kind == "linear" else model.get_submodule(name)
-    weight, bias = source.weight, source.bias
-    assert isinstance(weight, torch.Tensor)  # a LayerNorm or Linear, checked when grouped
-    weight.div_(s if kind == "layernorm" else s[:, None])
-    if isinstance(bias, torch.Tensor):
-        bias.div_(s)
+    assert isinstance(source.weight, torch.Tensor)  # a LayerNorm or Linear, checked when grouped
+    _rescale(source, "weight", 1.0 / (s if kind == "layernorm" else s[:, None]))
+    if isinstance(source.bias, torch.Tensor):
+        _rescale(source, "bias", 1.0 / s)
+
+
+def _rescale(module: torch.nn.Module, attr: str, factor: torch.Tensor) -> None:
+    """``module.attr *= factor`` as a new parameter, never in place: a weight tied to
+    another module (an LM head sharing the token embedding) must not change that module."""
+    old = getattr(module, attr)
+    setattr(module, attr, torch.nn.Parameter(old.detach() * factor, old.requires_grad))
 
 
 class SmoothQuantMethod(QuantMethod):
