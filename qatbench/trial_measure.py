@@ -27,6 +27,7 @@ from qatbench.measure import generation as gen
 from qatbench.measure import size
 from qatbench.measure.timing import TimingSettings, time_paired
 from qatbench.methods.base import QuantMethod
+from qatbench.quant.weight_only_linear import fp32_kernels
 from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.runtimes import parity
 from qatbench.runtimes import torch_compile as tc
@@ -138,7 +139,8 @@ def _parity(
     trial: TrialSpec, state: TrialState, candidate: torch.nn.Module, session: Any, data: TaskData
 ) -> None:
     batch = trial.data.batch_size
-    torch_out = predict(candidate, data.eval_x, batch)
+    with fp32_kernels(candidate):  # ONNX graphs compute in fp32: so does the reference
+        torch_out = predict(candidate, data.eval_x, batch)
     ort_out = predict(ortrt.as_callable(session), data.eval_x, batch)
     step = parity.output_step(candidate, data.eval_x[:batch])
     result = parity.compare(torch_out, ort_out, step, parity.requantizing_layers(candidate))

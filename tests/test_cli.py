@@ -53,13 +53,20 @@ INVALID_KEYS = {
 
 
 def qatbench(
-    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None,
+    *args: str | Path,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **(env or {})}
     return subprocess.run(
-        [str(QATBENCH), *map(str, args)], cwd=cwd or ROOT, env=full_env, capture_output=True,
-        text=True, timeout=timeout, check=False,
+        [str(QATBENCH), *map(str, args)],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -90,7 +97,8 @@ def test_every_invalid_fixture_has_a_key() -> None:
 
 @pytest.mark.parametrize("name", [*sorted(INVALID_KEYS), "missing.yaml"])
 def test_validate_an_invalid_file_prints_one_error_line_and_exits_2(
-    name: str, validated_invalid_files: dict[str, subprocess.CompletedProcess[str]],
+    name: str,
+    validated_invalid_files: dict[str, subprocess.CompletedProcess[str]],
 ) -> None:
     proc = validated_invalid_files[name]
     key = INVALID_KEYS.get(name, "no such experiment file")
@@ -114,8 +122,11 @@ def test_validate_expands_an_unexpanded_glob_and_rejects_one_matching_nothing() 
     proc = qatbench("validate", "experiments/quick*.yaml")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("experiments/quickstart.yaml: ok, 12 trials")
-    assert_one_error_line(qatbench("validate", "experiments/nosuch*.yaml"),
-                          "experiments/nosuch*.yaml", "no experiment file matches")
+    assert_one_error_line(
+        qatbench("validate", "experiments/nosuch*.yaml"),
+        "experiments/nosuch*.yaml",
+        "no experiment file matches",
+    )
 
 
 def test_validate_stops_at_the_first_bad_file_among_several() -> None:
@@ -187,8 +198,13 @@ def test_report_regenerates_html(tmp_path: Path, sample_record: RunRecord) -> No
 
 
 def test_run_validates_before_creating_anything(tmp_path: Path) -> None:
-    proc = qatbench("run", QUICKSTART, INVALID / "unknown_runtime.yaml", cwd=tmp_path,
-                    env={"QATBENCH_CACHE": str(tmp_path / "cache")})
+    proc = qatbench(
+        "run",
+        QUICKSTART,
+        INVALID / "unknown_runtime.yaml",
+        cwd=tmp_path,
+        env={"QATBENCH_CACHE": str(tmp_path / "cache")},
+    )
     assert_one_error_line(proc, "unknown_runtime.yaml", "runtimes[1]", "tensorrt")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no mlruns/, reports/, cache
 
@@ -234,14 +250,29 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tests/data/plugin_pkg built and installed into a folder of its own, as pip would."""
     tmp = tmp_path_factory.mktemp("plugin")
     source = tmp / "src"
-    shutil.copytree(PLUGIN_PKG, source, ignore=shutil.ignore_patterns("build", "*.egg-info",
-                                                                     "__pycache__"))
+    shutil.copytree(
+        PLUGIN_PKG, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     site = tmp / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-         "--no-index", "--no-deps", "--no-build-isolation", "--target", str(site),
-         str(source)],
-        check=True, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-index",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert (site / "qatbench_test_plugin.py").is_file()
     return site
@@ -263,7 +294,8 @@ def test_an_installed_plugin_is_listed(plugin_site: Path) -> None:
 def test_an_installed_plugin_runs_end_to_end(plugin_site: Path, tmp_path: Path) -> None:
     store = tmp_path / "mlruns" / "mlflow.db"
     uri = f"sqlite:///{store}"
-    (tmp_path / "exp.yaml").write_text(textwrap.dedent(f"""\
+    (tmp_path / "exp.yaml").write_text(
+        textwrap.dedent(f"""\
         name: plugin_run
         models:
           - name: mlp
@@ -275,9 +307,15 @@ def test_an_installed_plugin_runs_end_to_end(plugin_site: Path, tmp_path: Path) 
         measure: {{batch_sizes: [1], max_time_s: 0.2, min_rounds: 5, warmup_s: 0.01,
                    per_layer: false}}
         tracking: {{uri: "{uri}"}}
-    """))
+    """)
+    )
     proc = qatbench(
-        "run", "exp.yaml", "--output-dir", tmp_path / "reports", cwd=tmp_path, timeout=300,
+        "run",
+        "exp.yaml",
+        "--output-dir",
+        tmp_path / "reports",
+        cwd=tmp_path,
+        timeout=300,
         env={"PYTHONPATH": str(plugin_site), "QATBENCH_CACHE": str(tmp_path / "cache")},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -305,8 +343,15 @@ def test_an_installed_plugin_runs_end_to_end(plugin_site: Path, tmp_path: Path) 
     runs = client.search_runs([experiment.experiment_id])
     by_name = {run.info.run_name: run for run in runs}
     assert sorted(by_name) == sorted(trials)
-    required = {"size_bytes", "compression_ratio", "latency_p50_ms_b1", "throughput_per_s_b1",
-                "peak_rss_bytes", "mse", "accuracy"}
+    required = {
+        "size_bytes",
+        "compression_ratio",
+        "latency_p50_ms_b1",
+        "throughput_per_s_b1",
+        "peak_rss_bytes",
+        "mse",
+        "accuracy",
+    }
     for trial_id, run in by_name.items():
         assert run.info.status == "FINISHED"
         assert run.info.run_id == trials[trial_id]["mlflow_run_id"]

@@ -93,8 +93,13 @@ def test_breach_lines(text: str, actual: float, line: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "actual"),
-    [("mse < 0.05", 0.049), ("mse <= 0.05", 0.05), ("cosine >= 0.99", 0.99),
-     ("accuracy_delta_vs_fp32 > -5", -4.99), ("int_op_fraction == 1", 1.0)],
+    [
+        ("mse < 0.05", 0.049),
+        ("mse <= 0.05", 0.05),
+        ("cosine >= 0.99", 0.99),
+        ("accuracy_delta_vs_fp32 > -5", -4.99),
+        ("int_op_fraction == 1", 1.0),
+    ],
 )
 def test_holding_expectations_give_none(text: str, actual: float) -> None:
     metric = text.split()[0]
@@ -126,21 +131,32 @@ def test_str_round_trips_through_parse() -> None:
 def _result(trial_id: str, status: str = "finished", **metrics: float) -> TrialResult:
     model, method, bits, runtime = trial_id.split("-")
     return TrialResult(
-        id=trial_id, model=model, method=method, bits=bits, runtime=runtime,
-        status=status, metrics=metrics,  # type: ignore[arg-type]  # one of two literals
+        id=trial_id,
+        model=model,
+        method=method,
+        bits=bits,
+        runtime=runtime,
+        status=status,
+        metrics=metrics,  # type: ignore[arg-type]  # one of two literals
         error=TrialFailure("convert", "boom") if status == "failed" else None,
     )
 
 
 def test_check_expectations_applies_each_level_to_its_trials_and_skips_failures() -> None:
-    spec = validate_experiment({
-        "name": "exp", "models": [{"name": "mlp", "expect": ["accuracy > 90"]}],
-        "methods": ["fp32", {"name": "ptq", "expect": ["mse <= 0.05"]}],
-        "bits": ["w8a8", "w4a8"], "runtimes": ["torch"],
-        "expect": ["compression_ratio >= 1"],
-    })
+    spec = validate_experiment(
+        {
+            "name": "exp",
+            "models": [{"name": "mlp", "expect": ["accuracy > 90"]}],
+            "methods": ["fp32", {"name": "ptq", "expect": ["mse <= 0.05"]}],
+            "bits": ["w8a8", "w4a8"],
+            "runtimes": ["torch"],
+            "expect": ["compression_ratio >= 1"],
+        }
+    )
     record = RunRecord(
-        experiment={"name": "exp"}, created="2025-01-01T00:00:00+00:00", env={},
+        experiment={"name": "exp"},
+        created="2025-01-01T00:00:00+00:00",
+        env={},
         trials=(
             # fp32: mse is not its expectation, so a large mse is fine; accuracy is breached
             _result("mlp-fp32-fp32-torch", compression_ratio=1.0, accuracy=80.0, mse=1.0),
@@ -156,7 +172,8 @@ def test_check_expectations_applies_each_level_to_its_trials_and_skips_failures(
 
 
 def test_check_expectations_ignores_trials_missing_from_the_record() -> None:
-    spec = validate_experiment({"name": "exp", "models": ["mlp"], "methods": ["fp32"],
-                                "expect": ["mse < 0"]})
+    spec = validate_experiment(
+        {"name": "exp", "models": ["mlp"], "methods": ["fp32"], "expect": ["mse < 0"]}
+    )
     record = RunRecord(experiment={"name": "exp"}, created="2025-01-01T00:00:00+00:00", env={})
     assert check_expectations(spec, record) == []

@@ -109,3 +109,27 @@ def test_a_broken_export_is_flagged_with_a_warning(off_by_half: None, tmp_path: 
     assert result.metrics["onnx_parity_max_abs"] > result.metrics["onnx_parity_tolerance"]
     (warning,) = [w for w in result.details["warnings"] if w.startswith("ONNX parity")]
     assert "more than the tolerance" in warning and "relative" in warning
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, 128)])
+def test_weight_only_parity_reference_is_the_fp32_computation(
+    bits: int, group_size: int | None
+) -> None:
+    """torch's int8/int4 kernels round activations to bfloat16; an ONNX graph is compared
+    with the fp32 product of the same integers, and the kernel is back afterwards."""
+    from qatbench.quant.weight_only_linear import WeightOnlyLinear, fp32_kernels
+
+    torch.manual_seed(0)
+    layer = WeightOnlyLinear.from_float(torch.nn.Linear(256, 64), bits, group_size)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(4, 256) * 3
+    kernel = layer.torch_kernel
+    assert kernel != "dequantize"  # the fast path exists on this build
+    exact = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    with torch.inference_mode():
+        fast = model(x)
+        with fp32_kernels(model):
+            reference = model(x)
+    assert torch.allclose(reference, exact, atol=1e-5)
+    assert not torch.allclose(fast, exact, atol=1e-5)  # bfloat16 activations
+    assert layer.torch_kernel == kernel

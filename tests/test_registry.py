@@ -99,14 +99,24 @@ def test_a_registered_method_is_shown_by_list_methods(toy: type[ToyRtn]) -> None
 
 
 def test_a_registered_method_can_be_named_in_an_experiment(toy: type[ToyRtn]) -> None:
-    spec = validate_experiment({
-        "name": "toy", "models": ["mlp"], "bits": ["w3", "w8a8"],
-        "methods": ["fp32", {"name": "toy_rtn", "options": {"clip": 0.5}}],
-    })
+    spec = validate_experiment(
+        {
+            "name": "toy",
+            "models": ["mlp"],
+            "bits": ["w3", "w8a8"],
+            "methods": ["fp32", {"name": "toy_rtn", "options": {"clip": 0.5}}],
+        }
+    )
     assert [t.id for t in spec.expand()] == ["mlp-fp32-fp32-torch", "mlp-toy_rtn-w3-torch"]
     with pytest.raises(ConfigError, match=r"methods\[0\]\.options\.clip"):
-        validate_experiment({"name": "toy", "models": ["mlp"], "bits": ["w3"],
-                             "methods": [{"name": "toy_rtn", "options": {"clip": 2}}]})
+        validate_experiment(
+            {
+                "name": "toy",
+                "models": ["mlp"],
+                "bits": ["w3"],
+                "methods": [{"name": "toy_rtn", "options": {"clip": 2}}],
+            }
+        )
 
 
 def test_a_name_mismatch_is_rejected() -> None:

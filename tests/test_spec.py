@@ -31,8 +31,12 @@ INVALID_CASES: dict[str, list[str]] = {
     "zero_rounds.yaml": ["measure.min_rounds", "(got 0)", "greater than or equal to 3"],
     "path_name.yaml": ["name", "'../escape'", "pattern"],
     "schema_99.yaml": ["schema_version", "99", "allowed: 1"],
-    "unknown_option.yaml": ["methods[1].options.nosuch", "unknown key", "reduce_range",
-                            "skip_layers"],
+    "unknown_option.yaml": [
+        "methods[1].options.nosuch",
+        "unknown key",
+        "reduce_range",
+        "skip_layers",
+    ],
     "bad_expectation.yaml": ["expect[0]", "'accuracy is high'", "<=, >=, <, >, =="],
     "missing.yaml": ["no such experiment file"],  # deliberately not in tests/data/invalid
     # the reliability corpus (CLI runs of each: tests/test_invalid_corpus.py)
@@ -50,8 +54,11 @@ INVALID_CASES: dict[str, list[str]] = {
 def experiment(**overrides: Any) -> dict[str, Any]:
     """A small valid experiment document; keyword arguments replace top-level keys."""
     doc: dict[str, Any] = {
-        "name": "unit", "models": ["mlp"], "methods": ["fp32", "ptq"],
-        "bits": ["w8a8", "w4a8"], "runtimes": ["torch", "onnxruntime"],
+        "name": "unit",
+        "models": ["mlp"],
+        "methods": ["fp32", "ptq"],
+        "bits": ["w8a8", "w4a8"],
+        "runtimes": ["torch", "onnxruntime"],
     }
     doc.update(overrides)
     return doc
@@ -81,8 +88,9 @@ def test_quickstart_validates_and_expands_to_twelve_trials() -> None:
     assert len({t.id for t in trials}) == 12
     for trial in trials:
         assert trial.id == f"{trial.model.name}-{trial.method.name}-{trial.bits}-{trial.runtime}"
-        assert re.fullmatch(r"[A-Za-z0-9_.]+-[a-z0-9_]+-(fp32|w\d+(a\d+)?)-(torch|onnxruntime)",
-                            trial.id)
+        assert re.fullmatch(
+            r"[A-Za-z0-9_.]+-[a-z0-9_]+-(fp32|w\d+(a\d+)?)-(torch|onnxruntime)", trial.id
+        )
     assert "mlp-ptq-w4a8-onnxruntime" in {t.id for t in trials}
     # the method options reached the trial, already validated
     ptq = next(t for t in trials if t.method.name == "ptq")
@@ -133,8 +141,12 @@ def test_exclude_rule_with_several_keys_removes_only_matching_trials() -> None:
 
 
 def test_exclude_rules_are_or_ed() -> None:
-    got = ids(experiment(models=["mlp", "tiny_transformer"],
-                         exclude=[{"model": "tiny_transformer"}, {"runtime": "onnxruntime"}]))
+    got = ids(
+        experiment(
+            models=["mlp", "tiny_transformer"],
+            exclude=[{"model": "tiny_transformer"}, {"runtime": "onnxruntime"}],
+        )
+    )
     assert got == ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch", "mlp-ptq-w4a8-torch"]
 
 
@@ -169,15 +181,19 @@ def test_exclude_naming_a_value_outside_the_grid_is_rejected() -> None:
 
 
 def test_per_method_bits_override_the_top_level_bits() -> None:
-    got = ids(experiment(methods=["fp32", {"name": "ptq", "bits": ["w4a8"]}], bits=["w8a8"],
-                         runtimes=["torch"]))
+    got = ids(
+        experiment(
+            methods=["fp32", {"name": "ptq", "bits": ["w4a8"]}], bits=["w8a8"], runtimes=["torch"]
+        )
+    )
     assert got == ["mlp-fp32-fp32-torch", "mlp-ptq-w4a8-torch"]
 
 
 def test_per_method_bits_may_name_what_the_top_level_cannot() -> None:
     # top-level bits are w4 only (weight-only), which ptq cannot do; its own list can.
-    doc = experiment(methods=["fp32", {"name": "ptq", "bits": ["w8a8"]}], bits=["w4"],
-                     runtimes=["torch"])
+    doc = experiment(
+        methods=["fp32", {"name": "ptq", "bits": ["w8a8"]}], bits=["w4"], runtimes=["torch"]
+    )
     assert ids(doc) == ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch"]
 
 
@@ -227,7 +243,9 @@ def test_expectations_collect_from_experiment_model_and_method() -> None:
     doc = experiment(
         models=[{"name": "mlp", "expect": ["accuracy > 50"]}],
         methods=["fp32", {"name": "ptq", "expect": ["mse < 0.1"]}],
-        expect=["compression_ratio >= 1"], runtimes=["torch"], bits=["w8a8"],
+        expect=["compression_ratio >= 1"],
+        runtimes=["torch"],
+        bits=["w8a8"],
     )
     by_id = {t.id: [str(e) for e in t.expectations()] for t in validate_experiment(doc).expand()}
     assert by_id == {
@@ -237,8 +255,11 @@ def test_expectations_collect_from_experiment_model_and_method() -> None:
 
 
 def test_a_model_factory_is_imported_and_named_by_its_entry() -> None:
-    doc = experiment(models=[{"name": "custom", "factory": "qatbench.models.mlp:build_mlp"}],
-                     runtimes=["torch"], bits=["w8a8"])
+    doc = experiment(
+        models=[{"name": "custom", "factory": "qatbench.models.mlp:build_mlp"}],
+        runtimes=["torch"],
+        bits=["w8a8"],
+    )
     assert ids(doc) == ["custom-fp32-fp32-torch", "custom-ptq-w8a8-torch"]
 
 
@@ -269,21 +290,22 @@ def test_an_unknown_model_lists_the_known_ones() -> None:
 
 
 def test_method_options_are_validated_by_the_methods_config() -> None:
-    spec = validate_experiment(experiment(methods=[{"name": "ptq",
-                                                    "options": {"skip_layers": ["net.1"]}}]))
+    spec = validate_experiment(
+        experiment(methods=[{"name": "ptq", "options": {"skip_layers": ["net.1"]}}])
+    )
     assert spec.methods[0].options == {"skip_layers": ["net.1"]}
 
 
 def test_an_unknown_method_option_is_rejected_naming_its_key_path() -> None:
-    message = config_error(experiment(methods=["fp32", {"name": "ptq",
-                                                        "options": {"nosuch": 1}}]))
+    message = config_error(experiment(methods=["fp32", {"name": "ptq", "options": {"nosuch": 1}}]))
     assert "methods[1].options.nosuch" in message
     assert "unknown key" in message
 
 
 def test_a_wrongly_typed_method_option_is_rejected() -> None:
-    message = config_error(experiment(methods=[{"name": "ptq",
-                                                "options": {"reduce_range": "sometimes"}}]))
+    message = config_error(
+        experiment(methods=[{"name": "ptq", "options": {"reduce_range": "sometimes"}}])
+    )
     assert "methods[0].options.reduce_range" in message
     assert "'sometimes'" in message
 
@@ -294,10 +316,11 @@ def test_a_wrongly_typed_method_option_is_rejected() -> None:
         ("expect[0]", experiment(expect=["accuracy high"])),
         ("expect[1]", experiment(expect=["mse < 0.1", "mse < lots"])),
         ("models[0].expect[0]", experiment(models=[{"name": "mlp", "expect": ["mse ~ 1"]}])),
-        ("methods[1].expect[0]", experiment(methods=["fp32", {"name": "ptq",
-                                                              "expect": ["< 0.1"]}])),
-        ("methods[0].expect[0]", experiment(methods=[{"name": "fp32",
-                                                      "expect": ["mse != 0"]}])),
+        (
+            "methods[1].expect[0]",
+            experiment(methods=["fp32", {"name": "ptq", "expect": ["< 0.1"]}]),
+        ),
+        ("methods[0].expect[0]", experiment(methods=[{"name": "fp32", "expect": ["mse != 0"]}])),
     ],
 )
 def test_expectation_syntax_errors_name_their_key(where: str, doc: dict[str, Any]) -> None:
@@ -343,8 +366,9 @@ def test_a_binary_file_is_not_an_experiment_file(tmp_path: Path) -> None:
 
 def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:
     path = tmp_path / "unsafe.yaml"
-    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n"
-                    "models: [mlp]\nmethods: [fp32]\n")
+    path.write_text(
+        "name: !!python/object/apply:os.system ['echo pwned']\nmodels: [mlp]\nmethods: [fp32]\n"
+    )
     with pytest.raises(ConfigError, match="invalid YAML at line 1"):
         load_experiment(path)
 
@@ -352,8 +376,9 @@ def test_yaml_is_read_with_the_safe_loader(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "ok\n", "with space", "x" * 65])
 def test_names_that_are_unsafe_in_ids_and_paths_are_rejected(name: str) -> None:
     assert "name: " in config_error(experiment(name=name))
-    message = config_error(experiment(models=[{"name": name, "factory":
-                                                "qatbench.models.mlp:build_mlp"}]))
+    message = config_error(
+        experiment(models=[{"name": name, "factory": "qatbench.models.mlp:build_mlp"}])
+    )
     assert "models[0].name" in message
 
 

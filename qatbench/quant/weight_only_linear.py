@@ -41,6 +41,8 @@ fuses into ``MatMulNBits``.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -354,6 +356,22 @@ class _WeightOnlyExport(torch.autograd.Function):
         if sizes is not None:
             y.setType(x.type().with_sizes([*sizes[:-1], out_features]))
         return y
+
+
+@contextlib.contextmanager
+def fp32_kernels(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` with its weight-only layers computing in fp32 from the dequantized
+    integers for the duration (the simulated output of the same weights): the torch
+    kernels round activations to bfloat16, which an fp32 runtime is not expected to match."""
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
+    kernels = [m.torch_kernel for m in layers]
+    for m in layers:
+        m.torch_kernel = "dequantize"
+    try:
+        yield model
+    finally:
+        for m, kernel in zip(layers, kernels, strict=True):
+            m.torch_kernel = kernel
 
 
 def kernel_summary(model: torch.nn.Module) -> dict[str, Any]:
