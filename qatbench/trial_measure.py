@@ -143,7 +143,13 @@ def _parity(
         torch_out = predict(candidate, data.eval_x, batch)
     ort_out = predict(ortrt.as_callable(session), data.eval_x, batch)
     step = parity.output_step(candidate, data.eval_x[:batch])
-    result = parity.compare(torch_out, ort_out, step, parity.requantizing_layers(candidate))
+    result = parity.compare(
+        torch_out,
+        ort_out,
+        step,
+        parity.requantizing_layers(candidate),
+        parity.weight_only_layers(candidate),
+    )
     state.metrics["onnx_parity_max_abs"] = result.max_abs
     state.metrics["onnx_parity_tolerance"] = result.tolerance
     state.metrics["onnx_parity_ok"] = 1.0 if result.ok else 0.0

@@ -133,3 +133,23 @@ def test_weight_only_parity_reference_is_the_fp32_computation(
     assert torch.allclose(reference, exact, atol=1e-5)
     assert not torch.allclose(fast, exact, atol=1e-5)  # bfloat16 activations
     assert layer.torch_kernel == kernel
+
+
+def test_relative_tolerance_grows_with_the_layers_whose_inputs_are_quantized() -> None:
+    reference = torch.tensor([[10.0, -50.0, 3.0]])
+    assert not parity.compare(reference, reference + 2.5, None).ok
+    nine = parity.compare(reference, reference + 2.5, None, quantizing_inputs=9)
+    assert nine.ok and nine.tolerance == pytest.approx(9.0)
+    assert not parity.compare(reference, reference * 1.5, None, quantizing_inputs=9).ok
+
+
+def test_weight_only_layers_are_counted() -> None:
+    from qatbench.quant.weight_only_linear import WeightOnlyLinear
+
+    model = torch.nn.Sequential(
+        WeightOnlyLinear.from_float(torch.nn.Linear(64, 64), 4, 32),
+        torch.nn.ReLU(),
+        WeightOnlyLinear.from_float(torch.nn.Linear(64, 8), 8),
+        torch.nn.Linear(8, 2),
+    )
+    assert parity.weight_only_layers(model) == 2

@@ -15,9 +15,13 @@ torch's outputs on the evaluation batch. Whether that is agreement depends on th
   output. That covers what legitimately differs between two correct implementations
   here: summation order and fp16 graphs where onnxruntime inserts casts around operators
   without fp16 kernels. Weight-only layers are compared with their fp32 computation from
-  the same integers (``fp32_kernels``): torch's int8/int4 kernels round activations to
-  bfloat16, which across a deep decoder moves logits by several percent, while
-  onnxruntime's MatMulNBits keeps fp32.
+  the same integers (``fp32_kernels``), as torch's int8/int4 kernels round activations to
+  bfloat16. onnxruntime's MatMulNBits keeps fp32 weights but quantizes each layer's input
+  to int8 per block
+  (accuracy level 4, what makes it fast). That rounding compounds through the layers like
+  requantization does, so the relative tolerance is ``RTOL`` per weight-only layer: 9 layers
+  of a small decoder differ by 0.40-0.52 on logits up to 12 (perplexity equal to 0.001),
+  where a wrong scale or layout is off by a large fraction of the output.
 
 Anything beyond is a broken export (a wrong layout, a missing zero point, a scale applied
 twice), and is flagged with ``onnx_parity_ok`` = 0.0 and a warning.
@@ -78,13 +82,28 @@ def output_step(model: torch.nn.Module, x: torch.Tensor) -> float | None:
 
 
 def compare(
-    torch_out: torch.Tensor, ort_out: torch.Tensor, step: float | None, steps: int = 1
+    torch_out: torch.Tensor,
+    ort_out: torch.Tensor,
+    step: float | None,
+    steps: int = 1,
+    quantizing_inputs: int = 0,
 ) -> Parity:
     """``onnx_parity_max_abs`` and its tolerance: ``steps`` output steps of ``step``, or
-    relative when ``step`` is None (see the module docstring)."""
+    relative when ``step`` is None: ``RTOL`` of the largest output per layer whose input
+    onnxruntime quantizes on the fly (``quantizing_inputs``, at least one; see the module
+    docstring)."""
     max_abs = float((torch_out.float() - ort_out.float()).abs().max())
     scale = float(torch_out.abs().max())
     if step is not None:
         steps = max(steps, 1)
         return Parity(max_abs, steps * step + SLACK * scale, "output_step", steps)
-    return Parity(max_abs, RTOL * scale, "relative")
+    layers = max(quantizing_inputs, 1)
+    return Parity(max_abs, layers * RTOL * scale, "relative")
+
+
+def weight_only_layers(model: torch.nn.Module) -> int:
+    """Weight-only integer layers: onnxruntime's fused ``MatMulNBits`` quantizes their
+    inputs to int8 per block (accuracy level 4), which torch's kernels do not."""
+    from qatbench.quant.weight_only_linear import WeightOnlyLinear
+
+    return sum(isinstance(m, WeightOnlyLinear) for m in model.modules())
