@@ -357,5 +357,10 @@ def test_an_installed_plugin_runs_end_to_end(plugin_site: Path, tmp_path: Path) 
         assert run.info.run_id == trials[trial_id]["mlflow_run_id"]
         assert required <= set(run.data.metrics), required - set(run.data.metrics)
         assert run.data.metrics["mse"] == pytest.approx(trials[trial_id]["metrics"]["mse"])
-        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-        assert "model.onnx" in artifacts
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"trial.json"}
+        # The ONNX graph is the run's logged ONNX-flavour model.
+        (model,) = client.search_logged_models(
+            experiment_ids=[experiment.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'",
+        )
+        assert model.name == "onnx_model"

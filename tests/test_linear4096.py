@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from data.trial_support import run_here
 
 from qatbench import registry
 from qatbench.quant.naive_linear import NaiveInt8Linear
 from qatbench.results import TrialResult
-from qatbench.spec import TrialSpec, validate_experiment
-from qatbench.trial import run_trial
+from qatbench.spec import validate_experiment
 
 SIZE = 256  # linear4096's shape, scaled down: one square Linear, groups of 128 divide it
 
@@ -54,20 +54,11 @@ def experiment(runtimes: list[str]) -> dict[str, Any]:
     }
 
 
-def _run(trial: TrialSpec, out_dir: Path) -> TrialResult:
-    threads = torch.get_num_threads()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return run_trial(trial, out_dir)
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrialResult]:
     out = tmp_path_factory.mktemp("linear")
     trials = validate_experiment(experiment(["torch", "onnxruntime"]), source="t").expand()
-    return {t.id: _run(t, out / t.id) for t in trials}
+    return {t.id: run_here(t, out / t.id) for t in trials}
 
 
 def test_every_trial_finished(results: dict[str, TrialResult]) -> None:
@@ -139,7 +130,9 @@ def test_fp32_runs_no_integer_kernel(results: dict[str, TrialResult]) -> None:
         assert results[f"linear-fp32-fp32-{runtime}"].metrics["int_op_fraction"] == 0
 
 
-def test_parity_flag_holds_where_torch_and_onnx_both_run(results: dict[str, TrialResult]) -> None:
+def test_parity_flag_holds_where_torch_and_onnx_both_run(
+    results: dict[str, TrialResult],
+) -> None:
     ptq = results["linear-ptq-w8a8-onnxruntime"]
     assert ptq.metrics["onnx_parity_ok"] == 1.0
     assert ptq.details["onnx_parity_basis"] == "output_step"

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 import torch
+from data.trial_support import run_here
 
 from qatbench import registry
 from qatbench.measure import generation as gen
 from qatbench.measure.timing import TimingSettings
 from qatbench.models.gpt import build_gpt_tiny
 from qatbench.results import TrialResult
-from qatbench.spec import TrialSpec, load_experiment, validate_experiment
-from qatbench.trial import run_trial
+from qatbench.spec import load_experiment, validate_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEW = 8, 8
@@ -67,16 +67,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Tria
     trials = {t.id: t for t in validate_experiment(experiment, "t").expand()}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QATBENCH_CACHE", str(cache))
-        yield {tid: _run(trial, out / tid) for tid, trial in trials.items()}
-
-
-def _run(trial: TrialSpec, out_dir: Path) -> TrialResult:
-    threads = torch.get_num_threads()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return run_trial(trial, out_dir)
-    finally:
-        torch.set_num_threads(threads)
+        yield {tid: run_here(trial, out / tid) for tid, trial in trials.items()}
 
 
 def test_every_trial_finishes_with_perplexity(results: dict[str, TrialResult]) -> None:

@@ -226,6 +226,9 @@ def test_ctrl_c_kills_the_worker_writes_a_partial_report_and_exits_130(tmp_path:
     """Ctrl-C at the terminal (SIGINT to the foreground process group) mid-sweep."""
     uri = sqlite_uri(tmp_path / "mlruns")
     exp = write_experiment(tmp_path / "exp.yaml", "ctrl_c", uri)
+    # Trials of seconds, so the Ctrl-C lands mid-sweep and not after the last trial (when
+    # the finished sweep writes its report with signals shielded).
+    exp.write_text(exp.read_text().replace("max_time_s: 0.2", "max_time_s: 3.0"))
     proc = subprocess.Popen(
         [str(QATBENCH), "run", str(exp)],
         cwd=tmp_path,

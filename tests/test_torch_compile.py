@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 import torch
+from data.trial_support import run_here
 
 from qatbench import registry
 from qatbench.errors import ConfigError
 from qatbench.results import TrialResult
 from qatbench.runtimes import torch_compile as tc
 from qatbench.spec import TrialSpec, validate_experiment
-from qatbench.trial import run_trial
 
 BATCHES = (1, 8)
 COMPILABLE = {
@@ -53,15 +53,6 @@ def trials_of(data: dict[str, Any]) -> dict[str, TrialSpec]:
     return {t.id: t for t in validate_experiment(data, source="t").expand()}
 
 
-def _run(trial: TrialSpec, out_dir: Path) -> TrialResult:
-    threads = torch.get_num_threads()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return run_trial(trial, out_dir)
-    finally:
-        torch.set_num_threads(threads)
-
-
 def test_methods_declare_torch_compile_where_inductor_compiles_them() -> None:
     declared = {
         name
@@ -96,7 +87,7 @@ def test_unknown_runtime_is_rejected_with_the_allowed_ones() -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrialResult]:
     out = tmp_path_factory.mktemp("compiled")
     trials = trials_of(experiment(["fp32", "rtn"], ["torch", "torch_compile"]))
-    return {tid: _run(trial, out / tid) for tid, trial in trials.items()}
+    return {tid: run_here(trial, out / tid) for tid, trial in trials.items()}
 
 
 @pytest.mark.parametrize("tid", ["linear-fp32-fp32-torch_compile", "linear-rtn-w8-torch_compile"])
@@ -155,12 +146,12 @@ def test_failing_compile_fails_only_that_trial_in_phase_compile(
 
     monkeypatch.setattr(tc.torch, "compile", broken)
     trials = trials_of(experiment(["fp32"], ["torch", "torch_compile"]))
-    failed = _run(trials["linear-fp32-fp32-torch_compile"], tmp_path / "compiled")
+    failed = run_here(trials["linear-fp32-fp32-torch_compile"], tmp_path / "compiled")
     assert failed.status == "failed" and failed.error is not None
     assert failed.error.phase == "compile"
     assert failed.error.reason == (
         "torch.compile (inductor) failed: RuntimeError: inductor: C++ compile error"
     )
     assert "compile_s" not in failed.phases and "export_s" in failed.phases
-    eager = _run(trials["linear-fp32-fp32-torch"], tmp_path / "eager")
+    eager = run_here(trials["linear-fp32-fp32-torch"], tmp_path / "eager")
     assert eager.status == "finished"

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from data.trial_support import run_here
 
 from qatbench import registry
 from qatbench.export import export_onnx
@@ -15,7 +16,6 @@ from qatbench.methods.base import Capabilities, QuantMethod
 from qatbench.models.mlp import build_mlp
 from qatbench.results import TrialResult
 from qatbench.spec import TrialSpec, validate_experiment
-from qatbench.trial import run_trial
 
 BATCHES = (1, 4)
 CANONICAL = [
@@ -91,19 +91,9 @@ def results(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
     """fp32 and ptq w8a8 on torch and onnxruntime, run in this process."""
     out = tmp_path_factory.mktemp("trials")
     return {
-        tid: _run(trial, out / tid)
+        tid: run_here(trial, out / tid)
         for tid, trial in trials_of(tiny_experiment(["fp32", "ptq"])).items()
     }
-
-
-def _run(trial: TrialSpec, out_dir: Path) -> TrialResult:
-    """run_trial in this process, restoring the thread count and RNG state it sets."""
-    threads = torch.get_num_threads()
-    try:
-        with torch.random.fork_rng(devices=[]):
-            return run_trial(trial, out_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_grid_is_the_expected_four(results: dict[str, TrialResult]) -> None:
@@ -297,7 +287,7 @@ def test_failing_method_is_a_failed_result(
     broken_methods: None, cache_dir: Path, tmp_path: Path, method: str, phase: str, reason: str
 ) -> None:
     (trial,) = trials_of(tiny_experiment([method], runtimes=["torch"])).values()
-    result = _run(trial, tmp_path)
+    result = run_here(trial, tmp_path)
     assert result.status == "failed"
     assert result.error is not None
     assert result.error.phase == phase
@@ -314,7 +304,7 @@ def test_method_setup_failure_is_not_blamed_on_reference(
     """The method is looked up and instantiated after the ``reference`` phase ends and
     before ``prepare`` starts, so its failure is reported in phase ``reference``."""
     (trial,) = trials_of(tiny_experiment(["init_raises"], runtimes=["torch"])).values()
-    result = _run(trial, tmp_path)
+    result = run_here(trial, tmp_path)
     assert result.status == "failed"
     assert result.error is not None
     assert result.error.reason == "RuntimeError: cannot set up"
