@@ -1,8 +1,8 @@
 """Warnings a report row carries, computed from one trial: plain data for the templates.
 
 - ``simulated``: the method quantizes in simulation only, so nobody mistakes its numbers for
-  integer inference. Either the trial says so (``details["simulated"]`` true: fake-quant
-  methods that claim no integer kernels), or its bits are integer (8 or fewer weight bits)
+  integer inference. Either the trial says so (``details["simulated"]`` true: fake-quant,
+  or ``naive_int8`` dequantizing on every call), or its bits are integer (8 or fewer weight bits)
   while its exported graph runs no integer kernel (``int_op_fraction`` 0).
 - ``parity``: onnxruntime disagrees with the torch model beyond the export check's
   tolerance (``onnx_parity_ok`` 0); the ONNX parity cell is marked too.
@@ -49,8 +49,8 @@ def simulated_flag(trial: TrialResult) -> Flag | None:
         return Flag(
             "simulated",
             "simulated",
-            f"{trial.method} quantizes in simulation (fake-quant): floating-point kernels, "
-            "so its speed and size are not those of integer inference",
+            f"{trial.method} computes in floating point (fake-quant, or integers dequantized "
+            "on every call): its speed is not that of integer inference",
         )
     fraction = _finite(trial, "int_op_fraction")
     if fraction == 0.0 and integer_bits(trial.bits):
