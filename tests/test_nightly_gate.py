@@ -3,8 +3,8 @@
 Three sweeps of one small experiment go into one SQLite store, as three nightlies would:
 the first has nothing to compare with, the second (unchanged) passes its comparison with the
 first, the third has a slowdown injected into one method and must exit 1 with a breach
-line naming that trial and the metric. The gates are the nightly recipe's kind: timing
-gates that also need a significant shift of the per-call samples.
+line naming that trial and the metric. The gates are the nightly recipe's kind: a timing
+gate on the paired speed-up that also needs a significant shift of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from qatbench.errors import QatbenchError
 
 pytestmark = pytest.mark.slow
 
-GATES = ["--gate", "latency_p50_ms:+50%", "--gate", "speedup_vs_fp32:-30%", "--gate", "mse:+20%"]
+# The nightly recipe's kind of gates: the timing gate is on the ratio to fp32 measured in the
+# same process; absolute latency moves by more than 50% between identical runs on a shared
+# machine (README, "Nightly jobs").
+GATES = ["--gate", "speedup_vs_fp32:-30%", "--gate", "mse:+20%", "--gate", "size_bytes:+1%"]
 SLOW_TRIAL = "mlp-slowable-fp32-torch"
 
 
@@ -88,7 +91,6 @@ def test_nightly_gate_passes_unchanged_and_names_an_injected_slowdown(
     breaches = [line for line in output.splitlines() if line.startswith("breach:")]
     assert breaches, output
     assert all(SLOW_TRIAL in line for line in breaches), breaches
-    assert any("latency_p50_ms_b1" in line for line in breaches), breaches
     assert any("speedup_vs_fp32_b1" in line for line in breaches), breaches
     assert not any("mlp-fp32-fp32-torch" in line for line in breaches)
 

@@ -161,6 +161,10 @@ def test_resume_command_line_errors_are_one_line(store: str, tmp_path: Path) -> 
 # --- the real thing, as a user would meet it --------------------------------------------
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _children(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -237,6 +241,9 @@ def test_ctrl_c_kills_the_worker_writes_a_partial_report_and_exits_130(tmp_path:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a shell gives a foreground job
+        # A foreground job's Ctrl-C is not ignored, whatever this test process inherited
+        # (an ignored SIGINT stays ignored across exec, and Python then keeps it so).
+        preexec_fn=_default_sigint,
     )
     try:
         reports = tmp_path / "reports" / "ctrl_c"
