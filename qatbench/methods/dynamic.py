@@ -14,9 +14,8 @@ from typing import ClassVar
 import torch
 from pydantic import Field
 
-from qatbench.errors import PluginError
 from qatbench.methods.base import Capabilities, QuantMethod
-from qatbench.methods.layer_selection import LayerSelection, select_linears
+from qatbench.methods.layer_selection import LayerSelection, replace_linears
 from qatbench.quant.dynamic_linear import DynamicQuantizedLinear
 
 
@@ -36,13 +35,11 @@ class DynamicMethod(QuantMethod):
         )
 
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
-        targets = select_linears(model, self.config, self.bits.weight)
-        if not targets:
-            raise PluginError(f"{self.name}: the model has no Linear layer to quantize")
-        for name in targets:
-            linear = model.get_submodule(name)
-            assert isinstance(linear, torch.nn.Linear)
-            model.set_submodule(
-                name, DynamicQuantizedLinear.from_float(linear, self.config.reduce_range)
-            )
-        return model
+        reduce_range = self.config.reduce_range
+        return replace_linears(
+            model,
+            self.config,
+            self.bits.weight,
+            self.name,
+            lambda linear: DynamicQuantizedLinear.from_float(linear, reduce_range),
+        )

@@ -17,11 +17,13 @@ models with different layer names).
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from pydantic import Field, model_validator
 
+from qatbench.errors import PluginError
 from qatbench.methods.base import MethodConfig
 
 FIRST, LAST = "<first>", "<last>"
@@ -89,3 +91,22 @@ def select_linears(
     names = linear_names(model)
     plan = layer_bits(names, config, default_bits)
     return {n: b for n, b in plan.items() if b is not None and n not in skip}
+
+
+def replace_linears(
+    model: torch.nn.Module,
+    config: LayerSelection,
+    default_bits: int,
+    method: str,
+    build: Callable[[torch.nn.Linear], torch.nn.Module],
+) -> torch.nn.Module:
+    """Replace each Linear :func:`select_linears` picks by ``build(linear)``, in place; a
+    :class:`~qatbench.errors.PluginError` naming ``method`` when it picks none."""
+    targets = select_linears(model, config, default_bits)
+    if not targets:
+        raise PluginError(f"{method}: the model has no Linear layer to quantize")
+    for name in targets:
+        linear = model.get_submodule(name)
+        assert isinstance(linear, torch.nn.Linear)  # select_linears returns Linear layers
+        model.set_submodule(name, build(linear))
+    return model

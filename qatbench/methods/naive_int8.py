@@ -18,9 +18,8 @@ from typing import ClassVar
 
 import torch
 
-from qatbench.errors import PluginError
 from qatbench.methods.base import Capabilities, QuantMethod
-from qatbench.methods.layer_selection import LayerSelection, select_linears
+from qatbench.methods.layer_selection import LayerSelection, replace_linears
 from qatbench.quant.naive_linear import NaiveInt8Linear
 
 
@@ -39,11 +38,6 @@ class NaiveInt8Method(QuantMethod):
         override_bits: ClassVar[frozenset[int]] = frozenset({8})
 
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
-        targets = select_linears(model, self.config, self.bits.weight)
-        if not targets:
-            raise PluginError(f"{self.name}: the model has no Linear layer to quantize")
-        for name in targets:
-            linear = model.get_submodule(name)
-            assert isinstance(linear, torch.nn.Linear)  # select_linears returns Linear layers
-            model.set_submodule(name, NaiveInt8Linear.from_float(linear))
-        return model
+        return replace_linears(
+            model, self.config, self.bits.weight, self.name, NaiveInt8Linear.from_float
+        )

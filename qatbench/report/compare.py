@@ -159,13 +159,7 @@ def batch_samples(trial: TrialResult, batch: int | str, side: str = "candidate_m
     the trial recorded none or they are malformed."""
     bucket = trial.details.get("latency_samples", {})
     values = bucket.get(f"b{batch}", {}).get(side) if isinstance(bucket, dict) else None
-    if not isinstance(values, list):
-        return []
-    try:
-        floats = [float(v) for v in values]
-    except (TypeError, ValueError):
-        return []
-    return [v for v in floats if math.isfinite(v)]
+    return _floats(values)
 
 
 def timing_samples(trial: TrialResult, metric: str) -> tuple[list[float], int]:
