@@ -471,7 +471,7 @@ def selftest(
 
     from qatbench import selftest as st
     from qatbench.measure.env import fingerprint
-    from qatbench.tracking import Tracker
+    from qatbench.tracking.tracker import Tracker
 
     tracker = Tracker(tracking_uri, "qatbench-selftest")
     checks = st.run_selftest()

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from qatbench.executor import LocalProcessExecutor
     from qatbench.results import RunRecord, TrialResult
     from qatbench.spec import ExperimentSpec, TrialSpec
-    from qatbench.tracking import Tracker
+    from qatbench.tracking.tracker import Tracker
 
 INI_EXPERIMENTS = "qatbench_experiments"
 INI_TRACKING_URI = "qatbench_tracking_uri"
@@ -379,7 +379,7 @@ class SessionState:
             from qatbench.measure.env import fingerprint
             from qatbench.results import RunRecord
             from qatbench.runner import new_sweep_id
-            from qatbench.tracking import Tracker
+            from qatbench.tracking.tracker import Tracker
 
             tracker = Tracker(uri, name, root=self.root)
             env = fingerprint(threads=threads)

@@ -49,7 +49,7 @@ from qatbench.results import RunRecord, TrialResult, write_text_atomic
 from qatbench.spec import ExperimentSpec, TrialSpec, load_experiment
 
 if TYPE_CHECKING:
-    from qatbench.tracking import SweepRun, Tracker
+    from qatbench.tracking.tracker import SweepRun, Tracker
 
 RESULT_FILE = "result.json"  # trials/<id>/result.json: the result before it is logged
 INTERRUPT_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -94,7 +94,7 @@ def run_experiment(
 ) -> RunOutcome:
     """Run every trial of the experiment file at ``path`` (of its ``shard`` of the grid, if
     given; the report names it) as a new sweep; see RunOutcome."""
-    from qatbench.tracking import Tracker  # the only module importing mlflow
+    from qatbench.tracking.tracker import Tracker  # the only module importing mlflow
 
     spec = load_experiment(path)
     tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment or spec.name)
@@ -135,7 +135,7 @@ def resume_experiment(
     run otherwise. The MLflow store is the report's unless ``tracking_uri`` is given. A
     sweep of one shard of the grid continues that shard only.
     """
-    from qatbench.tracking import Tracker
+    from qatbench.tracking.tracker import Tracker
 
     json_path = sweeps.report_path(report)
     record = RunRecord.load(json_path)
@@ -358,7 +358,7 @@ def sync_report(
     running it twice logs nothing the second time. report.json is rewritten atomically
     after each trial, report.html at the end. Returns (pushed, already there).
     """
-    from qatbench.tracking import Tracker
+    from qatbench.tracking.tracker import Tracker
 
     console = console or Console(stderr=True)
     json_path = sweeps.report_path(report)

@@ -43,7 +43,7 @@ class ServerError(QatbenchError):
 
 def server_command(uri: str, host: str, port: int) -> list[str]:
     """The ``mlflow server`` command line for the store at ``uri``."""
-    from qatbench.tracking import artifact_root_for
+    from qatbench.tracking.store import artifact_root_for
 
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri]
     root = artifact_root_for(uri)
@@ -142,7 +142,7 @@ class UiServer:
 
 def start(uri: str | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> UiServer:
     """Create the store if needed and start ``mlflow server`` over it (not waiting)."""
-    from qatbench.tracking import init_store
+    from qatbench.tracking.store import init_store
 
     if uri and uri.startswith(("http://", "https://")):
         raise ConfigError(

@@ -1,7 +1,7 @@
 """Sweeps from MLflow, history with significant changes marked, and the MLflow-backed CLI.
 
 One real SQLite store in a temporary folder serves the module: experiment ``nightly`` holds
-three sweeps logged with qatbench.tracking.Tracker (tagged ``qatbench.sweep``): two from
+three sweeps logged with qatbench.tracking.tracker.Tracker (tagged ``qatbench.sweep``): two from
 the same latency distribution, then a 20% regression; ``untagged`` holds the same three
 without the tag, grouped by time.
 """
@@ -89,9 +89,9 @@ def test_a_trial_keeps_its_latest_run_that_ended() -> None:
 
 
 def test_the_sweep_tag_is_trackings() -> None:
-    from qatbench import tracking
+    from qatbench.tracking import tracker
 
-    assert tracking.SWEEP_TAG == SWEEP_TAG
+    assert tracker.SWEEP_TAG == SWEEP_TAG
 
 
 def test_a_run_without_trial_json_is_rebuilt_from_tags_and_metrics() -> None:
@@ -226,7 +226,7 @@ def test_history_view_geometry(records: list[RunRecord]) -> None:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, records: list[RunRecord]) -> str:
     """The SQLite store with experiments ``nightly`` (tagged sweeps) and ``untagged``."""
-    from qatbench.tracking import Tracker
+    from qatbench.tracking.tracker import Tracker
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"

@@ -40,7 +40,7 @@ def test_writers_racing_to_create_the_experiment_get_the_same_one(
     start = time.time() + 8  # every process imported mlflow by then: they create at once
     script = (
         "import sys, time\n"
-        "from qatbench.tracking import Tracker\n"
+        "from qatbench.tracking.tracker import Tracker\n"
         "time.sleep(max(0.0, float(sys.argv[2]) - time.time()))\n"
         "print(Tracker(sys.argv[1], 'raced').experiment_id)\n"
     )

@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 from qatbench.export import export_onnx
 from qatbench.models.linear import build_linear
 from qatbench.results import TrialResult
-from qatbench.tracking import ONNX_MODEL_NAME, Tracker
+from qatbench.tracking.onnx_model import ONNX_MODEL_NAME
+from qatbench.tracking.tracker import Tracker
 
 IN, OUT = 64, 32
 

@@ -61,7 +61,9 @@ def _imported(tmp_path_factory: pytest.TempPathFactory) -> None:
     import qatbench.runner
     import qatbench.trial  # noqa: F401  # imported for the side effect above
     from qatbench import registry
-    from qatbench.tracking import Tracker, default_uri, search_trials
+    from qatbench.tracking.queries import search_trials
+    from qatbench.tracking.store import default_uri
+    from qatbench.tracking.tracker import Tracker
 
     registry.methods.names()
     registry.models.names()
@@ -250,7 +252,8 @@ def test_trials_run_log_and_breach_with_one_line(env: pytest.Pytester) -> None:
     assert [t.id for t in record.trials] == TINY_IDS
     assert all(t.mlflow_run_id for t in record.trials)
     assert report.with_name("report.html").stat().st_size > 1000
-    from qatbench.tracking import default_uri, search_trials
+    from qatbench.tracking.queries import search_trials
+    from qatbench.tracking.store import default_uri
 
     runs = search_trials(default_uri(env.path), "tiny")
     assert sorted(r["run_name"] for r in runs) == TINY_IDS
@@ -359,7 +362,8 @@ def test_fixtures_run_a_trial_and_a_benchmark_and_log_both(env: pytest.Pytester)
     assert entry["stats"]["rounds"] >= 5
     assert list((env.path / "bench-store").rglob("*.json"))  # --benchmark-autosave
 
-    from qatbench.tracking import default_uri, search_trials
+    from qatbench.tracking.queries import search_trials
+    from qatbench.tracking.store import default_uri
 
     runs = {r["run_name"]: r for r in search_trials(default_uri(env.path), "test_bench")}
     assert set(runs) == {"mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch"}

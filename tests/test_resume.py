@@ -47,7 +47,7 @@ GRID = [
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from qatbench.tracking import init_store
+    from qatbench.tracking.store import init_store
 
     return init_store(sqlite_uri(tmp_path_factory.mktemp("store")))
 

@@ -34,7 +34,7 @@ GRID = ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch", "mlp-ptq-w4a8-torch"]
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """One SQLite store for the module (creating one takes seconds); experiments differ."""
-    from qatbench.tracking import init_store
+    from qatbench.tracking.store import init_store
 
     return init_store(sqlite_uri(tmp_path_factory.mktemp("store")))
 

@@ -20,14 +20,10 @@ from onnx import TensorProto, helper
 import qatbench
 from qatbench.errors import TrackingError
 from qatbench.results import TrialFailure, TrialResult
-from qatbench.tracking import (
-    Tracker,
-    artifact_root_for,
-    default_uri,
-    flatten,
-    init_store,
-    search_trials,
-)
+from qatbench.tracking.queries import search_trials
+from qatbench.tracking.run_data import flatten
+from qatbench.tracking.store import artifact_root_for, default_uri, init_store
+from qatbench.tracking.tracker import Tracker
 
 EXPERIMENT = "tracking-test"
 METRICS = {

@@ -96,7 +96,8 @@ def _wait_healthy(url: str, process: subprocess.Popen[str], timeout_s: float = 3
 def store(tmp_path: Path) -> tuple[str, str, str]:
     """A temporary SQLite store holding one finished trial: (uri, experiment id, run id)."""
     from qatbench.results import TrialResult
-    from qatbench.tracking import Tracker, default_uri
+    from qatbench.tracking.store import default_uri
+    from qatbench.tracking.tracker import Tracker
 
     uri = default_uri(tmp_path)
     tracker = Tracker(uri, "ui_check")

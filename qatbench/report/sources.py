@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from qatbench.errors import ConfigError
 from qatbench.results import RunRecord, TrialFailure, TrialResult
 
-SWEEP_TAG = "qatbench.sweep"  # = qatbench.tracking.SWEEP_TAG, without importing mlflow
+SWEEP_TAG = "qatbench.sweep"  # = qatbench.tracking.tracker.SWEEP_TAG, without importing mlflow
 _ENDED = ("FINISHED", "FAILED")
 MLFLOW_PREFIX = "mlflow:"
 _T = TypeVar("_T")
@@ -174,7 +174,8 @@ def _sweep(group: list[dict[str, Any]], ordinal: int) -> Sweep:
 
 
 def sweeps_from_runs(runs: Sequence[dict[str, Any]]) -> list[Sweep]:
-    """Runs as returned by :func:`qatbench.tracking.fetch_trial_runs`, as sweeps, oldest first."""
+    """Runs as :func:`qatbench.tracking.queries.fetch_trial_runs` returns them, as sweeps,
+    oldest first."""
     return [_sweep(group, i) for i, group in enumerate(group_sweeps(runs), start=1)]
 
 
@@ -186,10 +187,10 @@ def load_sweeps(
     ``with_results=False`` skips downloading each run's ``trial.json`` (no samples, no
     per-layer rows, but much faster on a remote server).
     """
-    from qatbench import tracking  # imports mlflow: only when a store is really read
+    from qatbench.tracking import queries, store  # imports mlflow: only when a store is really read
 
-    uri = tracking_uri or tracking.default_uri()
-    experiment_id, runs = tracking.fetch_trial_runs(uri, experiment, with_results=with_results)
+    uri = tracking_uri or store.default_uri()
+    experiment_id, runs = queries.fetch_trial_runs(uri, experiment, with_results=with_results)
     return uri, experiment_id, sweeps_from_runs(runs)
 
 
@@ -198,13 +199,13 @@ def load_sweep(
 ) -> tuple[str, str, Sweep]:
     """``(uri, experiment_id, sweep)``: sweep ``index`` of an experiment with every trial's
     ``trial.json``, downloading only that sweep's artifacts."""
-    from qatbench import tracking  # imports mlflow: only when a store is really read
+    from qatbench.tracking import queries, store  # imports mlflow: only when a store is really read
 
-    uri = tracking_uri or tracking.default_uri()
-    experiment_id, runs = tracking.fetch_trial_runs(uri, experiment, with_results=False)
+    uri = tracking_uri or store.default_uri()
+    experiment_id, runs = queries.fetch_trial_runs(uri, experiment, with_results=False)
     groups = group_sweeps(runs)
     group = pick(groups, index, f"{MLFLOW_PREFIX}{experiment}@{index}")
-    results = tracking.fetch_trial_results(uri, [r["run_id"] for r in group])
+    results = queries.fetch_trial_results(uri, [r["run_id"] for r in group])
     group = [{**r, "trial": results.get(r["run_id"])} for r in group]
     return uri, experiment_id, _sweep(group, index % len(groups) + 1)
 

@@ -32,7 +32,7 @@ def free_port() -> int:
 @contextlib.contextmanager
 def mlflow_server(folder: Path) -> Iterator[str]:
     """Start a server over an SQLite store in ``folder``; yield its http URI; stop it."""
-    from qatbench.tracking import init_store
+    from qatbench.tracking.store import init_store
 
     folder.mkdir(parents=True, exist_ok=True)
     backend = init_store(f"sqlite:///{(folder / 'mlflow.db').resolve()}")

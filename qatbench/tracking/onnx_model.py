@@ -1,0 +1,68 @@
+"""A trial's ONNX graph logged to its run as an MLflow ONNX-flavour model, with a signature."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+
+from qatbench.tracking.store import no_progress_bars
+
+ONNX_MODEL_NAME = "onnx_model"  # the logged ONNX-flavour model of a trial's run
+
+
+def log_onnx_model(
+    client: MlflowClient,
+    uri: str,
+    experiment_id: str,
+    run_id: str,
+    path: Path,
+    example: str | None = None,
+) -> None:
+    """Log the ONNX graph at ``path`` with MLflow's ONNX flavour as ``onnx_model`` of the
+    run: loadable with ``mlflow.onnx.load_model`` or ``mlflow.pyfunc.load_model``
+    (``runs:/<run id>/onnx_model``), with a signature read from the graph (a dynamic
+    dimension is -1) and, when the worker saved one (``example``, a ``.npy`` file), an
+    input example. The graph is stored once, in the logged model (``model.onnx``)."""
+    import mlflow.onnx  # heavy: only runs that have a graph pay for it
+    import numpy as np
+    import onnx
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    model = onnx.load(str(path))
+    input_example = np.load(example) if example and Path(example).is_file() else None
+    # The logged model is created here, in the tracker's experiment (log_model alone
+    # would put it in the fluent API's active experiment); log_model, which works on
+    # the fluent client, is pointed at this store for the call only. Explicit
+    # requirements skip MLflow's dependency inference (a subprocess).
+    logged = client.create_logged_model(experiment_id, name=ONNX_MODEL_NAME, source_run_id=run_id)
+    with _use_tracking_uri(uri), no_progress_bars():
+        mlflow.onnx.log_model(
+            model,
+            name=ONNX_MODEL_NAME,
+            input_example=input_example,
+            signature=onnx_signature(model),
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+            onnx_execution_providers=["CPUExecutionProvider"],  # what qatbench measured
+            model_id=logged.model_id,
+            run_id=run_id,
+        )
+
+
+def onnx_signature(model: Any) -> Any:
+    """An MLflow tensor signature of the graph's inputs and outputs (symbolic dims -1)."""
+    import onnx
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    def specs(values: Any) -> Schema:
+        out: list[ColSpec | TensorSpec] = []
+        for value in values:
+            tensor = value.type.tensor_type
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+            shape = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim)
+            out.append(TensorSpec(dtype, shape, value.name))
+        return Schema(out)
+
+    return ModelSignature(inputs=specs(model.graph.input), outputs=specs(model.graph.output))
