@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from qatbench.executor import Executor
     from qatbench.report.compare import CompareResult, Gate
     from qatbench.results import RunRecord
-    from qatbench.runner import RunOutcome
+    from qatbench.sweep_outcome import RunOutcome
     from qatbench.sweeps import Shard
 
 app = typer.Typer(
@@ -528,7 +528,7 @@ def sync(
     ] = None,
 ) -> None:
     """Push a report's trials that are missing from MLflow (after an outage); idempotent."""
-    from qatbench.runner import sync_report
+    from qatbench.report_sync import sync_report
 
     pushed, present = sync_report(report, tracking_uri=tracking_uri, console=out)
     out.print(f"{report}: {pushed} trials pushed, {present} already in MLflow")

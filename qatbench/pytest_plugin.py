@@ -252,7 +252,7 @@ def fail_on(spec: ExperimentSpec, result: TrialResult) -> None:
     """Raise :class:`TrialFailed` when ``result`` failed or breached one of ``spec``'s
     expectations: the same expectations, checked the same way, as ``qatbench run``."""
     from qatbench.results import RunRecord
-    from qatbench.runner import check_expectations
+    from qatbench.sweep_outcome import check_expectations
 
     if not result.ok:
         error = result.error

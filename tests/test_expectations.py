@@ -8,8 +8,8 @@ import pytest
 
 from qatbench.expectations import Expectation, parse_expectation
 from qatbench.results import RunRecord, TrialFailure, TrialResult
-from qatbench.runner import check_expectations
 from qatbench.spec import validate_experiment
+from qatbench.sweep_outcome import check_expectations
 
 
 @pytest.mark.parametrize(

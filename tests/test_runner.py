@@ -26,7 +26,8 @@ from data.sweep_support import (
 
 from qatbench import sweeps
 from qatbench.errors import ConfigError
-from qatbench.runner import RunOutcome, new_sweep_id, run_experiment
+from qatbench.runner import new_sweep_id, run_experiment
+from qatbench.sweep_outcome import RunOutcome
 
 GRID = ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch", "mlp-ptq-w4a8-torch"]
 
