@@ -1,0 +1,72 @@
+"""The thin command line: ``run``, ``validate``, ``list``, ``report``, ``merge``, ...
+
+This module builds the Typer app from the command modules beside it and is the console
+script's entry point (:func:`main`). User errors (:class:`QatbenchError`) are caught once,
+in :func:`main`, and printed as one line without a traceback. Exit codes: 0 all ran and
+every expectation held; 1 a trial failed or an expectation was breached; 2 the command
+line or an experiment file is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import typer
+
+from qatbench.cli import (
+    experiment_commands,
+    mlflow_commands,
+    report_commands,
+    run_command,
+    selftest_command,
+)
+from qatbench.cli.output import err
+from qatbench.errors import QatbenchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Benchmark quantization methods from YAML experiments; results go to MLflow.",
+)
+app.command()(run_command.run)
+app.command()(experiment_commands.validate)
+app.command("list")(experiment_commands.list_plugins)
+app.command()(report_commands.report)
+app.command()(report_commands.compare)
+app.command()(report_commands.history)
+app.command()(selftest_command.selftest)
+app.command()(mlflow_commands.ui)
+app.command()(mlflow_commands.sync)
+app.command()(report_commands.merge)
+
+
+def _show_warning(
+    message: Warning | str, category: type[Warning], *_args: object, **_kw: object
+) -> None:
+    """Warnings as one line each (a broken plugin, an unlogged trial), no source lines."""
+    err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
+def main() -> None:
+    """Console-script entry point: the one place user errors are caught."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    warnings.showwarning = _show_warning
+    try:
+        code = app(standalone_mode=False)
+    except QatbenchError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: typer's own message, exit 2
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            err.print(f"error: {exc}", markup=False)
+        sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
