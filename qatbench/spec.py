@@ -102,6 +102,7 @@ class MeasureSpec(_Strict):
     min_round_s: float = Field(0.002, gt=0, le=10)
     min_rounds: int = Field(15, ge=3, le=100_000)
     max_time_s: float = Field(4.0, gt=0, le=3600)
+    repeats: int = Field(8, ge=1, le=1000)
     threads: int = Field(1, ge=1, le=1024)
     per_layer: bool = True
     generation: GenerationSpec = Field(default_factory=GenerationSpec)

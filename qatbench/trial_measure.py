@@ -25,7 +25,7 @@ from qatbench.export import export_onnx, write_metadata
 from qatbench.measure import error as err
 from qatbench.measure import generation as gen
 from qatbench.measure import size
-from qatbench.measure.timing import TimingSettings, time_paired
+from qatbench.measure.timing import Pair, PairedTiming, TimingSettings, time_pairs
 from qatbench.methods.base import QuantMethod
 from qatbench.quant.weight_only_linear import fp32_kernels
 from qatbench.runtimes import onnxruntime as ortrt
@@ -34,6 +34,7 @@ from qatbench.runtimes import torch_compile as tc
 from qatbench.spec import TrialSpec
 
 TOP_LAYERS = 10
+DRIFT_WARNING = 0.25  # max/min of the per-repeat speed-ups, minus 1
 
 
 @dataclass
@@ -79,6 +80,7 @@ def timing_settings(trial: TrialSpec) -> TimingSettings:
         min_round_s=trial.measure.min_round_s,
         min_rounds=trial.measure.min_rounds,
         max_time_s=trial.measure.max_time_s,
+        repeats=trial.measure.repeats,
     )
 
 
@@ -164,18 +166,21 @@ def _parity(
 
 
 def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: TaskData) -> None:
+    """Every batch size's pairs timed in turn, block by block (see measure/timing.py)."""
     m = state.metrics
-    settings = timing_settings(trial)
     graphs_before = tc.graphs_compiled()
+    pairs: list[Pair] = []
+    with torch.inference_mode():
+        for n in trial.measure.batch_sizes:
+            x = batch_of(data.eval_x, n)
+            cand_fn = _candidate_call(trial, subjects, x)
+            pairs.append((_bind(subjects.fp32, x), cand_fn))
+            if subjects.fp32_compiled is not None:
+                pairs.append((_bind(subjects.fp32_compiled.fn, x), cand_fn))
+        timed = iter(time_pairs(pairs, timing_settings(trial)))
     samples: dict[str, Any] = {}
     for n in trial.measure.batch_sizes:
-        x = batch_of(data.eval_x, n)
-        with torch.inference_mode():
-            cand_fn = _candidate_call(trial, subjects, x)
-            paired = time_paired(_bind(subjects.fp32, x), cand_fn, settings)
-            compiled_pair = None
-            if subjects.fp32_compiled is not None:
-                compiled_pair = time_paired(_bind(subjects.fp32_compiled.fn, x), cand_fn, settings)
+        paired = next(timed)
         s = paired.candidate.summary
         m[f"latency_p50_ms_b{n}"] = s.median * 1e3
         m[f"latency_p90_ms_b{n}"] = s.p90 * 1e3
@@ -192,11 +197,15 @@ def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: Task
             state.warnings.append(
                 f"unstable timing at batch {n}: cv {s.cv:.2f}, {s.outliers} outliers"
             )
+        _warn_if_drifting(state, n, paired)
         samples[f"b{n}"] = {
             "candidate_ms": [t * 1e3 for t in paired.candidate.per_call_s],
             "fp32_ms": [t * 1e3 for t in paired.baseline.per_call_s],
+            "repeat_of_round": list(paired.repeat_of_round),
+            "speedup_per_repeat": list(paired.repeat_speedups),
         }
-        if compiled_pair is not None:
+        if subjects.fp32_compiled is not None:
+            compiled_pair = next(timed)
             m[f"fp32_compiled_latency_p50_ms_b{n}"] = compiled_pair.baseline.summary.median * 1e3
             m[f"speedup_vs_fp32_compiled_b{n}"] = compiled_pair.speedup.value
             m[f"speedup_vs_fp32_compiled_ci_low_b{n}"] = compiled_pair.speedup.ci_low
@@ -207,6 +216,20 @@ def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: Task
     state.details["latency_samples"] = samples
     if subjects.compiled is not None and tc.graphs_compiled() > graphs_before:
         state.warnings.append("torch.compile recompiled while being timed: latencies include it")
+
+
+def _warn_if_drifting(state: TrialState, n: int, paired: PairedTiming) -> None:
+    """A warning when the speed-up moved between repeats by more than DRIFT_WARNING."""
+    per_repeat = paired.repeat_speedups
+    if len(per_repeat) < 2:
+        return
+    low, high = min(per_repeat), max(per_repeat)
+    if high / low - 1 > DRIFT_WARNING:
+        state.warnings.append(
+            f"speed-up at batch {n} moved between {low:.2f} and {high:.2f} across "
+            f"{len(per_repeat)} repeats: the machine was busy, read the interval "
+            f"[{paired.speedup.ci_low:.2f}, {paired.speedup.ci_high:.2f}]"
+        )
 
 
 def _candidate_call(trial: TrialSpec, subjects: Subjects, x: torch.Tensor) -> Callable[[], object]:

@@ -130,6 +130,51 @@ def test_paired_ratio_needs_equal_lengths() -> None:
         paired_ratio_of_medians([1.0, 2.0], [1.0])
 
 
+def _busy_spells(blocks: int, rounds: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Rounds in blocks; a block's busy spell moves the ratio (sd 10%) around 2.0."""
+    rng = np.random.default_rng(seed)
+    spell = np.repeat(rng.lognormal(0.0, 0.1, blocks), rounds)
+    candidate = rng.lognormal(0.0, 0.05, blocks * rounds)
+    baseline = 2.0 * spell * candidate * rng.lognormal(0.0, 0.05, blocks * rounds)
+    return baseline, candidate, [b for b in range(blocks) for _ in range(rounds)]
+
+
+def test_resampling_blocks_covers_a_ratio_that_moves_between_blocks() -> None:
+    # The long-run ratio is 2.0 but each run sees 8 busy spells. An interval that treats
+    # rounds as independent is far too narrow; resampling blocks keeps its promise.
+    covered = {"rounds": 0, "blocks": 0}
+    runs = 60
+    for seed in range(runs):
+        baseline, candidate, blocks = _busy_spells(8, 30, seed)
+        by_round = paired_ratio_of_medians(baseline, candidate, resamples=400, seed=seed)
+        by_block = paired_ratio_of_medians(
+            baseline, candidate, blocks=blocks, resamples=400, seed=seed
+        )
+        covered["rounds"] += by_round.ci_low <= 2.0 <= by_round.ci_high
+        covered["blocks"] += by_block.ci_low <= 2.0 <= by_block.ci_high
+        assert by_block.value == by_round.value
+    assert covered["rounds"] < 0.6 * runs
+    assert covered["blocks"] >= 0.85 * runs
+
+
+def test_one_block_is_the_round_bootstrap() -> None:
+    baseline, candidate = _drifting_pair(40, 1.5, seed=5)
+    plain = paired_ratio_of_medians(baseline, candidate, seed=2)
+    assert paired_ratio_of_medians(baseline, candidate, blocks=[7] * 40, seed=2) == plain
+
+
+def test_blocks_of_constant_rounds_bound_the_interval_by_their_ratios() -> None:
+    # no spread within a block: every resample's ratio lies between the blocks' ratios
+    baseline = [2.0] * 5 + [3.0] * 7
+    r = paired_ratio_of_medians(baseline, [1.0] * 12, blocks=[0] * 5 + [1] * 7, seed=1)
+    assert 2.0 <= r.ci_low < r.ci_high <= 3.0
+
+
+def test_blocks_must_label_every_round() -> None:
+    with pytest.raises(ValueError, match="label each of the 3 rounds"):
+        paired_ratio_of_medians([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], blocks=[0, 1])
+
+
 def test_mann_whitney_matches_hand_computation() -> None:
     # a = [1, 2, 3], b = [2, 3, 4]; pooled sorted 1 2 2 3 3 4 -> ranks 1 2.5 2.5 4.5 4.5 6
     # rank sum of b = 2.5 + 4.5 + 6 = 13 -> U_b = 13 - 3*4/2 = 7, U_a = 9 - 7 = 2

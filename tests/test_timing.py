@@ -13,6 +13,7 @@ from qatbench.measure.timing import (
     clock_resolution_ns,
     time_callable,
     time_paired,
+    time_pairs,
 )
 
 QUICK = TimingSettings(warmup_s=0.01, min_round_s=0.001, min_rounds=5, max_time_s=0.05)
@@ -84,6 +85,41 @@ def test_paired_rounds_alternate_abba() -> None:
     assert rounds == ["b", "c", "c", "b", "b", "c", "c", "b"]
 
 
+def test_pairs_are_timed_in_turn_one_block_each_per_repeat() -> None:
+    calls: list[str] = []
+
+    def tagged(tag: str) -> None:
+        calls.append(tag)
+        time.sleep(0.002)
+
+    settings = TimingSettings(
+        warmup_s=0.0, min_round_s=0.001, min_rounds=2, max_time_s=0.0, repeats=2
+    )
+    first, second = time_pairs(
+        [
+            (lambda: tagged("b1"), lambda: tagged("c1")),
+            (lambda: tagged("b2"), lambda: tagged("c2")),
+        ],
+        settings,
+    )
+    calibration, blocks = calls[:8], calls[8:]
+    assert calibration == ["b1", "b1", "c1", "c1", "b2", "b2", "c2", "c2"]
+    # each block: an untimed round of both (they come cold from the other pair), one pair
+    assert blocks == ["b1", "c1", "b1", "c1", "b2", "c2", "b2", "c2"] * 2
+    for paired in (first, second):
+        assert paired.repeat_of_round == (0, 1)
+        assert len(paired.repeat_speedups) == 2
+        assert len(paired.baseline.per_call_s) == settings.min_rounds
+
+
+def test_repeats_split_the_rounds_and_keep_min_rounds() -> None:
+    settings = TimingSettings(
+        warmup_s=0.0, min_round_s=0.0005, min_rounds=7, max_time_s=0.0, repeats=3
+    )
+    paired = time_paired(lambda: None, lambda: None, settings)
+    assert paired.repeat_of_round == (0, 0, 0, 1, 1, 1, 2, 2, 2)  # ceil(7 / 3) per repeat
+
+
 def test_gc_is_off_while_timing_and_restored_after() -> None:
     seen: list[bool] = []
     assert gc.isenabled()
@@ -133,3 +169,5 @@ def test_settings_are_validated() -> None:
         TimingSettings(min_rounds=0)
     with pytest.raises(ValueError):
         TimingSettings(min_round_s=0.0)
+    with pytest.raises(ValueError):
+        TimingSettings(repeats=0)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from qatbench.measure.timing import PairedTiming, TimingSettings, time_paired
+from qatbench.measure.timing import PairedTiming, TimingSettings, time_pairs
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 ExportFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], Path], Path]
@@ -267,8 +267,9 @@ def measure_generation(
         reference = base.decode()
         produced = candidate.decode()
         m = gen.metrics
-        prefill = time_paired(base.prefill, candidate.prefill, settings)
-        decode = time_paired(base.decode, candidate.decode, settings)
+        prefill, decode = time_pairs(
+            [(base.prefill, candidate.prefill), (base.decode, candidate.decode)], settings
+        )
     recompute = candidate.mode == RECOMPUTE
     prefix = "recompute_decode" if recompute else "decode"
     prefill_len = tokens.shape[1] if recompute else prompt.shape[1]

@@ -163,6 +163,7 @@ def paired_ratio_of_medians(
     baseline: Samples,
     candidate: Samples,
     *,
+    blocks: Sequence[int] | None = None,
     confidence: float = 0.95,
     resamples: int = 2000,
     seed: int = 0,
@@ -170,9 +171,15 @@ def paired_ratio_of_medians(
     """median(baseline) / median(candidate) with a seeded paired-bootstrap interval.
 
     With times as samples this is the candidate's speed-up over the baseline. Element i of
-    both sequences belongs to round i; each bootstrap resample draws round indices with
-    replacement and keeps the pairs together, so drift shared by a round cancels. The
-    interval is the percentile interval of the resampled ratios.
+    both sequences belongs to round i; a resample keeps the pairs together, so drift shared
+    by a round cancels. The interval is the percentile interval of the resampled ratios.
+
+    ``blocks`` labels each round with the block (repeat) it was timed in. Rounds of one
+    block are not independent: a busy spell of the machine lasts longer than a round and
+    moves every ratio taken in it. With two or more blocks the bootstrap is two-stage:
+    it draws blocks with replacement, then rounds with replacement within each drawn block,
+    so the interval carries the spread between blocks as well as within them. Without
+    blocks (or with one) it draws rounds, as for independent rounds.
     """
     _check_confidence(confidence)
     if resamples < 1:
@@ -181,19 +188,62 @@ def paired_ratio_of_medians(
     cand = _as_array(candidate, "candidate")
     if base.size != cand.size:
         raise ValueError(f"paired samples must have equal lengths, got {base.size} and {cand.size}")
-    n = base.size
+    members = _block_members(blocks, base.size)
     rng = np.random.default_rng(seed)
     ratios = np.empty(resamples)
-    rows_per_block = max(1, _BOOTSTRAP_BLOCK_ELEMENTS // n)
-    for start in range(0, resamples, rows_per_block):
-        rows = min(rows_per_block, resamples - start)
-        rounds = rng.integers(0, n, size=(rows, n))
-        block = np.median(base[rounds], axis=1) / np.median(cand[rounds], axis=1)
-        ratios[start : start + rows] = block
+    width = (
+        sum(len(m) for m in members)
+        if len(members) == 1
+        else len(members) * max(len(m) for m in members)
+    )
+    rows_per_chunk = max(1, _BOOTSTRAP_BLOCK_ELEMENTS // width)
+    for start in range(0, resamples, rows_per_chunk):
+        rows = min(rows_per_chunk, resamples - start)
+        rounds = _resampled_rounds(rng, members, rows)
+        ratios[start : start + rows] = np.nanmedian(_take(base, rounds), axis=1) / np.nanmedian(
+            _take(cand, rounds), axis=1
+        )
     alpha = 1.0 - confidence
     ci_low, ci_high = np.quantile(ratios, [alpha / 2.0, 1.0 - alpha / 2.0])
     value = float(np.median(base) / np.median(cand))
     return Ratio(value=value, ci_low=float(ci_low), ci_high=float(ci_high))
+
+
+def _block_members(blocks: Sequence[int] | None, n: int) -> list[NDArray[np.intp]]:
+    """Round indices of each block, in order of first appearance; one block if none."""
+    if blocks is None:
+        return [np.arange(n)]
+    labels = np.asarray(blocks)
+    if labels.shape != (n,):
+        raise ValueError(f"blocks must label each of the {n} rounds, got {labels.shape}")
+    _, first = np.unique(labels, return_index=True)
+    return [np.flatnonzero(labels == labels[i]) for i in np.sort(first)]
+
+
+def _resampled_rounds(
+    rng: np.random.Generator, members: list[NDArray[np.intp]], rows: int
+) -> NDArray[np.intp]:
+    """``rows`` resamples of round indices; -1 pads blocks shorter than the longest."""
+    if len(members) == 1:
+        only = members[0]
+        return only[rng.integers(0, only.size, size=(rows, only.size))]
+    longest = max(m.size for m in members)
+    padded = np.full((len(members), longest), -1, dtype=np.intp)
+    for i, m in enumerate(members):
+        padded[i, : m.size] = m
+    sizes = np.array([m.size for m in members])
+    drawn = rng.integers(0, len(members), size=(rows, len(members)))  # blocks
+    slot = (rng.random((rows, len(members), longest)) * sizes[drawn][..., None]).astype(np.intp)
+    picked = padded[drawn[..., None], slot]  # a round of the drawn block, per slot
+    picked[np.arange(longest) >= sizes[drawn][..., None]] = -1
+    return picked.reshape(rows, -1)
+
+
+def _take(values: NDArray[np.float64], rounds: NDArray[np.intp]) -> NDArray[np.float64]:
+    """values[rounds] with NaN where the index is the -1 pad (ignored by nanmedian)."""
+    taken = values[np.maximum(rounds, 0)]
+    taken[rounds < 0] = np.nan
+    return taken
 
 
 def _ranks_and_tie_term(values: NDArray[np.float64]) -> tuple[NDArray[np.float64], float]:

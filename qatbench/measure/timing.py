@@ -1,5 +1,12 @@
 """Timing of zero-argument callables: warm-up, calibrated rounds, paired ABBA rounds.
 
+Paired rounds are taken in ``repeats`` blocks. On a shared machine a busy spell lasts
+longer than a round (on the 2-core VM this was written on, a second or more) and moves a
+speed-up by more than its rounds' spread: one contiguous block of rounds gives an interval
+that is too narrow and a value that depends on when it ran. Several pairs (batch sizes, a
+second baseline) are therefore timed in turn, one block each, so every pair's rounds are
+spread over the whole measurement, and the speed-up's interval resamples blocks.
+
 A round calls the function ``calls_per_round`` times between two reads of the monotonic
 ``time.perf_counter_ns`` clock; one sample is the round's time divided by its calls, so a
 sample is long compared with the clock's resolution even for a microsecond call. Garbage
@@ -12,10 +19,11 @@ from __future__ import annotations
 
 import gc
 import math
+import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 
 from qatbench.measure.stats import Ratio, Summary, paired_ratio_of_medians, summarize
@@ -34,13 +42,15 @@ class TimingSettings:
     ``warmup_s`` is spent calling each function before calibration; a round lasts at least
     ``min_round_s``; rounds continue until ``min_rounds`` are done and the next round would
     exceed ``max_time_s``, the budget of the timed rounds (warm-up and calibration come on
-    top). ``min_rounds`` is honoured even when it overruns the budget.
+    top). ``min_rounds`` is honoured even when it overruns the budget. Paired timing splits
+    the rounds and the budget into ``repeats`` blocks (see the module's docstring).
     """
 
     warmup_s: float = 0.2
     min_round_s: float = 0.002
     min_rounds: int = 15
     max_time_s: float = 4.0
+    repeats: int = 1
 
     def __post_init__(self) -> None:
         if self.warmup_s < 0 or self.max_time_s < 0:
@@ -49,6 +59,8 @@ class TimingSettings:
             raise ValueError(f"min_round_s must be positive: {self}")
         if self.min_rounds < 1:
             raise ValueError(f"min_rounds must be at least 1: {self}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats must be at least 1: {self}")
 
 
 @dataclass(frozen=True)
@@ -62,11 +74,17 @@ class Timing:
 
 @dataclass(frozen=True)
 class PairedTiming:
-    """Two functions timed in alternating rounds; ``speedup`` = baseline / candidate."""
+    """Two functions timed in alternating rounds; ``speedup`` = baseline / candidate.
+
+    ``repeat_of_round[i]`` is the block round i was timed in; ``repeat_speedups`` the
+    ratio of medians within each block, in time order.
+    """
 
     baseline: Timing
     candidate: Timing
     speedup: Ratio
+    repeat_of_round: tuple[int, ...]
+    repeat_speedups: tuple[float, ...]
 
 
 def clock_resolution_ns(clock: Clock = time.perf_counter_ns) -> int:
@@ -158,30 +176,92 @@ def time_paired(
 ) -> PairedTiming:
     """Time two functions in alternating rounds so machine drift hits both alike.
 
-    Each function is warmed up and calibrated on its own; then pairs of rounds run in ABBA
-    order (baseline, candidate, candidate, baseline, ...) until both have ``min_rounds``
-    rounds and the next pair would exceed ``max_time_s``. Round i of the baseline and round
-    i of the candidate form the pair that the speed-up's paired bootstrap resamples.
+    See :func:`time_pairs`, of which this is the one-pair case.
     """
-    _warm_up(baseline_fn, settings.warmup_s)
-    _warm_up(candidate_fn, settings.warmup_s)
-    budget_ns = settings.max_time_s * _NS_PER_S
-    base_rounds: list[int] = []
-    cand_rounds: list[int] = []
+    return time_pairs([(baseline_fn, candidate_fn)], settings)[0]
+
+
+Pair = tuple[Callable[[], object], Callable[[], object]]
+
+
+@dataclass
+class _PairRounds:
+    baseline_fn: Callable[[], object]
+    candidate_fn: Callable[[], object]
+    base_calls: int
+    cand_calls: int
+    base: list[int] = field(default_factory=list)  # round nanoseconds
+    cand: list[int] = field(default_factory=list)
+    repeat: list[int] = field(default_factory=list)  # the block of each round
+
+    def one_pair(self, baseline_first: bool) -> int:
+        """Time one baseline and one candidate round; their total nanoseconds."""
+        if baseline_first:
+            self.base.append(_round_ns(self.baseline_fn, self.base_calls))
+            self.cand.append(_round_ns(self.candidate_fn, self.cand_calls))
+        else:
+            self.cand.append(_round_ns(self.candidate_fn, self.cand_calls))
+            self.base.append(_round_ns(self.baseline_fn, self.base_calls))
+        return self.base[-1] + self.cand[-1]
+
+    def result(self) -> PairedTiming:
+        baseline = _timing(self.base, self.base_calls)
+        candidate = _timing(self.cand, self.cand_calls)
+        speedup = paired_ratio_of_medians(
+            baseline.per_call_s, candidate.per_call_s, blocks=self.repeat
+        )
+        per_repeat = []
+        for r in dict.fromkeys(self.repeat):
+            rounds = [i for i, k in enumerate(self.repeat) if k == r]
+            b = sorted(baseline.per_call_s[i] for i in rounds)
+            c = sorted(candidate.per_call_s[i] for i in rounds)
+            per_repeat.append(statistics.median(b) / statistics.median(c))
+        return PairedTiming(
+            baseline=baseline,
+            candidate=candidate,
+            speedup=speedup,
+            repeat_of_round=tuple(self.repeat),
+            repeat_speedups=tuple(per_repeat),
+        )
+
+
+def time_pairs(pairs: Sequence[Pair], settings: TimingSettings) -> list[PairedTiming]:
+    """Time (baseline, candidate) pairs in alternating rounds, spread over ``repeats`` blocks.
+
+    Every function is warmed up and calibrated first. Then, ``repeats`` times, each pair in
+    turn gets one block: with several pairs, an untimed round of each function (it comes
+    cold from another pair's block), then pairs of rounds in ABBA order (baseline,
+    candidate, candidate, baseline, ...) for its share of the budget,
+    ``max_time_s / repeats``, and at least ``ceil(min_rounds / repeats)`` pairs. Each pair
+    ends with at least ``min_rounds`` rounds and spends about ``max_time_s``. Round i of
+    the baseline and round i of the candidate form the pair that the speed-up's bootstrap
+    resamples, block by block.
+    """
+    for fn_pair in pairs:
+        for fn in fn_pair:
+            _warm_up(fn, settings.warmup_s)
+    block_budget_ns = settings.max_time_s * _NS_PER_S / settings.repeats
+    block_min_pairs = math.ceil(settings.min_rounds / settings.repeats)
     with _gc_paused():
-        base_calls = calibrate_calls(baseline_fn, settings.min_round_s)
-        cand_calls = calibrate_calls(candidate_fn, settings.min_round_s)
-        start_ns = time.perf_counter_ns()
-        while len(base_rounds) < settings.min_rounds or _fits(
-            start_ns, base_rounds[-1] + cand_rounds[-1], budget_ns
-        ):
-            if len(base_rounds) % 2 == 0:
-                base_rounds.append(_round_ns(baseline_fn, base_calls))
-                cand_rounds.append(_round_ns(candidate_fn, cand_calls))
-            else:
-                cand_rounds.append(_round_ns(candidate_fn, cand_calls))
-                base_rounds.append(_round_ns(baseline_fn, base_calls))
-    baseline = _timing(base_rounds, base_calls)
-    candidate = _timing(cand_rounds, cand_calls)
-    speedup = paired_ratio_of_medians(baseline.per_call_s, candidate.per_call_s)
-    return PairedTiming(baseline=baseline, candidate=candidate, speedup=speedup)
+        timed = [
+            _PairRounds(
+                b,
+                c,
+                calibrate_calls(b, settings.min_round_s),
+                calibrate_calls(c, settings.min_round_s),
+            )
+            for b, c in pairs
+        ]
+        for repeat in range(settings.repeats):
+            for p in timed:
+                if len(timed) > 1:  # the previous block was another pair's
+                    _round_ns(p.baseline_fn, p.base_calls)
+                    _round_ns(p.candidate_fn, p.cand_calls)
+                start_ns = time.perf_counter_ns()
+                last_ns = 0
+                done = 0
+                while done < block_min_pairs or _fits(start_ns, last_ns, block_budget_ns):
+                    last_ns = p.one_pair(baseline_first=done % 2 == 0)
+                    p.repeat.append(repeat)
+                    done += 1
+    return [p.result() for p in timed]
