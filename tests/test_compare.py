@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qatbench.errors import ConfigError
@@ -328,6 +329,48 @@ def test_generation_timings_are_shift_tested_on_their_rounds(run_a: RunRecord) -
     )
     noisy = compare(a, replace(same, trials=(jumped,)), gates[:1])
     assert _change(noisy, "decode_tokens_per_s").verdict == "noise" and noisy.breaches == []
+
+
+def _with_spells(record: RunRecord, levels: list[float], seed: int) -> RunRecord:
+    """The record's first finished trial timed in 8 repeats of 80 rounds at batch 1, the
+    fp32/candidate ratio of repeat r being levels[r] (a busy spell moves a whole repeat)."""
+    rng = np.random.default_rng(seed)
+    cand, base, labels = [], [], []
+    for r, level in enumerate(levels):
+        c = 0.1 * rng.lognormal(0.0, 0.05, 80)
+        cand += c.tolist()
+        base += (c * level * rng.lognormal(0.0, 0.05, 80)).tolist()
+        labels += [r] * 80
+    trial = _finished(record)
+    bucket = {"candidate_ms": cand, "fp32_ms": base, "repeat_of_round": labels}
+    metrics = {**trial.metrics, "speedup_vs_fp32_b1": float(np.median(base) / np.median(cand))}
+    trial = replace(trial, metrics=metrics, details={"latency_samples": {"b1": bucket}})
+    return replace(record, trials=[trial])
+
+
+def _without_repeats(record: RunRecord) -> RunRecord:
+    trial = record.trials[0]
+    bucket = dict(trial.details["latency_samples"]["b1"])
+    del bucket["repeat_of_round"]
+    return replace(record, trials=[replace(trial, details={"latency_samples": {"b1": bucket}})])
+
+
+def test_repeats_are_the_unit_a_busy_spell_cannot_fake_a_regression(run_a) -> None:
+    # The same two machine states, 2.0 and 1.6, in another mix: 3 busy repeats of 8 in A,
+    # 5 in B. Thousands of rounds make that "significant"; 8 repeats against 8 do not.
+    gate = parse_gates(["speedup_vs_fp32_b1:-5%"])
+    a = _with_spells(run_a, [2.0] * 5 + [1.6] * 3, seed=1)
+    b = _with_spells(run_a, [2.0] * 3 + [1.6] * 5, seed=2)
+    busier = _change(compare(a, b, gate), "speedup_vs_fp32_b1")
+    assert busier.relative is not None and busier.relative < -0.05
+    assert busier.verdict == "noise" and busier.test is not None
+    assert not busier.test.significant
+    by_round = _change(compare(_without_repeats(a), _without_repeats(b), gate), busier.metric)
+    assert by_round.verdict == "breach"  # what the per-round test said of the same data
+    slower = _with_spells(run_a, [1.3] * 8, seed=3)  # every repeat slower: a regression
+    regression = _change(compare(a, slower, gate), busier.metric)
+    assert regression.verdict == "breach" and regression.test is not None
+    assert regression.test.p_value < 0.01
 
 
 def test_unpaired_and_newly_failed_trials(run_a: RunRecord, same: RunRecord) -> None:

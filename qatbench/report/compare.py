@@ -9,12 +9,14 @@ A gate ``METRIC:CHANGE`` names a metric and the change that breaches it:
 
 Timing metrics (``latency_*``, ``fp32_latency_*``, ``throughput_*``, ``speedup_*``) are not
 judged on a bare percentage: a gate on one is breached only when the recorded value moves
-past the threshold AND the raw per-call samples of the two runs
-(``details["latency_samples"]``) differ significantly by the Mann-Whitney U test of
-:mod:`qatbench.measure.stats`, in the same direction. Without samples on both sides the
-threshold alone decides and the change says so. A trial that finished in A and failed in B
-is a breach; trials present on one side only are listed, not judged. Rendering (a terminal
-table, an HTML page) lives in :mod:`qatbench.report.text` and :mod:`qatbench.report.pages`.
+past the threshold AND the samples of the two runs (``details["latency_samples"]``) differ
+significantly by the Mann-Whitney U test of :mod:`qatbench.measure.stats`, in the same
+direction: one value per repeat when both runs timed enough repeats (rounds of one repeat
+move together when the machine is busy), else the per-call rounds. Without samples on both
+sides the threshold alone decides and the change says so. A trial that finished in A and
+failed in B is a breach; trials present on one side only are listed, not judged. Rendering
+(a terminal table, an HTML page) lives in :mod:`qatbench.report.text` and
+:mod:`qatbench.report.pages`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -185,6 +188,54 @@ def timing_samples(trial: TrialResult, metric: str) -> tuple[list[float], int]:
     return (samples, -1 if family == "throughput" else 1) if samples else ([], 0)
 
 
+MIN_REPEATS = 6  # fewer per side and the rank test can never reach p < 0.01
+
+
+def repeat_samples(trial: TrialResult, metric: str) -> tuple[list[float], int]:
+    """One value per repeat behind a timing metric, as :func:`timing_samples`.
+
+    A repeat is a block of rounds (``measure.repeats``): the median of its rounds (latency,
+    throughput) or fp32 median / candidate median within it (speed-up). ``([], 0)`` for
+    generation metrics and for trials recorded without repeats.
+    """
+    match = _TIMING.match(metric)
+    if match is None or _SPREAD.match(metric):
+        return [], 0
+    family, n = match["family"], match["n"]
+    bucket = trial.details.get("latency_samples", {})
+    rounds = bucket.get(f"b{n}", {}) if isinstance(bucket, dict) else {}
+    labels = rounds.get("repeat_of_round") if isinstance(rounds, dict) else None
+    cand, base = batch_samples(trial, n), batch_samples(trial, n, "fp32_ms")
+    if not isinstance(labels, list) or not cand or not len(labels) == len(cand) == len(base):
+        return [], 0
+    values = []
+    for repeat in dict.fromkeys(labels):
+        c = [v for v, k in zip(cand, labels, strict=True) if k == repeat]
+        b = [v for v, k in zip(base, labels, strict=True) if k == repeat]
+        if family == "speedup":
+            values.append(statistics.median(b) / statistics.median(c))
+        else:
+            values.append(statistics.median(b if family == "fp32_latency" else c))
+    return values, 1 if family in ("speedup", "latency", "fp32_latency") else -1
+
+
+def comparable_samples(
+    trial_a: TrialResult, trial_b: TrialResult, metric: str
+) -> tuple[list[float], list[float], int]:
+    """The samples a timing metric of two trials is tested on, and its move (+1/-1).
+
+    Per repeat when both trials have at least MIN_REPEATS: a busy spell of the machine
+    moves every round of a repeat together, so rounds are not independent and a rank test
+    on thousands of them calls any drift significant; repeats are the independent unit.
+    Per round otherwise (trials recorded before repeats, or with too few of them).
+    """
+    (ra, move), (rb, _) = repeat_samples(trial_a, metric), repeat_samples(trial_b, metric)
+    if len(ra) >= MIN_REPEATS and len(rb) >= MIN_REPEATS:
+        return ra, rb, move
+    (sa, move), (sb, _) = timing_samples(trial_a, metric), timing_samples(trial_b, metric)
+    return sa, sb, move
+
+
 def _generation_samples(trial: TrialResult, match: re.Match[str]) -> tuple[list[float], int]:
     """Prefill or decode rounds of ``details["generation"]["samples"]``, as timing_samples."""
     generation = trial.details.get("generation")
@@ -322,7 +373,7 @@ def _judge(
     timing = is_timing(metric)
     test, direction = None, 0
     if timing:
-        (sa, move), (sb, _) = timing_samples(trial_a, metric), timing_samples(trial_b, metric)
+        sa, sb, move = comparable_samples(trial_a, trial_b, metric)
         if sa and sb:
             test = mann_whitney(sa, sb, alpha=alpha, min_effect=min_effect)
             shift = (test.ratio > 1.0) - (test.ratio < 1.0)

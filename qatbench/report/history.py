@@ -3,8 +3,9 @@
 Data in (the sweeps of :mod:`qatbench.report.sources`), a :class:`History` out; the chart
 page is rendered by :mod:`qatbench.report.pages`. Each trial's series is judged point by
 point against its previous point: a timing metric with latency samples on both points by
-the Mann-Whitney U test (p < alpha and a median shift of at least ``min_effect``), any
-other metric by a relative change beyond ``threshold``.
+the Mann-Whitney U test (p < alpha and a median shift of at least ``min_effect``) on the
+samples :func:`qatbench.report.compare.comparable_samples` picks, any other metric by a
+relative change beyond ``threshold``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ from qatbench.measure.stats import ShiftTest, mann_whitney
 from qatbench.report.compare import (
     DEFAULT_ALPHA,
     DEFAULT_MIN_EFFECT,
+    comparable_samples,
     relative_change,
-    timing_samples,
 )
 from qatbench.report.sources import Sweep
+from qatbench.results import TrialResult
 
 DEFAULT_THRESHOLD = 0.05
 
@@ -77,15 +79,16 @@ def parse_threshold(text: str) -> float:
 
 
 def _judge(
-    previous: tuple[float, list[float]],
-    current: tuple[float, list[float]],
-    move: int,
+    previous: tuple[float, TrialResult],
+    current: tuple[float, TrialResult],
+    metric: str,
     threshold: float,
     alpha: float,
     min_effect: float,
 ) -> tuple[float, ShiftTest | None, int]:
-    (a, samples_a), (b, samples_b) = previous, current
+    (a, trial_a), (b, trial_b) = previous, current
     change = relative_change(a, b)
+    samples_a, samples_b, move = comparable_samples(trial_a, trial_b, metric)
     if samples_a and samples_b:
         test = mann_whitney(samples_a, samples_b, alpha=alpha, min_effect=min_effect)
         shift = (test.ratio > 1.0) - (test.ratio < 1.0)
@@ -117,18 +120,17 @@ def history(
     series = []
     for tid in [trial] if trial is not None else ids:
         points: list[Point] = []
-        previous: tuple[float, list[float]] | None = None
+        previous: tuple[float, TrialResult] | None = None
         for index, sweep in enumerate(sweeps):
             found = next((t for t in sweep.trials if t.id == tid), None)
             value = found.metrics.get(metric) if found is not None and found.ok else None
             if found is None or value is None or not math.isfinite(value):
                 continue
-            samples, move = timing_samples(found, metric)
-            current = (value, samples)
+            current = (value, found)
             point = Point(index, value, found.mlflow_run_id)
             if previous is not None:
                 change, test, direction = _judge(
-                    previous, current, move, threshold, alpha, min_effect
+                    previous, current, metric, threshold, alpha, min_effect
                 )
                 point = Point(index, value, found.mlflow_run_id, change, test, direction)
             points.append(point)
