@@ -36,13 +36,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from qatbench.errors import ConfigError, QatbenchError
-from qatbench.pytest_plugin import (
-    ExperimentRun,
-    TrialFailed,
-    fail_on,
-    result_properties,
-    session_state,
-)
+from qatbench.pytest_session import ExperimentRun, session_state
+from qatbench.pytest_trial_results import TrialFailed, fail_on, result_properties
 
 if TYPE_CHECKING:
     import torch

@@ -283,7 +283,7 @@ def test_a_failed_trial_is_one_line_and_x_stops_there(env: pytest.Pytester) -> N
 def test_the_same_expectations_decide_qatbench_run(tmp_path: Path) -> None:
     """pytest items and ``qatbench run`` share sweep_outcome.check_expectations: one record, one
     verdict (the run command exits 1 on what fails an item)."""
-    from qatbench.pytest_plugin import TrialFailed, fail_on
+    from qatbench.pytest_trial_results import TrialFailed, fail_on
     from qatbench.results import TrialResult
     from qatbench.spec import validate_experiment
     from qatbench.sweep_outcome import check_expectations
