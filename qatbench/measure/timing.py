@@ -213,9 +213,8 @@ class _PairRounds:
         per_repeat = []
         for r in dict.fromkeys(self.repeat):
             rounds = [i for i, k in enumerate(self.repeat) if k == r]
-            b = sorted(baseline.per_call_s[i] for i in rounds)
-            c = sorted(candidate.per_call_s[i] for i in rounds)
-            per_repeat.append(statistics.median(b) / statistics.median(c))
+            b = statistics.median(baseline.per_call_s[i] for i in rounds)
+            per_repeat.append(b / statistics.median(candidate.per_call_s[i] for i in rounds))
         return PairedTiming(
             baseline=baseline,
             candidate=candidate,
