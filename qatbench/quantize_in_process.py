@@ -1,0 +1,95 @@
+"""One trial's model built, pretrained, quantized and converted in this process, as a
+worker would, ready to be timed (``quantized_benchmark``), with its error against fp32."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from qatbench.spec import TrialSpec
+
+
+@dataclass
+class QuantizedModel:
+    """A converted model ready to call, an input batch, and its error against fp32.
+
+    Unpacks as ``model, x = quantized``. ``model`` is the converted torch module (runtime
+    ``torch``) or a function running the exported graph in onnxruntime (``onnxruntime``).
+    """
+
+    trial: TrialSpec
+    model: Callable[..., Any]
+    inputs: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.inputs))
+
+
+def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
+    """Build, pretrain (cached), prepare, calibrate, train and convert ``trial``'s model in
+    this process, as a trial's worker does, and measure its output error on the evaluation
+    set. For the onnxruntime runtime the model is exported and run by onnxruntime."""
+    import torch
+
+    from qatbench import registry
+    from qatbench.bitwidth import BitWidth
+    from qatbench.data.datasets import load_data
+    from qatbench.data.training import forward_loop, pretrained, train_loop
+    from qatbench.errors import PluginError
+    from qatbench.measure import error as err
+    from qatbench.runtimes import onnxruntime as ortrt
+    from qatbench.spec import resolve_model_factory
+
+    torch.set_num_threads(trial.measure.threads)
+    torch.manual_seed(trial.seed)
+    built = resolve_model_factory(trial.model)(**trial.model.options)
+    if not (isinstance(built, tuple) and len(built) == 2):
+        raise PluginError(f"model {trial.model.name!r}: factory must return (model, inputs)")
+    fp32, example = built
+    example = tuple(example) if isinstance(example, list | tuple) else (example,)
+    data = load_data(trial.data, example[0], trial.seed)
+    if data.labelled and trial.data.pretrain_epochs:
+        key = {  # the worker's cache key: a trial and a benchmark share pretrained weights
+            "model": trial.model.model_dump(exclude={"expect"}),
+            "data": data.name,
+            "epochs": trial.data.pretrain_epochs,
+            "seed": trial.seed,
+            "torch": torch.__version__,
+        }
+        fp32, _ = pretrained(
+            fp32, key, data, trial.data.pretrain_epochs, trial.data.batch_size, trial.seed
+        )
+    fp32.eval()
+    cls = registry.methods.get(trial.method.name)
+    method = cls(cls.Config.model_validate(trial.method.options), BitWidth.parse(trial.bits))
+    model = method.prepare(copy.deepcopy(fp32))
+    if method.capabilities.needs_calibration:
+        model = method.calibrate(model, forward_loop(data, trial.data.batch_size))
+    if method.capabilities.needs_training:
+        model = method.train(model, train_loop(data, trial.data.batch_size, trial.seed))
+    model = method.convert(model).eval()
+    run: Callable[[torch.Tensor], torch.Tensor] = model
+    if trial.runtime == "onnxruntime":
+        path = out_dir / "model.onnx"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        method.export(model, example, path)
+        run = ortrt.as_callable(ortrt.make_session(path, trial.measure.threads))
+    with torch.inference_mode():
+        reference = torch.cat([fp32(xb) for xb in data.eval_x.split(trial.data.batch_size)])
+        outputs = torch.cat([run(xb) for xb in data.eval_x.split(trial.data.batch_size)])
+    metrics = err.output_error(reference, outputs)
+    if data.eval_y is not None:
+        metrics["accuracy"] = err.accuracy_percent(outputs, data.eval_y)
+        metrics["accuracy_delta_vs_fp32"] = metrics["accuracy"] - err.accuracy_percent(
+            reference, data.eval_y
+        )
+    reps = -(-batch // len(data.eval_x))
+    x = data.eval_x.repeat(reps, *([1] * (data.eval_x.dim() - 1)))[:batch].contiguous()
+    return QuantizedModel(trial, run, x, metrics)
