@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from qatbench.errors import QatbenchError
+from qatbench.run_tags import env_tags
 
 if TYPE_CHECKING:
     from qatbench.executor import LocalProcessExecutor
@@ -150,11 +151,7 @@ class SessionState:
 
 def _tags(env: dict[str, Any]) -> dict[str, str]:
     """Tags of every run the plugin logs: where it came from and the machine it ran on."""
-    tags = {"qatbench.source": "pytest"}
-    tags |= {f"env.{k}": str(v) for k, v in env.items() if not isinstance(v, dict | list)}
-    if env.get("git_commit"):
-        tags["mlflow.source.git.commit"] = str(env["git_commit"])
-    return tags
+    return {"qatbench.source": "pytest", **env_tags(env)}
 
 
 SESSION_STATE = pytest.StashKey[SessionState]()

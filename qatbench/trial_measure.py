@@ -12,6 +12,7 @@ the compiler's.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,15 +167,24 @@ def _parity(
 
 
 def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: TaskData) -> None:
-    """Every batch size's pairs timed in turn, block by block (see measure/timing.py)."""
+    """Every batch size's pairs timed in turn, block by block (see measure/timing.py).
+
+    The fp32 baseline is a fresh copy, as the candidate is (methods prepare a copy): the
+    model object built, trained or loaded earlier in the trial is scattered through memory
+    and, where Python overhead dominates (the quick start's tiny transformer), ran 3-7%
+    slower than a copy of itself, which inflated every speed-up by as much.
+    """
     m = state.metrics
     graphs_before = tc.graphs_compiled()
     pairs: list[Pair] = []
+    fp32 = copy.deepcopy(subjects.fp32)
+    # Inputs made outside inference mode, as the compile phase made its own: an inference
+    # tensor fails dynamo's guards and compiles the model again while it is timed.
+    inputs = [batch_of(data.eval_x, n) for n in trial.measure.batch_sizes]
     with torch.inference_mode():
-        for n in trial.measure.batch_sizes:
-            x = batch_of(data.eval_x, n)
+        for x in inputs:
             cand_fn = _candidate_call(trial, subjects, x)
-            pairs.append((_bind(subjects.fp32, x), cand_fn))
+            pairs.append((_bind(fp32, x), cand_fn))
             if subjects.fp32_compiled is not None:
                 pairs.append((_bind(subjects.fp32_compiled.fn, x), cand_fn))
         timed = iter(time_pairs(pairs, timing_settings(trial)))
