@@ -1,0 +1,60 @@
+"""qatbench selftest: the A/A rank check flags a real difference, and the CLI logs to MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+
+from qatbench.measure.timing import TimingSettings
+from qatbench.selftest import REPEATS, WORK, aa_rank_check, block_medians, busy_work
+
+QUICK = TimingSettings(warmup_s=0.02, min_round_s=0.002, min_rounds=16, max_time_s=0.4)
+QATBENCH = Path(sys.executable).with_name("qatbench")
+
+
+def test_a_run_is_timed_in_blocks() -> None:
+    medians = block_medians(lambda: busy_work(WORK), QUICK)
+    assert len(medians) == REPEATS
+    assert all(m > 0 for m in medians)
+
+
+def test_the_rank_check_flags_twice_the_work() -> None:
+    check = aa_rank_check(lambda: busy_work(WORK), lambda: busy_work(3 * WORK), QUICK)
+    assert check.name == "aa_rank_test"
+    assert not check.passed and check.value < 0.01
+
+
+def test_the_cli_prints_and_logs_every_check(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.run(
+        [str(QATBENCH), "selftest", "--tracking-uri", uri],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    # A busy machine may fail a timing check (exit 1); either way it is printed and logged.
+    assert proc.returncode in (0, 1), proc.stderr
+    for name in ("timer_resolution_ns", "known_ratio", "aa_paired", "aa_rank_test"):
+        assert name in proc.stdout
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["qatbench-selftest"], output_format="list")
+    assert len(runs) == 1
+    metrics = runs[0].data.metrics
+    assert metrics["selftest_passed"] == (1.0 if proc.returncode == 0 else 0.0)
+    assert 0 < metrics["selftest_timer_resolution_ns"] <= 1e6
+    assert 0.2 < metrics["selftest_known_ratio"] < 1.0
+    local = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, dst_path=str(tmp_path))
+    checks = json.loads((Path(local) / "selftest.json").read_text())["checks"]
+    assert [c["name"] for c in checks] == [
+        "timer_resolution_ns",
+        "known_ratio",
+        "aa_paired",
+        "aa_rank_test",
+    ]
