@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -13,7 +11,7 @@ from qatbench.errors import ConfigError
 from qatbench.report.html import write_html
 from qatbench.results import RunRecord
 from qatbench.run_tags import env_tags, trial_env_tags
-from qatbench.runner import new_sweep_id
+from qatbench.runner import logged_to
 
 
 def sync_report(
@@ -36,17 +34,8 @@ def sync_report(
     if not name:
         raise ConfigError(f"{json_path}: the report names no experiment to log to")
     tracker = Tracker(tracking_uri or record.tracking.get("uri"), str(name))
-    sweep = str(record.tracking.get("sweep") or new_sweep_id(dt.datetime.now(dt.UTC)))
-    record = replace(
-        record,
-        tracking={
-            **record.tracking,
-            "uri": tracker.uri,
-            "experiment_id": tracker.experiment_id,
-            "experiment": tracker.experiment_name,
-            "sweep": sweep,
-        },
-    )
+    record = logged_to(record, tracker)
+    sweep = str(record.tracking["sweep"])
     with sweeps.locked(json_path.parent):
         record.save(json_path)
         known = tracker.sweep_runs(sweep)

@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -31,6 +32,9 @@ from qatbench.results import RunRecord
 from qatbench.spec import ExperimentSpec, TrialSpec, load_experiment
 from qatbench.sweep_loop import SweepLoop
 from qatbench.sweep_outcome import RunOutcome
+
+if TYPE_CHECKING:
+    from qatbench.tracking.tracker import Tracker
 
 
 def run_experiment(
@@ -94,17 +98,8 @@ def resume_experiment(
     uri = tracking_uri or record.tracking.get("uri") or spec.tracking.uri
     name = record.tracking.get("experiment") or spec.tracking.experiment or spec.name
     tracker = Tracker(uri, str(name))
-    sweep_id = str(record.tracking.get("sweep") or new_sweep_id(dt.datetime.now(dt.UTC)))
-    record = replace(
-        record,
-        tracking={
-            **record.tracking,
-            "uri": tracker.uri,
-            "experiment_id": tracker.experiment_id,
-            "experiment": tracker.experiment_name,
-            "sweep": sweep_id,
-        },
-    )
+    record = logged_to(record, tracker)
+    sweep_id = str(record.tracking["sweep"])
     known = tracker.sweep_runs(sweep_id)
     shard = record.experiment.get("shard")
     select = _in_shard(spec, sweeps.Shard.parse(str(shard)) if shard else None, select)
@@ -122,6 +117,22 @@ def _in_shard(
         return select
     ids = shard.ids(spec)
     return lambda t: t.id in ids and (select is None or select(t))
+
+
+def logged_to(record: RunRecord, tracker: Tracker) -> RunRecord:
+    """The record pointed at ``tracker``'s store and experiment, keeping its sweep id (a
+    new one when it has none): what a resume or a sync logs the sweep's trials to."""
+    sweep = str(record.tracking.get("sweep") or new_sweep_id(dt.datetime.now(dt.UTC)))
+    return replace(
+        record,
+        tracking={
+            **record.tracking,
+            "uri": tracker.uri,
+            "experiment_id": tracker.experiment_id,
+            "experiment": tracker.experiment_name,
+            "sweep": sweep,
+        },
+    )
 
 
 def new_sweep_id(created: dt.datetime) -> str:
