@@ -92,11 +92,13 @@ class Executor(Protocol):
 
 @dataclass(frozen=True)
 class Job:
-    """One trial to run: its spec, the folder its artifacts go to and its time limit."""
+    """One trial to run: its spec, the folder its artifacts go to and its time limit;
+    ``pass_index`` numbers it among the trial's timing passes (measure.passes)."""
 
     trial: TrialSpec
     out_dir: Path
     timeout_s: float
+    pass_index: int = 0
 
 
 @runtime_checkable

@@ -93,7 +93,13 @@ class GenerationSpec(_Strict):
 
 
 class MeasureSpec(_Strict):
-    """How latency is measured: batch sizes, warm-up, calibrated rounds, a time budget."""
+    """How latency is measured: batch sizes, warm-up, calibrated rounds, a time budget.
+
+    ``max_time_s`` is each timed pair's budget, split into ``repeats`` blocks taken in turn
+    across batch sizes (qatbench/measure/timing.py); ``passes`` > 1 times every trial in
+    that many worker processes spread over the sweep and pools their rounds
+    (qatbench/timing_passes.py).
+    """
 
     batch_sizes: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(
         default_factory=lambda: [1, 64], min_length=1
@@ -103,6 +109,7 @@ class MeasureSpec(_Strict):
     min_rounds: int = Field(15, ge=3, le=100_000)
     max_time_s: float = Field(4.0, gt=0, le=3600)
     repeats: int = Field(8, ge=1, le=1000)
+    passes: int = Field(1, ge=1, le=20)
     threads: int = Field(1, ge=1, le=1024)
     per_layer: bool = True
     generation: GenerationSpec = Field(default_factory=GenerationSpec)

@@ -36,6 +36,7 @@ from qatbench.run_tags import env_tags, trial_env_tags
 from qatbench.spec import ExperimentSpec, TrialSpec
 from qatbench.sweep_outcome import RunOutcome, check_expectations
 from qatbench.sweep_signals import shielded, signals_interrupt
+from qatbench.timing_passes import pass_specs, pool
 
 if TYPE_CHECKING:
     from qatbench.tracking.tracker import SweepRun, Tracker
@@ -75,20 +76,24 @@ class SweepLoop:
             todo = [t for t in self.trials if t.id not in done]
             try:
                 with signals_interrupt(), self._progress(len(todo)) as advance:
-                    jobs = []
+                    pending = []
                     for trial in todo:  # what an interrupted attempt got to, then the rest
                         recovered = self._recover(trial)
                         if recovered is None:
-                            jobs.append(self._job(trial))
+                            pending.append(trial)
                         else:
                             self._record(recovered, advance)
 
                     def started(job: Job) -> None:
                         advance(job.trial.id, False)
 
-                    for job, result in results_as_completed(self.executor, jobs, started):
+                    jobs = self._jobs(pending)
+                    for trial, result in self._pooled(
+                        results_as_completed(self.executor, jobs, started)
+                    ):
+                        out_dir = sweeps.trial_dir(self.run_dir, trial.id)
                         write_text_atomic(
-                            job.out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2)
+                            out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2)
                         )
                         self._record(result.with_run_id(self._log(result)), advance)
                     self._log_unlogged(done)
@@ -146,12 +151,35 @@ class SweepLoop:
         result = _read_result(sweeps.trial_dir(self.run_dir, trial.id) / RESULT_FILE, trial.id)
         return None if result is None else result.with_run_id(self._log(result))
 
-    def _job(self, trial: TrialSpec) -> Job:
-        """A job for ``trial`` with a clean artifact folder."""
-        out_dir = sweeps.trial_dir(self.run_dir, trial.id)
-        if out_dir.exists():  # what an interrupted attempt left: never mixed with this one
-            shutil.rmtree(out_dir)
-        return Job(trial, out_dir, trial.timeout_s)
+    def _jobs(self, trials: list[TrialSpec]) -> list[Job]:
+        """A job per trial and timing pass, pass-major (every trial's first pass, then every
+        trial's second, ...), each with a clean artifact folder: the trial's own for the
+        first pass, ``pass-K`` inside it for pass K."""
+        jobs = []
+        for trial in trials:
+            out_dir = sweeps.trial_dir(self.run_dir, trial.id)
+            if out_dir.exists():  # what an interrupted attempt left: never mixed with this one
+                shutil.rmtree(out_dir)
+            for index, spec in enumerate(pass_specs(trial)):
+                where = out_dir / f"pass-{index}" if index else out_dir
+                jobs.append(Job(spec, where, trial.timeout_s, index))
+        return sorted(jobs, key=lambda job: job.pass_index)
+
+    def _pooled(
+        self, finished: Iterator[tuple[Job, TrialResult]]
+    ) -> Iterator[tuple[TrialSpec, TrialResult]]:
+        """Each trial with its result once all its passes are in (see timing_passes)."""
+        trials = {t.id: t for t in self.trials}
+        got: dict[str, dict[int, TrialResult]] = {}
+        for job, result in finished:
+            trial = trials[job.trial.id]
+            passes = got.setdefault(trial.id, {})
+            passes[job.pass_index] = result
+            if len(passes) == trial.measure.passes:
+                yield trial, pool(trial, [passes[i] for i in sorted(passes)])
+                for index in range(1, trial.measure.passes):
+                    extra = sweeps.trial_dir(self.run_dir, trial.id) / f"pass-{index}"
+                    shutil.rmtree(extra, ignore_errors=True)
 
     def _log_unlogged(self, skip: set[str]) -> None:
         """Log trials the record kept without a run id (an outage before a resume)."""

@@ -26,6 +26,7 @@ from qatbench.export import export_onnx, write_metadata
 from qatbench.measure import error as err
 from qatbench.measure import generation as gen
 from qatbench.measure import size
+from qatbench.measure.latency_metrics import batch_metrics
 from qatbench.measure.timing import Pair, PairedTiming, TimingSettings, time_pairs
 from qatbench.methods.base import QuantMethod
 from qatbench.quant.weight_only_linear import fp32_kernels
@@ -35,7 +36,6 @@ from qatbench.runtimes import torch_compile as tc
 from qatbench.spec import TrialSpec
 
 TOP_LAYERS = 10
-DRIFT_WARNING = 0.25  # max/min of the per-repeat speed-ups, minus 1
 
 
 @dataclass
@@ -190,56 +190,29 @@ def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: Task
         timed = iter(time_pairs(pairs, timing_settings(trial)))
     samples: dict[str, Any] = {}
     for n in trial.measure.batch_sizes:
-        paired = next(timed)
-        s = paired.candidate.summary
-        m[f"latency_p50_ms_b{n}"] = s.median * 1e3
-        m[f"latency_p90_ms_b{n}"] = s.p90 * 1e3
-        m[f"latency_p99_ms_b{n}"] = s.p99 * 1e3
-        m[f"latency_ci_low_ms_b{n}"] = s.median_ci_low * 1e3
-        m[f"latency_ci_high_ms_b{n}"] = s.median_ci_high * 1e3
-        m[f"fp32_latency_p50_ms_b{n}"] = paired.baseline.summary.median * 1e3
-        m[f"throughput_per_s_b{n}"] = n / s.median
-        m[f"speedup_vs_fp32_b{n}"] = paired.speedup.value
-        m[f"speedup_ci_low_b{n}"] = paired.speedup.ci_low
-        m[f"speedup_ci_high_b{n}"] = paired.speedup.ci_high
-        m[f"latency_cv_b{n}"] = s.cv
-        if s.unstable:
-            state.warnings.append(
-                f"unstable timing at batch {n}: cv {s.cv:.2f}, {s.outliers} outliers"
-            )
-        _warn_if_drifting(state, n, paired)
-        samples[f"b{n}"] = {
-            "candidate_ms": [t * 1e3 for t in paired.candidate.per_call_s],
-            "fp32_ms": [t * 1e3 for t in paired.baseline.per_call_s],
-            "repeat_of_round": list(paired.repeat_of_round),
-            "speedup_per_repeat": list(paired.repeat_speedups),
-        }
+        rounds = _rounds(next(timed))
         if subjects.fp32_compiled is not None:
-            compiled_pair = next(timed)
-            m[f"fp32_compiled_latency_p50_ms_b{n}"] = compiled_pair.baseline.summary.median * 1e3
-            m[f"speedup_vs_fp32_compiled_b{n}"] = compiled_pair.speedup.value
-            m[f"speedup_vs_fp32_compiled_ci_low_b{n}"] = compiled_pair.speedup.ci_low
-            m[f"speedup_vs_fp32_compiled_ci_high_b{n}"] = compiled_pair.speedup.ci_high
-            samples[f"b{n}"]["fp32_compiled_ms"] = [
-                t * 1e3 for t in compiled_pair.baseline.per_call_s
-            ]
+            compiled = _rounds(next(timed))
+            rounds["fp32_compiled_ms"] = compiled["fp32_ms"]
+            rounds["compiled_candidate_ms"] = compiled["candidate_ms"]
+            rounds["compiled_repeat_of_round"] = compiled["repeat_of_round"]
+        metrics, warnings = batch_metrics(n, rounds)
+        m.update(metrics)
+        state.warnings.extend(warnings)
+        samples[f"b{n}"] = rounds
     state.details["latency_samples"] = samples
     if subjects.compiled is not None and tc.graphs_compiled() > graphs_before:
         state.warnings.append("torch.compile recompiled while being timed: latencies include it")
 
 
-def _warn_if_drifting(state: TrialState, n: int, paired: PairedTiming) -> None:
-    """A warning when the speed-up moved between repeats by more than DRIFT_WARNING."""
-    per_repeat = paired.repeat_speedups
-    if len(per_repeat) < 2:
-        return
-    low, high = min(per_repeat), max(per_repeat)
-    if high / low - 1 > DRIFT_WARNING:
-        state.warnings.append(
-            f"speed-up at batch {n} moved between {low:.2f} and {high:.2f} across "
-            f"{len(per_repeat)} repeats: the machine was busy, read the interval "
-            f"[{paired.speedup.ci_low:.2f}, {paired.speedup.ci_high:.2f}]"
-        )
+def _rounds(paired: PairedTiming) -> dict[str, Any]:
+    """The rounds of one pair as plain data (ms), as report.json keeps them."""
+    return {
+        "candidate_ms": [t * 1e3 for t in paired.candidate.per_call_s],
+        "fp32_ms": [t * 1e3 for t in paired.baseline.per_call_s],
+        "repeat_of_round": list(paired.repeat_of_round),
+        "speedup_per_repeat": list(paired.repeat_speedups),
+    }
 
 
 def _candidate_call(trial: TrialSpec, subjects: Subjects, x: torch.Tensor) -> Callable[[], object]:
