@@ -6,7 +6,10 @@ a speed-up agree, but the next process can sit in another spell and read 10-15% 
 every trial again, ...), each pass a fresh worker with ``1/k`` of the timing budget and
 of the repeats. Its rounds are then pooled into one result, so the speed-up samples k
 moments of the sweep instead of one (randomized multiple interleaved trials, as Abedi and
-Brecht recommend for cloud machines). Everything but timing comes from the first pass.
+Brecht recommend for cloud machines). Everything but the latency metrics comes from the
+first pass, the generation timings of language models included. On a cluster
+(``--executor ray``) passes of one trial may run on different nodes at once: use passes
+on one machine, or with ``--ray-one-per-node`` on identical ones.
 """
 
 from __future__ import annotations
