@@ -3,7 +3,9 @@ run the rest through the executor, log each result and keep ``report.json`` curr
 
 Per trial it writes ``trials/<id>/result.json``, then logs the MLflow run, then rewrites
 ``report.json``, so a sweep killed at any point can be resumed without measuring a trial
-twice or logging it twice.
+twice or logging it twice. With ``measure.passes`` > 1 a trial's passes run pass-major and
+its result is pooled (:mod:`qatbench.timing_passes`) before any of that; a trial whose
+passes were cut short runs all of them again on resume.
 """
 
 from __future__ import annotations
