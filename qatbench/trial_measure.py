@@ -169,10 +169,11 @@ def _parity(
 def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: TaskData) -> None:
     """Every batch size's pairs timed in turn, block by block (see measure/timing.py).
 
-    The fp32 baseline is a fresh copy, as the candidate is (methods prepare a copy): the
-    model object built, trained or loaded earlier in the trial is scattered through memory
-    and, where Python overhead dominates (the quick start's tiny transformer), ran 3-7%
-    slower than a copy of itself, which inflated every speed-up by as much.
+    The fp32 baseline is a fresh copy, as the candidate is (methods prepare a copy). Where
+    Python overhead dominates (the quick start's tiny transformer), the model object built,
+    trained or loaded earlier in the trial ran about 6% slower than a copy of itself, most
+    likely because its objects lie scattered through memory, and that inflated every
+    speed-up by as much.
     """
     m = state.metrics
     graphs_before = tc.graphs_compiled()
