@@ -41,11 +41,12 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
     from qatbench import registry
     from qatbench.bitwidth import BitWidth
     from qatbench.data.datasets import load_data
-    from qatbench.data.training import forward_loop, pretrained, train_loop
+    from qatbench.data.training import forward_loop, train_loop
     from qatbench.errors import PluginError
     from qatbench.measure import error as err
     from qatbench.runtimes import onnxruntime as ortrt
     from qatbench.spec import resolve_model_factory
+    from qatbench.trial import pretrained_for
 
     torch.set_num_threads(trial.measure.threads)
     torch.manual_seed(trial.seed)
@@ -56,16 +57,7 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
     example = tuple(example) if isinstance(example, list | tuple) else (example,)
     data = load_data(trial.data, example[0], trial.seed)
     if data.labelled and trial.data.pretrain_epochs:
-        key = {  # the worker's cache key: a trial and a benchmark share pretrained weights
-            "model": trial.model.model_dump(exclude={"expect"}),
-            "data": data.name,
-            "epochs": trial.data.pretrain_epochs,
-            "seed": trial.seed,
-            "torch": torch.__version__,
-        }
-        fp32, _ = pretrained(
-            fp32, key, data, trial.data.pretrain_epochs, trial.data.batch_size, trial.seed
-        )
+        fp32, _ = pretrained_for(trial, fp32, data)  # the worker's cache: shared weights
     fp32.eval()
     cls = registry.methods.get(trial.method.name)
     method = cls(cls.Config.model_validate(trial.method.options), BitWidth.parse(trial.bits))

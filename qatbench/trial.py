@@ -86,6 +86,24 @@ def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = No
     )
 
 
+def pretrained_for(
+    trial: TrialSpec, model: torch.nn.Module, data: TaskData
+) -> tuple[torch.nn.Module, bool]:
+    """``model`` pretrained on ``data`` as ``trial`` asks, or loaded from the cache, and
+    whether the cache had it. This key is the one cache key of trials and of in-process
+    quantization (the pytest fixtures), so both share pretrained weights."""
+    key = {
+        "model": trial.model.model_dump(exclude={"expect"}),
+        "data": data.name,
+        "epochs": trial.data.pretrain_epochs,
+        "seed": trial.seed,
+        "torch": torch.__version__,
+    }
+    return pretrained(
+        model, key, data, trial.data.pretrain_epochs, trial.data.batch_size, trial.seed
+    )
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     message = text[0] if text else ""
@@ -130,16 +148,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
             example = (data.eval_x[:1].clone(),)
     if data.labelled and trial.data.pretrain_epochs:
         with step("pretrain"):
-            key = {
-                "model": trial.model.model_dump(exclude={"expect"}),
-                "data": data.name,
-                "epochs": trial.data.pretrain_epochs,
-                "seed": trial.seed,
-                "torch": torch.__version__,
-            }
-            model, hit = pretrained(
-                model, key, data, trial.data.pretrain_epochs, trial.data.batch_size, trial.seed
-            )
+            model, hit = pretrained_for(trial, model, data)
             state.details["pretrained_from_cache"] = hit
     model.eval()
     state.metrics["model_rss_delta_bytes"] = float(psutil.Process().memory_info().rss - rss_before)
