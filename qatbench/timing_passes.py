@@ -18,7 +18,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from qatbench.measure.latency_metrics import batch_metrics
+from qatbench.measure.latency_metrics import batch_metrics, is_timing_warning
 from qatbench.results import TrialResult
 from qatbench.spec import TrialSpec
 
@@ -54,7 +54,7 @@ def pool(trial: TrialSpec, passes: list[TrialResult]) -> TrialResult:
     first = passes[0]
     params = {**first.params, "measure": trial.measure.model_dump()}
     metrics = dict(first.metrics)
-    warnings = [w for w in first.details.get("warnings", []) if not _timing_warning(w)]
+    warnings = [w for w in first.details.get("warnings", []) if not is_timing_warning(w)]
     samples: dict[str, Any] = {}
     for key in first.details.get("latency_samples", {}):
         rounds = _pooled([r.details["latency_samples"][key] for r in passes])
@@ -83,7 +83,3 @@ def _pooled(buckets: list[dict[str, Any]]) -> dict[str, Any]:
             if bucket.get(name):
                 offsets[name] += max(bucket[name]) + 1
     return pooled
-
-
-def _timing_warning(text: str) -> bool:
-    return text.startswith(("unstable timing at batch", "speed-up at batch"))

@@ -53,6 +53,15 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "experiment"
 
 
+# The significance test's options, shared by compare and history.
+Alpha = Annotated[
+    float, typer.Option(help="significance level of the Mann-Whitney test on timings")
+]
+MinEffect = Annotated[
+    float, typer.Option(help="smallest relative median shift a timing change must have")
+]
+
+
 def compare(
     a: Annotated[str, typer.Argument(help="the reference run: " + _SOURCE_HELP)],
     b: Annotated[str, typer.Argument(help="the run judged against A, same forms as A")],
@@ -67,20 +76,17 @@ def compare(
         ),
     ] = None,
     tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
-    alpha: Annotated[
-        float, typer.Option(help="significance level of the Mann-Whitney test on timings")
-    ] = 0.01,
-    min_effect: Annotated[
-        float, typer.Option(help="smallest relative median shift a timing change must have")
-    ] = 0.05,
+    alpha: Alpha = 0.01,
+    min_effect: MinEffect = 0.05,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="also write the comparison as HTML")
     ] = None,
 ) -> None:
     """Compare two runs trial by trial; exit 1 when a gate is breached.
 
-    Timing metrics (latency, throughput, speed-up) breach a gate only when their raw
-    samples also differ significantly (Mann-Whitney U); other metrics on the threshold.
+    Timing metrics (latency, throughput, speed-up) breach a gate only when their samples
+    (one per repeat when both runs have them) also differ significantly (Mann-Whitney U);
+    other metrics on the threshold.
     """
     from qatbench.report import compare as cmp
     from qatbench.report.sources import load_record, parse_source
@@ -111,12 +117,8 @@ def history(
     threshold: Annotated[
         str, typer.Option(help="relative change that counts for metrics without samples")
     ] = "5%",
-    alpha: Annotated[
-        float, typer.Option(help="significance level of the Mann-Whitney test on timings")
-    ] = 0.01,
-    min_effect: Annotated[
-        float, typer.Option(help="smallest relative median shift a timing change must have")
-    ] = 0.05,
+    alpha: Alpha = 0.01,
+    min_effect: MinEffect = 0.05,
     output: Annotated[Path, typer.Option("-o", "--output", help="HTML path")] = Path(
         "history.html"
     ),

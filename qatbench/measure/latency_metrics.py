@@ -14,6 +14,12 @@ from typing import Any
 from qatbench.measure.stats import paired_ratio_of_medians, summarize
 
 DRIFT_WARNING = 0.25  # max/min of the per-repeat speed-ups, minus 1
+_WARNING_STARTS = ("unstable timing at batch", "speed-up at batch")
+
+
+def is_timing_warning(text: str) -> bool:
+    """Whether ``text`` is one of the warnings :func:`batch_metrics` gives."""
+    return text.startswith(_WARNING_STARTS)
 
 
 def batch_metrics(n: int, rounds: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
@@ -42,11 +48,11 @@ def batch_metrics(n: int, rounds: dict[str, Any]) -> tuple[dict[str, float], lis
     m[f"speedup_ci_high_b{n}"] = speedup.ci_high
     m[f"latency_cv_b{n}"] = s.cv
     if s.unstable:
-        warnings.append(f"unstable timing at batch {n}: cv {s.cv:.2f}, {s.outliers} outliers")
+        warnings.append(f"{_WARNING_STARTS[0]} {n}: cv {s.cv:.2f}, {s.outliers} outliers")
     per_repeat = rounds["speedup_per_repeat"]
     if len(per_repeat) > 1 and max(per_repeat) / min(per_repeat) - 1 > DRIFT_WARNING:
         warnings.append(
-            f"speed-up at batch {n} moved between {min(per_repeat):.2f} and "
+            f"{_WARNING_STARTS[1]} {n} moved between {min(per_repeat):.2f} and "
             f"{max(per_repeat):.2f} across {len(per_repeat)} repeats: the machine was busy, "
             f"read the interval [{speedup.ci_low:.2f}, {speedup.ci_high:.2f}]"
         )
