@@ -13,6 +13,7 @@ the compiler's.
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,25 +170,32 @@ def _parity(
 def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: TaskData) -> None:
     """Every batch size's pairs timed in turn, block by block (see measure/timing.py).
 
-    The fp32 baseline is a fresh copy, as the candidate is (methods prepare a copy). Where
-    Python overhead dominates (the quick start's tiny transformer), the model object built,
-    trained or loaded earlier in the trial ran about 6% slower than a copy of itself, most
-    likely because its objects lie scattered through memory, and that inflated every
-    speed-up by as much.
+    Each repeat times fresh instances: a copy of fp32, and a copy of the candidate or a new
+    onnxruntime session of its graph (compiled functions stay as compiled). Where Python
+    overhead dominates (the quick start's tiny transformer), the fp32 object built, trained
+    or loaded earlier in the trial ran about 6% slower than a copy of itself, and the
+    session a trial had evaluated with 1-6% slower than a new one; copies of one model
+    differed by up to 5% among themselves. One fixed pair of objects would bias the whole
+    trial by such an offset, invisibly to its interval.
     """
     m = state.metrics
     graphs_before = tc.graphs_compiled()
-    pairs: list[Pair] = []
-    fp32 = copy.deepcopy(subjects.fp32)
     # Inputs made outside inference mode, as the compile phase made its own: an inference
     # tensor fails dynamo's guards and compiles the model again while it is timed.
     inputs = [batch_of(data.eval_x, n) for n in trial.measure.batch_sizes]
-    with torch.inference_mode():
+    fresh = fresh_instances(trial, state, subjects)
+
+    def pairs(repeat: int) -> list[Pair]:
+        fp32, candidate_for = fresh()
+        made: list[Pair] = []
         for x in inputs:
-            cand_fn = _candidate_call(trial, subjects, x)
-            pairs.append((_bind(fp32, x), cand_fn))
+            cand_fn = candidate_for(x)
+            made.append((_bind(fp32, x), cand_fn))
             if subjects.fp32_compiled is not None:
-                pairs.append((_bind(subjects.fp32_compiled.fn, x), cand_fn))
+                made.append((_bind(subjects.fp32_compiled.fn, x), cand_fn))
+        return made
+
+    with torch.inference_mode():
         timed = iter(time_pairs(pairs, timing_settings(trial)))
     samples: dict[str, Any] = {}
     for n in trial.measure.batch_sizes:
@@ -206,6 +214,52 @@ def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: Task
         state.warnings.append("torch.compile recompiled while being timed: latencies include it")
 
 
+CandidateCall = Callable[[torch.Tensor], Callable[[], object]]
+
+
+def fresh_instances(
+    trial: TrialSpec, state: TrialState, subjects: Subjects
+) -> Callable[[], tuple[torch.nn.Module, CandidateCall]]:
+    """A maker of one repeat's instances: a copy of fp32, and the candidate's call per input.
+
+    A candidate that cannot be copied (some plugin's module) is timed as it is in every
+    repeat, with a note in the details. Copies are made outside inference mode, like the
+    models they copy.
+    """
+    if trial.runtime == "onnxruntime":
+        graph = Path(state.artifacts["onnx"])
+
+        def session_call() -> CandidateCall:
+            session = ortrt.make_session(graph, trial.measure.threads)
+            return lambda x: ortrt.runner_for(session, x)
+
+        make_candidate = session_call
+    elif subjects.compiled is not None:
+        compiled = subjects.compiled.fn
+
+        def compiled_call() -> CandidateCall:
+            return lambda x: _bind(compiled, x)
+
+        make_candidate = compiled_call
+    else:
+
+        def copied_call() -> CandidateCall:
+            try:
+                candidate = copy.deepcopy(subjects.candidate)
+            except Exception as exc:
+                state.details["timed_candidate"] = f"the same instance: copy failed ({exc})"
+                candidate = subjects.candidate
+            return lambda x: _bind(candidate, x)
+
+        make_candidate = copied_call
+
+    def fresh() -> tuple[torch.nn.Module, CandidateCall]:
+        with torch.inference_mode(False):
+            return copy.deepcopy(subjects.fp32), make_candidate()
+
+    return fresh
+
+
 def _rounds(paired: PairedTiming) -> dict[str, Any]:
     """The rounds of one pair as plain data (ms), as report.json keeps them."""
     return {
@@ -214,14 +268,6 @@ def _rounds(paired: PairedTiming) -> dict[str, Any]:
         "repeat_of_round": list(paired.repeat_of_round),
         "speedup_per_repeat": list(paired.repeat_speedups),
     }
-
-
-def _candidate_call(trial: TrialSpec, subjects: Subjects, x: torch.Tensor) -> Callable[[], object]:
-    if trial.runtime == "onnxruntime":
-        return ortrt.runner_for(subjects.session, x)
-    if subjects.compiled is not None:
-        return _bind(subjects.compiled.fn, x)
-    return _bind(subjects.candidate, x)
 
 
 def generation(
@@ -272,4 +318,4 @@ def generation(
 
 
 def _bind(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], object]:
-    return lambda: model(x)
+    return functools.partial(model, x)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import time
+import weakref
+from collections.abc import Callable
 
 import pytest
 
@@ -171,3 +173,48 @@ def test_settings_are_validated() -> None:
         TimingSettings(min_round_s=0.0)
     with pytest.raises(ValueError):
         TimingSettings(repeats=0)
+
+
+class _Instance:
+    """A callable standing in for one copy of a model; records which repeat made it."""
+
+    def __init__(self, calls: list[str], tag: str) -> None:
+        self.calls, self.tag = calls, tag
+
+    def __call__(self) -> None:
+        self.calls.append(self.tag)
+        time.sleep(0.002)  # longer than a round: one call per round
+
+
+def test_pairs_made_afresh_per_repeat_time_only_that_repeats_instances() -> None:
+    calls: list[str] = []
+    alive_when_made: list[int] = []
+    made: list[weakref.ref[_Instance]] = []
+
+    def pairs(repeat: int) -> list[tuple[_Instance, _Instance]]:
+        alive_when_made.append(sum(ref() is not None for ref in made))
+        b, c = _Instance(calls, f"b{repeat}"), _Instance(calls, f"c{repeat}")
+        made.extend([weakref.ref(b), weakref.ref(c)])
+        return [(b, c)]
+
+    settings = TimingSettings(
+        warmup_s=0.0, min_round_s=0.001, min_rounds=3, max_time_s=0.0, repeats=3
+    )
+    (paired,) = time_pairs(pairs, settings)
+    # the previous repeat's copies were let go before the next were made
+    assert alive_when_made == [0, 0, 0]
+    assert paired.repeat_of_round == (0, 1, 2)
+    assert len(paired.repeat_speedups) == 3
+    # each later block: an untimed round of its new instances, then its one pair
+    assert [tag for tag in calls if tag[1] != "0"] == ["b1", "c1"] * 2 + ["b2", "c2"] * 2
+
+
+def test_a_renewal_that_changes_the_number_of_pairs_is_an_error() -> None:
+    def pairs(repeat: int) -> list[tuple[Callable[[], None], Callable[[], None]]]:
+        return [(lambda: None, lambda: None)] * (1 + repeat)
+
+    settings = TimingSettings(
+        warmup_s=0.0, min_round_s=1e-6, min_rounds=2, max_time_s=0.0, repeats=2
+    )
+    with pytest.raises(ValueError, match="repeat 1 made 2 pairs to time, not 1"):
+        time_pairs(pairs, settings)

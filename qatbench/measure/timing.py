@@ -7,6 +7,15 @@ that is too narrow and a value that depends on when it ran. Several pairs (batch
 second baseline) are therefore timed in turn, one block each, so every pair's rounds are
 spread over the whole measurement, and the speed-up's interval resamples blocks.
 
+Where the objects being timed lie in memory moves a speed too: on that VM, copies of one
+eager fp32 model timed against each other differed by up to 5%, and a fresh onnxruntime
+session of the same file ran 1-6% faster than the one a trial had used for its evaluation.
+Such an offset is fixed for the life of the objects, so within one process it looks like
+signal: no number of rounds averages it out, and the interval cannot see it. The caller may
+therefore pass a function that makes the pairs afresh for every repeat (new copies, new
+sessions), so the offset varies from block to block like the machine's state does, is
+averaged over the repeats, and enters the interval through the block bootstrap.
+
 A round calls the function ``calls_per_round`` times between two reads of the monotonic
 ``time.perf_counter_ns`` clock; one sample is the round's time divided by its calls, so a
 sample is long compared with the clock's resolution even for a microsecond call. Garbage
@@ -25,6 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import repeat
+from typing import cast
 
 from qatbench.measure.stats import Ratio, Summary, paired_ratio_of_medians, summarize
 
@@ -194,6 +204,10 @@ class _PairRounds:
     cand: list[int] = field(default_factory=list)
     repeat: list[int] = field(default_factory=list)  # the block of each round
 
+    def warm_up(self, seconds: float) -> None:
+        _warm_up(self.baseline_fn, seconds)
+        _warm_up(self.candidate_fn, seconds)
+
     def one_pair(self, baseline_first: bool) -> int:
         """Time one baseline and one candidate round; their total nanoseconds."""
         if baseline_first:
@@ -224,7 +238,9 @@ class _PairRounds:
         )
 
 
-def time_pairs(pairs: Sequence[Pair], settings: TimingSettings) -> list[PairedTiming]:
+def time_pairs(
+    pairs: Sequence[Pair] | Callable[[int], Sequence[Pair]], settings: TimingSettings
+) -> list[PairedTiming]:
     """Time (baseline, candidate) pairs in alternating rounds, spread over ``repeats`` blocks.
 
     Every function is warmed up and calibrated first. Then, ``repeats`` times, each pair in
@@ -235,25 +251,31 @@ def time_pairs(pairs: Sequence[Pair], settings: TimingSettings) -> list[PairedTi
     ends with at least ``min_rounds`` rounds and spends about ``max_time_s``. Round i of
     the baseline and round i of the candidate form the pair that the speed-up's bootstrap
     resamples, block by block.
+
+    ``pairs`` may instead be a function of the repeat's index that makes the pairs afresh
+    (see the module's docstring): it is called once per repeat, after the previous
+    repeat's functions are let go (so at most one set of copies is alive), and must return
+    as many pairs, in the same order. Calls per round stay those calibrated on the first
+    set; each later set is warmed up for ``warmup_s / repeats`` and starts its block with
+    an untimed round.
     """
-    for fn_pair in pairs:
-        for fn in fn_pair:
-            _warm_up(fn, settings.warmup_s)
+    renew = pairs if callable(pairs) else None
     block_budget_ns = settings.max_time_s * _NS_PER_S / settings.repeats
     block_min_pairs = math.ceil(settings.min_rounds / settings.repeats)
+    first = renew(0) if renew is not None else cast(Sequence[Pair], pairs)
+    timed = [_PairRounds(b, c, 0, 0) for b, c in first]
+    del first  # the pairs live in ``timed`` only, so _renew can let them go
+    for p in timed:
+        p.warm_up(settings.warmup_s)
     with _gc_paused():
-        timed = [
-            _PairRounds(
-                b,
-                c,
-                calibrate_calls(b, settings.min_round_s),
-                calibrate_calls(c, settings.min_round_s),
-            )
-            for b, c in pairs
-        ]
+        for p in timed:
+            p.base_calls = calibrate_calls(p.baseline_fn, settings.min_round_s)
+            p.cand_calls = calibrate_calls(p.candidate_fn, settings.min_round_s)
         for repeat in range(settings.repeats):
+            if renew is not None and repeat > 0:
+                _renew(timed, renew, repeat, settings.warmup_s / settings.repeats)
             for p in timed:
-                if len(timed) > 1:  # the previous block was another pair's
+                if len(timed) > 1 or renew is not None:  # cold from another block or new
                     _round_ns(p.baseline_fn, p.base_calls)
                     _round_ns(p.candidate_fn, p.cand_calls)
                 start_ns = time.perf_counter_ns()
@@ -264,3 +286,21 @@ def time_pairs(pairs: Sequence[Pair], settings: TimingSettings) -> list[PairedTi
                     p.repeat.append(repeat)
                     done += 1
     return [p.result() for p in timed]
+
+
+def _let_go() -> None:
+    """Stands in for a function whose objects were let go before the next repeat's."""
+
+
+def _renew(
+    timed: list[_PairRounds], renew: Callable[[int], Sequence[Pair]], repeat: int, warmup_s: float
+) -> None:
+    """Swap every pair's functions for the ones ``renew`` makes for this repeat."""
+    for p in timed:
+        p.baseline_fn = p.candidate_fn = _let_go
+    fresh = list(renew(repeat))
+    if len(fresh) != len(timed):
+        raise ValueError(f"repeat {repeat} made {len(fresh)} pairs to time, not {len(timed)}")
+    for p, (b, c) in zip(timed, fresh, strict=True):
+        p.baseline_fn, p.candidate_fn = b, c
+        p.warm_up(warmup_s)
