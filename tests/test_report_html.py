@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from qatbench.report.distributions import MAX_DOTS
-from qatbench.report.html import build_view, pareto_front, render_html, write_html
+from qatbench.report.html import build_view, render_html, write_html
+from qatbench.report.html_charts import pareto_front
 from qatbench.results import RunRecord, TrialResult
 
 CHROMIUM = Path("/usr/bin/chromium")

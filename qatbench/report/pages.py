@@ -18,7 +18,8 @@ from qatbench.report.compare import (
     fmt_value,
 )
 from qatbench.report.history import History, Point, Series
-from qatbench.report.html import render_template, run_link
+from qatbench.report.html import render_template
+from qatbench.report.html_format import run_link
 from qatbench.report.svg import Scale, auto_scale
 from qatbench.results import write_text_atomic
 
