@@ -8,7 +8,7 @@ Three checks, each a pass/fail with the measured value:
 - ``aa_paired`` and ``aa_rank_test``: a function against itself must not look faster or
   slower: the paired speed-up within 10% of 1, and two independent timing runs of it, each
   in REPEATS blocks, not flagged by the rank test ``qatbench compare`` uses on them (one
-  median per block; see :func:`qatbench.report.compare.comparable_samples`).
+  median per block; see :func:`qatbench.report.compare_samples.comparable_samples`).
 
 Nightly jobs run it first: a failing self-test means the night's timings are not to be
 trusted, whatever they show.

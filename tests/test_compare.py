@@ -27,8 +27,8 @@ from qatbench.report.compare import (
     parse_gate,
     parse_gates,
     relative_change,
-    timing_samples,
 )
+from qatbench.report.compare_samples import timing_samples
 from qatbench.results import RunRecord, TrialFailure, TrialResult
 
 QATBENCH = Path(sys.executable).with_name("qatbench")

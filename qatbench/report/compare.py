@@ -12,11 +12,11 @@ judged on a bare percentage: a gate on one is breached only when the recorded va
 past the threshold AND the samples of the two runs (``details["latency_samples"]``) differ
 significantly by the Mann-Whitney U test of :mod:`qatbench.measure.stats`, in the same
 direction: one value per repeat when both runs timed enough repeats (rounds of one repeat
-move together when the machine is busy), else the per-call rounds. Without samples on both
-sides the threshold alone decides and the change says so. A trial that finished in A and
-failed in B is a breach; trials present on one side only are listed, not judged. Rendering
-(a terminal table, an HTML page) lives in :mod:`qatbench.report.text` and
-:mod:`qatbench.report.pages`.
+move together when the machine is busy), else the per-call rounds; the samples are those of
+:mod:`qatbench.report.compare_samples`. Without samples on both sides the threshold alone
+decides and the change says so. A trial that finished in A and failed in B is a breach;
+trials present on one side only are listed, not judged. Rendering (a terminal table, an
+HTML page) lives in :mod:`qatbench.report.text` and :mod:`qatbench.report.pages`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,18 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from qatbench.errors import ConfigError
 from qatbench.measure.stats import ShiftTest, mann_whitney
+from qatbench.report.compare_samples import (
+    GENERATION_METRIC,
+    SPREAD_METRIC,
+    TIMING_METRIC,
+    comparable_samples,
+)
 from qatbench.results import RunRecord, TrialResult
 
 DEFAULT_ALPHA = 0.01
@@ -49,17 +54,7 @@ DEFAULT_METRICS = (
 _GATE = re.compile(
     r"^(?P<metric>[^:]+):(?P<sign>[+-])(?P<number>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(?P<pct>%?)$"
 )
-_TIMING = re.compile(
-    r"^(?P<family>fp32_latency|latency|throughput|speedup)_(?P<stat>[a-z0-9_]*?)_?b(?P<n>\d+)$"
-)
-# Generation timings (language models), sampled in details["generation"]["samples"].
-_GENERATION = re.compile(
-    r"^(?P<fp32>fp32_)?(?:recompute_)?(?P<phase>prefill|decode)_"
-    r"(?P<stat>latency_p50_ms(?:_per_token)?|tokens_per_s|speedup_vs_fp32)$"
-)
 _BATCH_SUFFIX = re.compile(r"_b\d+$")
-# Timing metrics that describe a distribution's spread, not its position: no shift test.
-_SPREAD = re.compile(r"^latency_cv_b\d+$")
 _HIGHER_BETTER = re.compile(
     r"^(?:throughput_|speedup_|accuracy|sqnr|cosine|compression_ratio|int_op_fraction|"
     r"worst_layer_sqnr|onnx_export_ok|onnx_parity_ok|next_token_accuracy|"
@@ -147,121 +142,15 @@ def relative_change(a: float, b: float) -> float:
 def better_direction(metric: str) -> int:
     """+1 when a higher value is better (speed-up, accuracy), -1 when lower is (latency,
     error, size), 0 when the name does not say."""
-    if _LOWER_BETTER.match(metric) and not _SPREAD.match(metric):
+    if _LOWER_BETTER.match(metric) and not SPREAD_METRIC.match(metric):
         return -1
     return 1 if _HIGHER_BETTER.match(metric) else 0
 
 
 def is_timing(metric: str) -> bool:
     """Latency, throughput and speed-up metrics (judged with a shift test on samples)."""
-    return bool(_TIMING.match(metric) or _GENERATION.match(metric)) and not _SPREAD.match(metric)
-
-
-def batch_samples(trial: TrialResult, batch: int | str, side: str = "candidate_ms") -> list[float]:
-    """Per-call ms of every timed round at ``batch`` (``candidate_ms`` or ``fp32_ms``); [] if
-    the trial recorded none or they are malformed."""
-    bucket = trial.details.get("latency_samples", {})
-    values = bucket.get(f"b{batch}", {}).get(side) if isinstance(bucket, dict) else None
-    return _floats(values)
-
-
-def timing_samples(trial: TrialResult, metric: str) -> tuple[list[float], int]:
-    """The samples behind a timing metric and how the metric moves when they rise (+1/-1).
-
-    Latency metrics: the candidate's per-call ms (fp32's for ``fp32_latency_*``); throughput:
-    the same ms, moving the other way; speed-up: the per-round ratio fp32 / candidate of the
-    paired rounds. ``([], 0)`` when the metric is not a timing one or samples are missing.
-    """
-    if gen := _GENERATION.match(metric):
-        return _generation_samples(trial, gen)
-    match = _TIMING.match(metric)
-    if match is None or _SPREAD.match(metric):
-        return [], 0
-    family, n = match["family"], match["n"]
-    if family == "speedup":
-        cand, base = batch_samples(trial, n), batch_samples(trial, n, "fp32_ms")
-        if not cand or len(cand) != len(base) or min(cand) <= 0:
-            return [], 0
-        return [f / c for f, c in zip(base, cand, strict=True)], 1
-    side = "fp32_ms" if family == "fp32_latency" else "candidate_ms"
-    samples = batch_samples(trial, n, side)
-    return (samples, -1 if family == "throughput" else 1) if samples else ([], 0)
-
-
-MIN_REPEATS = 6  # fewer per side and the rank test can never reach p < 0.01
-
-
-def repeat_samples(trial: TrialResult, metric: str) -> tuple[list[float], int]:
-    """One value per repeat behind a timing metric, as :func:`timing_samples`.
-
-    A repeat is a block of rounds (``measure.repeats``): the median of its rounds (latency,
-    throughput) or fp32 median / candidate median within it (speed-up). ``([], 0)`` for
-    generation metrics and for trials recorded without repeats.
-    """
-    match = _TIMING.match(metric)
-    if match is None or _SPREAD.match(metric):
-        return [], 0
-    family, n = match["family"], match["n"]
-    bucket = trial.details.get("latency_samples", {})
-    rounds = bucket.get(f"b{n}", {}) if isinstance(bucket, dict) else {}
-    labels = rounds.get("repeat_of_round") if isinstance(rounds, dict) else None
-    cand, base = batch_samples(trial, n), batch_samples(trial, n, "fp32_ms")
-    if not isinstance(labels, list) or not cand or not len(labels) == len(cand) == len(base):
-        return [], 0
-    values = []
-    for repeat in dict.fromkeys(labels):
-        c = [v for v, k in zip(cand, labels, strict=True) if k == repeat]
-        b = [v for v, k in zip(base, labels, strict=True) if k == repeat]
-        if family == "speedup":
-            values.append(statistics.median(b) / statistics.median(c))
-        else:
-            values.append(statistics.median(b if family == "fp32_latency" else c))
-    return values, 1 if family in ("speedup", "latency", "fp32_latency") else -1
-
-
-def comparable_samples(
-    trial_a: TrialResult, trial_b: TrialResult, metric: str
-) -> tuple[list[float], list[float], int]:
-    """The samples a timing metric of two trials is tested on, and its move (+1/-1).
-
-    Per repeat when both trials have at least MIN_REPEATS: a busy spell of the machine
-    moves every round of a repeat together, so rounds are not independent and a rank test
-    on thousands of them calls any drift significant; repeats are the independent unit.
-    Per round otherwise (trials recorded before repeats, or with too few of them).
-    """
-    (ra, move), (rb, _) = repeat_samples(trial_a, metric), repeat_samples(trial_b, metric)
-    if len(ra) >= MIN_REPEATS and len(rb) >= MIN_REPEATS:
-        return ra, rb, move
-    (sa, move), (sb, _) = timing_samples(trial_a, metric), timing_samples(trial_b, metric)
-    return sa, sb, move
-
-
-def _generation_samples(trial: TrialResult, match: re.Match[str]) -> tuple[list[float], int]:
-    """Prefill or decode rounds of ``details["generation"]["samples"]``, as timing_samples."""
-    generation = trial.details.get("generation")
-    bucket = generation.get("samples") if isinstance(generation, dict) else None
-    phase = bucket.get(match["phase"]) if isinstance(bucket, dict) else None
-    if not isinstance(phase, dict):
-        return [], 0
-    cand = _floats(phase.get("candidate_ms"))
-    base = _floats(phase.get("fp32_ms"))
-    if match["stat"] == "speedup_vs_fp32":
-        if not cand or len(cand) != len(base) or min(cand) <= 0:
-            return [], 0
-        return [f / c for f, c in zip(base, cand, strict=True)], 1
-    samples = base if match["fp32"] else cand
-    return (samples, -1 if match["stat"] == "tokens_per_s" else 1) if samples else ([], 0)
-
-
-def _floats(values: object) -> list[float]:
-    """Finite floats of a JSON list; [] when it is not one or holds something else."""
-    if not isinstance(values, list):
-        return []
-    try:
-        floats = [float(v) for v in values]
-    except (TypeError, ValueError):
-        return []
-    return [v for v in floats if math.isfinite(v)]
+    timing = TIMING_METRIC.match(metric) or GENERATION_METRIC.match(metric)
+    return bool(timing) and not SPREAD_METRIC.match(metric)
 
 
 @dataclass(frozen=True)

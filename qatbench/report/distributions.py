@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qatbench.measure.stats import summarize
-from qatbench.report.compare import batch_samples
+from qatbench.report.compare_samples import batch_samples
 from qatbench.report.svg import Scale, auto_scale
 from qatbench.results import TrialResult
 

@@ -4,8 +4,8 @@ Data in (the sweeps of :mod:`qatbench.report.sources`), a :class:`History` out; 
 page is rendered by :mod:`qatbench.report.pages`. Each trial's series is judged point by
 point against its previous point: a timing metric with latency samples on both points by
 the Mann-Whitney U test (p < alpha and a median shift of at least ``min_effect``) on the
-samples :func:`qatbench.report.compare.comparable_samples` picks, any other metric by a
-relative change beyond ``threshold``.
+samples :func:`qatbench.report.compare_samples.comparable_samples` picks, any other metric
+by a relative change beyond ``threshold``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,8 @@ from dataclasses import dataclass
 
 from qatbench.errors import ConfigError
 from qatbench.measure.stats import ShiftTest, mann_whitney
-from qatbench.report.compare import (
-    DEFAULT_ALPHA,
-    DEFAULT_MIN_EFFECT,
-    comparable_samples,
-    relative_change,
-)
+from qatbench.report.compare import DEFAULT_ALPHA, DEFAULT_MIN_EFFECT, relative_change
+from qatbench.report.compare_samples import comparable_samples
 from qatbench.report.sources import Sweep
 from qatbench.results import TrialResult
 
