@@ -45,7 +45,7 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
     from qatbench.errors import PluginError
     from qatbench.measure import error as err
     from qatbench.runtimes import onnxruntime as ortrt
-    from qatbench.spec import resolve_model_factory
+    from qatbench.spec_checks import resolve_model_factory
     from qatbench.trial import pretrained_for
 
     torch.set_num_threads(trial.measure.threads)

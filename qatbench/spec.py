@@ -4,25 +4,26 @@ Everything is checked when the file is loaded, before any model is built: unknow
 types, method options (each method's own ``Config``), names of models, methods, runtimes
 and datasets, and whether a method can do a bit-width on a runtime. Errors are
 :class:`ConfigError` with one line naming the file, the key path, the bad value and what is
-allowed.
+allowed. The schema and the grid are here; the checks against what is registered are
+:mod:`qatbench.spec_checks`, and the one-line errors of the schema :mod:`qatbench.spec_errors`.
 """
 
 from __future__ import annotations
 
-import difflib
-import importlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qatbench import registry
 from qatbench.bitwidth import FP32, BitWidth
-from qatbench.errors import ConfigError, UnknownNameError
+from qatbench.errors import ConfigError
 from qatbench.expectations import Expectation, parse_expectation
+from qatbench.spec_checks import check_names_and_capabilities
+from qatbench.spec_errors import describe_validation_error
 
 SPEC_SCHEMA_VERSION = 1
 MAX_FILE_BYTES = 1 << 20  # an experiment file is a page of YAML, not a data set
@@ -288,8 +289,8 @@ def validate_experiment(data: Any, source: str = "<experiment>") -> ExperimentSp
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc, ExperimentSpec)}") from None
-    _check_names_and_capabilities(spec, source)
+        raise ConfigError(f"{source}: {describe_validation_error(exc, ExperimentSpec)}") from None
+    check_names_and_capabilities(spec, source)
     trials = spec.expand()
     if not trials:
         raise ConfigError(f"{source}: the grid is empty after exclusions and capabilities")
@@ -300,151 +301,3 @@ def validate_experiment(data: Any, source: str = "<experiment>") -> ExperimentSp
             "runtime is listed twice"
         )
     return spec
-
-
-def _describe(exc: ValidationError, model: type[BaseModel]) -> str:
-    """First validation error as 'key.path: message (got value)' plus how many more.
-
-    An unknown key is reported with the keys allowed at that place and the closest match.
-    """
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    parts = tuple(p for p in first["loc"] if p != "[key]")  # pydantic's marker for dict keys
-    loc = _key_path(parts)
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(model, parts)
-        guess = difflib.get_close_matches(str(parts[-1]), allowed, n=1)
-        msg = "unknown key" + (f" (did you mean {guess[0]!r}?)" if guess else "")
-        msg += f"; allowed: {', '.join(allowed)}"
-    value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
-    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{loc or '(top level)'}: {msg}{shown}{more}"
-
-
-def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
-    """The field names of the (nested) model that holds the key at ``loc``."""
-    current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = current.model_fields.get(part) if _is_model(current) else None
-        if field is None:
-            return []
-        current = _inner_model(field.annotation)
-    return sorted(current.model_fields) if _is_model(current) else []
-
-
-def _is_model(obj: Any) -> bool:
-    return isinstance(obj, type) and issubclass(obj, BaseModel)
-
-
-def _inner_model(annotation: Any) -> Any:
-    """The pydantic model inside ``X``, ``list[X]`` or ``X | None``, else None."""
-    if _is_model(annotation):
-        return annotation
-    for arg in get_args(annotation):
-        found = _inner_model(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _key_path(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
-    for i, model in enumerate(spec.models):
-        where = f"{source}: models[{i}].name"
-        if model.factory:
-            _resolve_factory(model.factory, f"{source}: models[{i}].factory")
-        elif model.name not in registry.models:
-            raise UnknownNameError("model", model.name, registry.models.names(), where=where)
-    for i, method in enumerate(spec.methods):
-        where = f"{source}: methods[{i}]"
-        cls = registry.methods.get(method.name, where=f"{where}.name")
-        try:
-            cls.Config.model_validate(method.options)
-        except ValidationError as exc:
-            raise ConfigError(f"{where}.options.{_describe(exc, cls.Config)}") from None
-        caps = cls.capabilities
-        own_bits = method.bits is not None
-        for j, label in enumerate(method.bits or []):
-            try:
-                bits = BitWidth.parse(label)
-            except ValueError as exc:
-                raise ConfigError(f"{where}.bits[{j}]: {exc}") from None
-            if not caps.accepts(bits):
-                raise ConfigError(
-                    f"{where}.bits[{j}]: method {method.name!r} cannot do {label!r}; "
-                    f"allowed: {', '.join(caps.allowed_bits())}"
-                )
-        if (
-            caps.quantizes
-            and not own_bits
-            and not any(caps.accepts(BitWidth.parse(b)) for b in spec.bits)
-        ):
-            raise ConfigError(
-                f"{source}: bits: method {method.name!r} can do none of {spec.bits}; "
-                f"allowed: {', '.join(caps.allowed_bits())}"
-            )
-        if not any(r in caps.runtimes for r in spec.runtimes):
-            raise ConfigError(
-                f"{source}: runtimes: method {method.name!r} runs on none of {spec.runtimes}; "
-                f"allowed: {', '.join(sorted(caps.runtimes))}"
-            )
-    axes: dict[str, list[str]] = {
-        "model": [m.name for m in spec.models],
-        "method": [m.name for m in spec.methods],
-        "bits": sorted({"fp32", *spec.bits, *(b for m in spec.methods for b in m.bits or [])}),
-        "runtime": list(spec.runtimes),
-    }
-    for i, rule in enumerate(spec.exclude):
-        if not rule:
-            raise ConfigError(f"{source}: exclude[{i}]: an empty rule would exclude everything")
-        for key, value in rule.items():
-            if value not in axes[key]:
-                raise ConfigError(
-                    f"{source}: exclude[{i}].{key}: {value!r} matches nothing; "
-                    f"allowed: {', '.join(axes[key])}"
-                )
-    for where, items in _expect_lists(spec):
-        for j, text in enumerate(items):
-            try:
-                parse_expectation(text)
-            except ValueError as exc:
-                raise ConfigError(f"{source}: {where}[{j}]: {exc}") from None
-
-
-def _expect_lists(spec: ExperimentSpec) -> list[tuple[str, list[str]]]:
-    lists = [("expect", spec.expect)]
-    lists += [(f"models[{i}].expect", m.expect) for i, m in enumerate(spec.models)]
-    lists += [(f"methods[{i}].expect", m.expect) for i, m in enumerate(spec.methods)]
-    return lists
-
-
-def _resolve_factory(target: str, where: str) -> Any:
-    """Import ``package.module:function``. This runs the user's own code, by design."""
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module: any import failure is their error
-        raise ConfigError(
-            f"{where}: cannot import {module_name!r}: {exc}".splitlines()[0]
-        ) from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{where}: {module_name!r} has no callable {attr!r}")
-    return factory
-
-
-def resolve_model_factory(entry: ModelEntry) -> Any:
-    """The callable that builds ``entry``'s model: a registered model or a user factory."""
-    if entry.factory:
-        return _resolve_factory(entry.factory, f"model {entry.name}")
-    return registry.models.get(entry.name)

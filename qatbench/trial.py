@@ -41,7 +41,8 @@ from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
 from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.runtimes import torch_compile as tc
-from qatbench.spec import TrialSpec, resolve_model_factory
+from qatbench.spec import TrialSpec
+from qatbench.spec_checks import resolve_model_factory
 from qatbench.trial_measure import Subjects, batch_of, generation, measure, predict
 from qatbench.trial_measure import TrialState as _State
 
