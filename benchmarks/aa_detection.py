@@ -41,6 +41,7 @@ def main() -> None:
     model.eval()
     x = torch.randn(1, 28, 28)
     with torch.inference_mode():
+
         def plain() -> object:
             return model(x)
 
@@ -63,10 +64,14 @@ def main() -> None:
                     false_alarms += flagged
                 else:
                     detections += flagged
-                print(f"{kind:9s} pair {i + 1:2d}: ratio {test.ratio:.3f} p {test.p_value:.2e} "
-                      f"{'REGRESSION' if flagged else 'ok'}")
-    print(f"median call {median_s * 1e3:.3f} ms; A/A false alarms: {false_alarms}/{PAIRS}; "
-          f"1.5x detections: {detections}/{PAIRS}")
+                print(
+                    f"{kind:9s} pair {i + 1:2d}: ratio {test.ratio:.3f} p {test.p_value:.2e} "
+                    f"{'REGRESSION' if flagged else 'ok'}"
+                )
+    print(
+        f"median call {median_s * 1e3:.3f} ms; A/A false alarms: {false_alarms}/{PAIRS}; "
+        f"1.5x detections: {detections}/{PAIRS}"
+    )
 
 
 if __name__ == "__main__":
