@@ -1,0 +1,48 @@
+"""benchmarks/run_twice.py: the trial-by-trial agreement of two runs of an experiment."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+_PATH = Path(__file__).parents[1] / "benchmarks" / "run_twice.py"
+_spec = importlib.util.spec_from_file_location("run_twice", _PATH)
+assert _spec is not None and _spec.loader is not None
+run_twice = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_twice)
+
+
+def _report(**speedups: float) -> dict[str, Any]:
+    return {
+        "trials": [
+            {
+                "id": tid,
+                "metrics": {
+                    "speedup_vs_fp32_b1": v,
+                    "speedup_ci_low_b1": v * 0.9,
+                    "speedup_ci_high_b1": v * 1.1,
+                },
+            }
+            for tid, v in speedups.items()
+        ]
+    }
+
+
+def test_agreement_counts_trials_within_the_tolerance_of_the_smaller_value() -> None:
+    a = _report(same=2.0, near=2.0, far=2.0, only_a=1.0)
+    b = _report(same=2.0, near=2.19, far=2.21, only_b=1.0)
+    lines, agreeing, total = run_twice.agreement(a, b, "speedup_vs_fp32_b1", 0.10)
+    assert (agreeing, total) == (2, 3)  # trials in only one report are not compared
+    by_id = {line.split()[0]: line for line in lines}
+    assert by_id["near"].endswith("9.5% ok")
+    assert by_id["far"].endswith("10.5% MISS")
+    assert "2.000 [1.80, 2.20]" in by_id["same"]  # each run's value with its interval
+
+
+def test_a_metric_without_an_interval_is_shown_bare() -> None:
+    a = {"trials": [{"id": "t", "metrics": {"mse": 1.0}}]}
+    b = {"trials": [{"id": "t", "metrics": {"mse": 1.5}}]}
+    lines, agreeing, total = run_twice.agreement(a, b, "mse", 0.10)
+    assert (agreeing, total) == (0, 1)
+    assert lines[0].split()[1:4] == ["1.000", "1.500", "50.0%"]
