@@ -23,15 +23,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-_INTERVAL = {"speedup_vs_fp32_b": ("speedup_ci_low_b", "speedup_ci_high_b")}
-
 
 def _interval_keys(metric: str) -> tuple[str, str] | None:
-    for prefix, (low, high) in _INTERVAL.items():
-        if metric.startswith(prefix):
-            batch = metric[len(prefix) :]
-            return low + batch, high + batch
-    return None
+    """The metrics holding a speed-up's interval (``speedup_ci_low_bN``, ...), else None."""
+    batch = metric.removeprefix("speedup_vs_fp32_b")
+    return None if batch == metric else (f"speedup_ci_low_b{batch}", f"speedup_ci_high_b{batch}")
 
 
 def agreement(

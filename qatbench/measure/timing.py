@@ -26,6 +26,7 @@ nothing of models: the caller wraps whatever it measures in a closure.
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import statistics
@@ -92,9 +93,17 @@ class PairedTiming:
 
     baseline: Timing
     candidate: Timing
-    speedup: Ratio
     repeat_of_round: tuple[int, ...]
     repeat_speedups: tuple[float, ...]
+
+    @functools.cached_property
+    def speedup(self) -> Ratio:
+        """The ratio of medians with its block-bootstrap interval, computed when first read:
+        the bootstrap takes about half a second for 2000 rounds, and a trial computes its
+        metrics from the rounds as plain data (measure/latency_metrics.py) instead."""
+        return paired_ratio_of_medians(
+            self.baseline.per_call_s, self.candidate.per_call_s, blocks=self.repeat_of_round
+        )
 
 
 def clock_resolution_ns(clock: Clock = time.perf_counter_ns) -> int:
@@ -221,9 +230,6 @@ class _PairRounds:
     def result(self) -> PairedTiming:
         baseline = _timing(self.base, self.base_calls)
         candidate = _timing(self.cand, self.cand_calls)
-        speedup = paired_ratio_of_medians(
-            baseline.per_call_s, candidate.per_call_s, blocks=self.repeat
-        )
         per_repeat = []
         for r in dict.fromkeys(self.repeat):
             rounds = [i for i, k in enumerate(self.repeat) if k == r]
@@ -232,7 +238,6 @@ class _PairRounds:
         return PairedTiming(
             baseline=baseline,
             candidate=candidate,
-            speedup=speedup,
             repeat_of_round=tuple(self.repeat),
             repeat_speedups=tuple(per_repeat),
         )
