@@ -6,10 +6,11 @@ trial in both, the metric with its interval in each run, the relative difference
 ``|a - b| / min(a, b)``, and how many trials agree within ``--tolerance``. Where the
 metric has an interval it also says whether the two runs' intervals overlap: a difference
 beyond the tolerance with overlapping intervals is one the runs' own statistics allowed
-(the measurement was not precise enough), apart intervals are drift between the runs. This is the
-reproducibility check of the measurement issue ("the quickstart twice agrees within 10%
-on speedup_vs_fp32_b1"); the README's "How timing works" says what it gave on the VM
-qatbench was built on. Exit 0 when every trial agrees, 1 otherwise.
+(the measurement was not precise enough); apart intervals are drift between the runs.
+
+This is the reproducibility check of the measurement issue ("the quickstart twice agrees
+within 10% on speedup_vs_fp32_b1"); the README's "How timing works" says what it gave on
+the VM qatbench was built on. Exit 0 when every trial agrees, 1 otherwise.
 
     python benchmarks/run_twice.py experiments/quickstart.yaml
     python benchmarks/run_twice.py --reports a/report.json b/report.json --tolerance 0.05
