@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "run_twice.py"
-_spec = importlib.util.spec_from_file_location("run_twice", _PATH)
-assert _spec is not None and _spec.loader is not None
-run_twice = importlib.util.module_from_spec(_spec)
-sys.modules["run_twice"] = run_twice  # dataclasses look their module up
-_spec.loader.exec_module(run_twice)
+from benchmarks import run_twice
 
 
 def _report(**speedups: float) -> dict[str, Any]:

@@ -2,18 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).parents[1] / "benchmarks" / "speedup_drift.py"
-_spec = importlib.util.spec_from_file_location("speedup_drift", _PATH)
-assert _spec is not None and _spec.loader is not None
-speedup_drift = importlib.util.module_from_spec(_spec)
-sys.modules["speedup_drift"] = speedup_drift  # dataclasses look their module up
-_spec.loader.exec_module(speedup_drift)
+from benchmarks import speedup_drift
 
 
 def _rounds(block_speedups: list[float], per_block: int = 3) -> tuple[list, list, list]:

@@ -1,0 +1,1 @@
+"""Scripts that measure qatbench itself; each runs as ``python benchmarks/NAME.py``."""
