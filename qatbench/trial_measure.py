@@ -242,13 +242,17 @@ def fresh_instances(
 
         make_candidate = compiled_call
     else:
+        copyable = True  # until the first copy fails: then not tried again in later repeats
 
         def copied_call() -> CandidateCall:
-            try:
-                candidate = copy.deepcopy(subjects.candidate)
-            except Exception as exc:
-                state.details["timed_candidate"] = f"the same instance: copy failed ({exc})"
-                candidate = subjects.candidate
+            nonlocal copyable
+            candidate = subjects.candidate
+            if copyable:
+                try:
+                    candidate = copy.deepcopy(subjects.candidate)
+                except Exception as exc:
+                    copyable = False
+                    state.details["timed_candidate"] = f"the same instance: copy failed ({exc})"
             return lambda x: _bind(candidate, x)
 
         make_candidate = copied_call

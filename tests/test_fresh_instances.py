@@ -100,7 +100,10 @@ def test_onnxruntime_trials_open_a_new_session_for_every_repeat(
 
 
 class _Uncopyable(torch.nn.Linear):
+    tries = 0
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        _Uncopyable.tries += 1
         raise TypeError("holds a handle that cannot be copied")
 
 
@@ -108,10 +111,14 @@ def test_a_candidate_that_cannot_be_copied_is_timed_as_it_is_with_a_note() -> No
     candidate = _Uncopyable(4, 2)
     subjects = tm.Subjects(fp32=torch.nn.Linear(4, 2), candidate=candidate)
     state = tm.TrialState()
-    fp32_copy, candidate_call = tm.fresh_instances(_trial("torch"), state, subjects)()
-    assert fp32_copy is not subjects.fp32
-    timed = candidate_call(torch.zeros(1, 4))
-    assert isinstance(timed, functools.partial) and timed.func is candidate
+    _Uncopyable.tries = 0
+    fresh = tm.fresh_instances(_trial("torch"), state, subjects)
+    for _ in range(3):  # three repeats
+        fp32_copy, candidate_call = fresh()
+        assert fp32_copy is not subjects.fp32
+        timed = candidate_call(torch.zeros(1, 4))
+        assert isinstance(timed, functools.partial) and timed.func is candidate
     assert state.details["timed_candidate"] == (
         "the same instance: copy failed (holds a handle that cannot be copied)"
     )
+    assert _Uncopyable.tries == 1  # a failed copy is not tried again in every repeat
