@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qatbench.spec import load_experiment
-from qatbench.trial import run_trial
+from qatbench.spec.schema import load_experiment
+from qatbench.trial.lifecycle import run_trial
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,17 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 _EXPORTS = {
     "QatbenchError": "qatbench.errors",
     "ConfigError": "qatbench.errors",
-    "BitWidth": "qatbench.bitwidth",
-    "ExperimentSpec": "qatbench.spec",
-    "TrialSpec": "qatbench.spec",
-    "load_experiment": "qatbench.spec",
+    "BitWidth": "qatbench.quant.bitwidth",
+    "ExperimentSpec": "qatbench.spec.schema",
+    "TrialSpec": "qatbench.spec.schema",
+    "load_experiment": "qatbench.spec.schema",
     "TrialResult": "qatbench.results",
     "RunRecord": "qatbench.results",
     "QuantMethod": "qatbench.methods.base",
     "MethodConfig": "qatbench.methods.base",
     "Capabilities": "qatbench.methods.base",
-    "run_trial": "qatbench.trial",
-    "run_experiment": "qatbench.runner",
+    "run_trial": "qatbench.trial.lifecycle",
+    "run_experiment": "qatbench.sweep.runner",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -458,8 +458,8 @@ def real_record(tmp_path_factory: pytest.TempPathFactory) -> RunRecord:
     import torch
 
     from qatbench.measure.env import fingerprint
-    from qatbench.spec import validate_experiment
-    from qatbench.trial import run_trial
+    from qatbench.spec.schema import validate_experiment
+    from qatbench.trial.lifecycle import run_trial
 
     data = {
         "name": "tiny_real",

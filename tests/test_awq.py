@@ -10,16 +10,16 @@ import onnx
 import pytest
 import torch
 
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import PluginError
-from qatbench.export import check_onnx, export_onnx
 from qatbench.methods.awq import AwqMethod
 from qatbench.methods.rtn import RtnMethod
 from qatbench.models.mlp import Mlp, MlpConfig
 from qatbench.quant.affine import quantize_per_group
 from qatbench.quant.awq import awq_clip, awq_quantize, awq_scales
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.weight_only_linear import WeightOnlyLinear
 from qatbench.runtimes import onnxruntime as ortrt
+from qatbench.runtimes.onnx_export import check_onnx, export_onnx
 
 
 def _inputs(n: int, k: int, seed: int) -> torch.Tensor:

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from qatbench import registry
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import ConfigError
-from qatbench.export import export_onnx
 from qatbench.measure.size import save_torch_artifact, torch_weight_bytes
 from qatbench.methods.casts import Bf16Method, CastModel, Fp16Method
 from qatbench.models.mlp import Mlp, MlpConfig
 from qatbench.models.transformer import TinyTransformer, TransformerConfig
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.runtimes import onnxruntime as ortrt
-from qatbench.spec import validate_experiment
+from qatbench.runtimes.onnx_export import export_onnx
+from qatbench.spec.schema import validate_experiment
 
 HALF = BitWidth.parse("w16a16")
 

@@ -9,16 +9,16 @@ import onnx
 import pytest
 import torch
 
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import PluginError
-from qatbench.export import check_onnx, export_onnx
 from qatbench.methods.dynamic import DynamicMethod
 from qatbench.methods.ort_quantizers import OrtDynamicMethod
 from qatbench.models.linear import build_linear
 from qatbench.models.mlp import Mlp, MlpConfig
 from qatbench.models.transformer import TinyTransformer, TransformerConfig
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.dynamic_linear import DynamicQuantizedLinear
 from qatbench.runtimes import onnxruntime as ortrt
+from qatbench.runtimes.onnx_export import check_onnx, export_onnx
 
 
 def _optimized(path: Path, tmp_path: Path) -> onnx.ModelProto:

@@ -127,9 +127,9 @@ def test_layer_errors_restores_the_reference_model() -> None:
 
 
 def test_layer_errors_on_ptq_mlp() -> None:
-    from qatbench.bitwidth import BitWidth
     from qatbench.methods.ptq import PtqMethod
     from qatbench.models.mlp import Mlp, MlpConfig
+    from qatbench.quant.bitwidth import BitWidth
 
     torch.manual_seed(0)
     fp32 = Mlp(MlpConfig(hidden=(32, 16))).eval()

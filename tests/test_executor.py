@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from qatbench.executor import LocalProcessExecutor
 from qatbench.results import TrialResult
-from qatbench.spec import TrialSpec, validate_experiment
+from qatbench.spec.schema import TrialSpec, validate_experiment
+from qatbench.sweep.executor import LocalProcessExecutor
 
 # The worker imports the factory module by name, with the sys.path its forkserver copied
 # from this process when it started. pytest puts tests/ on sys.path (the rootdir conftest,

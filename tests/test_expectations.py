@@ -1,4 +1,4 @@
-"""Expectations on trial metrics (qatbench.expectations) and how a run checks them."""
+"""Expectations on trial metrics (qatbench.spec.expectations) and how a run checks them."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from qatbench.expectations import Expectation, parse_expectation
 from qatbench.results import RunRecord, TrialFailure, TrialResult
-from qatbench.spec import validate_experiment
-from qatbench.sweep_outcome import check_expectations
+from qatbench.spec.expectations import Expectation, parse_expectation
+from qatbench.spec.schema import validate_experiment
+from qatbench.sweep.outcome import check_expectations
 
 
 @pytest.mark.parametrize(

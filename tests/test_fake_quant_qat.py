@@ -9,11 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatbench.bitwidth import BitWidth
 from qatbench.data.datasets import TaskData
 from qatbench.data.training import forward_loop, train_loop
 from qatbench.errors import PluginError
-from qatbench.export import export_onnx
 from qatbench.measure.error import accuracy_percent
 from qatbench.measure.size import save_torch_artifact
 from qatbench.methods.base import QuantMethod
@@ -21,6 +19,7 @@ from qatbench.methods.fake_quant import FakeQuantMethod
 from qatbench.methods.ptq import PtqMethod
 from qatbench.methods.qat import QatMethod
 from qatbench.models.mlp import Mlp, MlpConfig
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.fake_quant import (
     FakeQuantLinear,
     lsq_fake_quantize,
@@ -29,6 +28,7 @@ from qatbench.quant.fake_quant import (
 )
 from qatbench.quant.quantized_linear import QuantizedLinear
 from qatbench.runtimes import onnxruntime as ortrt
+from qatbench.runtimes.onnx_export import export_onnx
 
 
 @pytest.fixture(autouse=True, scope="module")

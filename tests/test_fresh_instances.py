@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 
-import qatbench.trial_measure as tm
+import qatbench.trial.measure_phase as tm
 from qatbench.runtimes import onnxruntime as ortrt
-from qatbench.spec import TrialSpec, validate_experiment
-from qatbench.trial import run_trial
+from qatbench.spec.schema import TrialSpec, validate_experiment
+from qatbench.trial.lifecycle import run_trial
 
 REPEATS = 3
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from qatbench import registry
-from qatbench.export import export_onnx
 from qatbench.measure.generation import StaticCacheDecoder, _StepModule
 from qatbench.models.gpt import GPT, PRESETS, GPTConfig, build_gpt, build_gpt_tiny
+from qatbench.runtimes.onnx_export import export_onnx
 
 
 @pytest.fixture

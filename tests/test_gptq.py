@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import PluginError
 from qatbench.methods.gptq import GptqMethod
 from qatbench.methods.rtn import RtnMethod
 from qatbench.models.mlp import Mlp, MlpConfig
 from qatbench.quant.affine import int_range, quantize_per_group
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.gptq import HessianAccumulator, gptq_quantize
 from qatbench.quant.weight_only_linear import WeightOnlyLinear
 

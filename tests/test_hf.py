@@ -13,16 +13,16 @@ import pytest
 import torch
 
 from qatbench import registry
-from qatbench.bitwidth import BitWidth
 from qatbench.data.tasks import LanguageModelling
 from qatbench.data.text import load_text
 from qatbench.data.training import forward_loop
 from qatbench.errors import ConfigError
-from qatbench.export import check_onnx
 from qatbench.measure.generation import HfCacheDecoder
 from qatbench.models.hf import HfCausalLM, build_hf_causal_lm, conv1d_to_linear
-from qatbench.spec import validate_experiment
-from qatbench.trial import run_trial
+from qatbench.quant.bitwidth import BitWidth
+from qatbench.runtimes.onnx_export import check_onnx
+from qatbench.spec.schema import validate_experiment
+from qatbench.trial.lifecycle import run_trial
 
 transformers = pytest.importorskip(
     "transformers", reason="Hugging Face models need the optional extra: pip install '.[llm]'"

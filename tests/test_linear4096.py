@@ -16,7 +16,7 @@ from data.trial_support import run_here
 from qatbench import registry
 from qatbench.quant.naive_linear import NaiveInt8Linear
 from qatbench.results import TrialResult
-from qatbench.spec import validate_experiment
+from qatbench.spec.schema import validate_experiment
 
 SIZE = 256  # linear4096's shape, scaled down: one square Linear, groups of 128 divide it
 

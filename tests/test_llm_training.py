@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatbench.bitwidth import BitWidth
 from qatbench.data import training
 from qatbench.data.text import load_text
 from qatbench.data.training import (
@@ -24,6 +23,7 @@ from qatbench.data.training import (
 from qatbench.errors import PluginError
 from qatbench.methods.qat import QatMethod
 from qatbench.models.gpt import build_gpt_tiny
+from qatbench.quant.bitwidth import BitWidth
 
 SEQ = 32
 EXAMPLE = torch.zeros(1, SEQ, dtype=torch.long)

@@ -16,7 +16,7 @@ from qatbench.measure import generation as gen
 from qatbench.measure.timing import TimingSettings
 from qatbench.models.gpt import build_gpt_tiny
 from qatbench.results import TrialResult
-from qatbench.spec import load_experiment, validate_experiment
+from qatbench.spec.schema import load_experiment, validate_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEW = 8, 8

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from qatbench.results import RunRecord
-from qatbench.spec import load_experiment
+from qatbench.spec.schema import load_experiment
 
 RACERS = 3
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from pydantic import TypeAdapter, ValidationError
 
-from qatbench.bitwidth import BitWidth
 from qatbench.methods.ptq import PtqMethod
 from qatbench.models.mlp import Mlp, MlpConfig
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.observers import (
     OBSERVERS,
     KlConfig,

@@ -13,9 +13,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from qatbench.export import export_onnx
 from qatbench.models.linear import build_linear
 from qatbench.results import TrialResult
+from qatbench.runtimes.onnx_export import export_onnx
 from qatbench.tracking.onnx_model import ONNX_MODEL_NAME
 from qatbench.tracking.tracker import Tracker
 

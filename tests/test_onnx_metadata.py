@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from qatbench import registry
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import PluginError
-from qatbench.export import check_batch_axis, check_onnx, export_onnx, write_metadata
 from qatbench.methods.base import QuantMethod
 from qatbench.models.mlp import build_mlp
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.runtimes import onnxruntime as ortrt
-from qatbench.spec import TrialSpec, validate_experiment
-from qatbench.trial import onnx_metadata
+from qatbench.runtimes.onnx_export import check_batch_axis, check_onnx, export_onnx, write_metadata
+from qatbench.spec.schema import TrialSpec, validate_experiment
+from qatbench.trial.lifecycle import onnx_metadata
 
 ONNX_METHODS = sorted(
     name

@@ -10,9 +10,7 @@ import onnx
 import pytest
 import torch
 
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import PluginError
-from qatbench.export import check_onnx, export_onnx
 from qatbench.methods.base import QuantMethod
 from qatbench.methods.ort_quantizers import (
     OrtDynamicMethod,
@@ -22,7 +20,9 @@ from qatbench.methods.ort_quantizers import (
 )
 from qatbench.models.mlp import Mlp, MlpConfig
 from qatbench.models.transformer import TinyTransformer, TransformerConfig
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.runtimes import onnxruntime as ortrt
+from qatbench.runtimes.onnx_export import check_onnx, export_onnx
 
 CASES = [
     (OrtDynamicMethod, "w8a8", {"DynamicQuantizeMatMul"}),

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from qatbench import registry
-from qatbench.export import export_onnx
 from qatbench.methods.base import Capabilities, QuantMethod
 from qatbench.runtimes import parity
-from qatbench.spec import validate_experiment
-from qatbench.trial import run_trial
+from qatbench.runtimes.onnx_export import export_onnx
+from qatbench.spec.schema import validate_experiment
+from qatbench.trial.lifecycle import run_trial
 
 
 class _Requantizing(torch.nn.Module):

@@ -55,11 +55,11 @@ def _imported(tmp_path_factory: pytest.TempPathFactory) -> None:
     the modules imported while it is in use, so the next test would import a second copy of
     qatbench's classes and registered methods (that the first copies do not recognise) and
     of SQLAlchemy (whose compiled parts break when imported twice)."""
-    import qatbench.executor
-    import qatbench.pytest_fixtures
+    import qatbench.pytest_plugin.fixtures
     import qatbench.report.html
-    import qatbench.runner
-    import qatbench.trial  # noqa: F401  # imported for the side effect above
+    import qatbench.sweep.executor
+    import qatbench.sweep.runner
+    import qatbench.trial.lifecycle  # noqa: F401  # imported for the side effect above
     from qatbench import registry
     from qatbench.tracking.queries import search_trials
     from qatbench.tracking.store import default_uri
@@ -185,7 +185,7 @@ def test_an_invalid_experiment_is_one_clean_collection_error(env: pytest.Pyteste
     section = out.split("ERROR collecting bad.yaml", 1)[1].split("=====", 1)[0]
     body = [line for line in section.splitlines() if line.strip("_ ")]
     assert len(body) == 1 and body[0].startswith(message)
-    assert "Traceback" not in out and "spec.py" not in out
+    assert "Traceback" not in out and "schema.py" not in out
     result.stdout.fnmatch_lines(["ERROR bad.yaml - bad.yaml: methods[[]1[]].name: unknown*"])
 
 
@@ -281,12 +281,12 @@ def test_a_failed_trial_is_one_line_and_x_stops_there(env: pytest.Pytester) -> N
 
 
 def test_the_same_expectations_decide_qatbench_run(tmp_path: Path) -> None:
-    """pytest items and ``qatbench run`` share sweep_outcome.check_expectations: one record, one
+    """pytest items and ``qatbench run`` share sweep.outcome.check_expectations: one record, one
     verdict (the run command exits 1 on what fails an item)."""
-    from qatbench.pytest_trial_results import TrialFailed, fail_on
+    from qatbench.pytest_plugin.trial_results import TrialFailed, fail_on
     from qatbench.results import TrialResult
-    from qatbench.spec import validate_experiment
-    from qatbench.sweep_outcome import check_expectations
+    from qatbench.spec.schema import validate_experiment
+    from qatbench.sweep.outcome import check_expectations
 
     path = tmp_path / "tiny.yaml"
     path.write_text(tiny(ptq_expect='"mse < 0.05"'))

@@ -9,8 +9,6 @@ import onnx
 import pytest
 import torch
 
-from qatbench.bitwidth import BitWidth
-from qatbench.export import check_onnx, export_onnx
 from qatbench.measure.size import save_torch_artifact
 from qatbench.methods.ptq import PtqMethod
 from qatbench.models.mlp import Mlp, MlpConfig
@@ -22,9 +20,11 @@ from qatbench.quant.affine import (
     quantize_weight_per_channel,
     symmetric_scale,
 )
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.packing import pack_int4, unpack_int4
 from qatbench.quant.quantized_linear import QuantizedLinear
 from qatbench.runtimes import onnxruntime as ortrt
+from qatbench.runtimes.onnx_export import check_onnx, export_onnx
 
 # ---- packing -------------------------------------------------------------------------
 

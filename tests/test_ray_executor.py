@@ -22,10 +22,10 @@ from data.mlflow_server import free_port, mlflow_server
 from data.sweep_support import all_runs, qatbench, sweep_runs
 
 from qatbench.errors import ConfigError
-from qatbench.executor import Job, LocalProcessExecutor
 from qatbench.results import TrialResult
-from qatbench.runner import run_experiment
-from qatbench.spec import load_experiment
+from qatbench.spec.schema import load_experiment
+from qatbench.sweep.executor import Job, LocalProcessExecutor
+from qatbench.sweep.runner import run_experiment
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 TESTS_DIR = Path(__file__).parent
@@ -97,7 +97,7 @@ def _experiment(path: Path, name: str, **changes: Any) -> Path:
 def test_the_quickstart_grid_on_ray_matches_the_local_executor(
     ray_local: Any, server: str, cache: Path, tmp_path: Path
 ) -> None:
-    from qatbench.ray_executor import RayExecutor
+    from qatbench.sweep.ray_executor import RayExecutor
 
     exp = _experiment(tmp_path / "quickstart.yaml", "quickstart_ray")
     grid = [t.id for t in load_experiment(exp).expand()]
@@ -135,7 +135,7 @@ def test_the_quickstart_grid_on_ray_matches_the_local_executor(
 def test_a_crashing_trial_on_ray_is_a_failed_result_naming_its_phase(
     ray_local: Any, crashy: Any, cache: Path, tmp_path: Path
 ) -> None:
-    from qatbench.ray_executor import RayExecutor
+    from qatbench.sweep.ray_executor import RayExecutor
 
     exp = _experiment(
         tmp_path / "crash.yaml",
@@ -163,7 +163,7 @@ class _CtrlCAfterFirst:
     """A Ray executor whose sweep gets Ctrl-C as soon as the first result is in."""
 
     def __init__(self) -> None:
-        from qatbench.ray_executor import RayExecutor
+        from qatbench.sweep.ray_executor import RayExecutor
 
         self.inner = RayExecutor()
         self.stopped_pending = -1
@@ -210,7 +210,7 @@ def test_ctrl_c_cancels_the_trials_still_running_on_ray(
 def test_more_threads_than_any_node_has_cpus_is_a_one_line_error(
     ray_local: Any, tmp_path: Path
 ) -> None:
-    from qatbench.ray_executor import RayExecutor
+    from qatbench.sweep.ray_executor import RayExecutor
 
     exp = _experiment(tmp_path / "wide.yaml", "ray_wide")
     data = yaml.safe_load(exp.read_text())

@@ -19,7 +19,7 @@ from qatbench.errors import ConfigError, UnknownNameError
 from qatbench.methods.base import Capabilities, MethodConfig, QuantMethod
 from qatbench.methods.fp32 import Fp32Method
 from qatbench.registry import PluginImportWarning, Registry
-from qatbench.spec import validate_experiment
+from qatbench.spec.schema import validate_experiment
 
 GROUP = "qatbench.test_only_methods"
 

@@ -27,11 +27,11 @@ from data.sweep_support import (
 )
 from mlflow import MlflowClient
 
-from qatbench import sweeps
 from qatbench.errors import ConfigError
 from qatbench.results import RunRecord
-from qatbench.runner import resume_experiment, run_experiment
-from qatbench.spec import load_experiment
+from qatbench.spec.schema import load_experiment
+from qatbench.sweep import folders
+from qatbench.sweep.runner import resume_experiment, run_experiment
 
 # models x methods x bits on torch: mlp and tiny_transformer, fp32 once, ptq at two widths
 MODELS = "[{name: mlp, options: {hidden: [32]}}, tiny_transformer]"
@@ -115,7 +115,7 @@ def test_resume_by_experiment_file_picks_the_newest_unfinished_sweep(
     reports = tmp_path / "reports"
     spec = load_experiment(exp)
     with pytest.raises(ConfigError, match="no unfinished sweep of 'pick'"):
-        sweeps.find_unfinished(spec, reports, exp)
+        folders.find_unfinished(spec, reports, exp)
 
     def partial(trial: object) -> bool:
         return getattr(trial, "id", "") == "mlp-fp32-fp32-torch"
@@ -126,13 +126,13 @@ def test_resume_by_experiment_file_picks_the_newest_unfinished_sweep(
     time.sleep(1.1)
     complete = run_experiment(exp, output_root=reports, executor=FakeExecutor())
     assert complete.exit_code == 0
-    assert sweeps.find_unfinished(spec, reports, exp) == newer.report_json
+    assert folders.find_unfinished(spec, reports, exp) == newer.report_json
     assert older.report_json != newer.report_json
 
     # the YAML changed since: refused with what changed, never resumed with other settings
     exp.write_text(exp.read_text().replace("max_time_s: 0.2", "max_time_s: 0.3"))
     with pytest.raises(ConfigError, match=r"ran a different experiment \(changed: measure\)"):
-        sweeps.find_unfinished(load_experiment(exp), reports, exp)
+        folders.find_unfinished(load_experiment(exp), reports, exp)
 
 
 def test_resume_command_line_errors_are_one_line(store: str, tmp_path: Path) -> None:

@@ -24,10 +24,10 @@ from data.sweep_support import (
     write_experiment,
 )
 
-from qatbench import sweeps
 from qatbench.errors import ConfigError
-from qatbench.runner import new_sweep_id, run_experiment
-from qatbench.sweep_outcome import RunOutcome
+from qatbench.sweep import folders
+from qatbench.sweep.outcome import RunOutcome
+from qatbench.sweep.runner import new_sweep_id, run_experiment
 
 GRID = ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch", "mlp-ptq-w4a8-torch"]
 
@@ -139,32 +139,32 @@ def test_sigterm_mid_sweep_is_an_interruption_too(store: str, tmp_path: Path) ->
 def test_trial_folders_stay_inside_the_run_folder(tmp_path: Path) -> None:
     run_dir = tmp_path / "reports" / "x" / "20261129T022744Z"
     for trial_id in [*GRID, "m.v2-ptq-w4a8-onnxruntime", "a..b-fp32-fp32-torch"]:
-        path = sweeps.trial_dir(run_dir, trial_id)
+        path = folders.trial_dir(run_dir, trial_id)
         assert path.resolve().is_relative_to(run_dir.resolve())
         assert path.parent == run_dir / "trials"
     for hostile in ["../x", "..", ".", "a/../../b", "/etc/passwd", "x\\..\\y", "", "-rf", "a\x00"]:
         with pytest.raises(ConfigError, match="cannot be a folder name"):
-            sweeps.trial_dir(run_dir, hostile)
+            folders.trial_dir(run_dir, hostile)
 
 
 def test_a_trial_id_built_from_unchecked_names_cannot_escape(store: str, tmp_path: Path) -> None:
     """Even a TrialSpec built around validation (model_construct) cannot write outside."""
-    from qatbench.spec import ModelEntry
+    from qatbench.spec.schema import ModelEntry
 
     entry = ModelEntry.model_construct(name="../../escape", factory=None, options={}, expect=[])
     trial_id = f"{entry.name}-fp32-fp32-torch"
     with pytest.raises(ConfigError):
-        sweeps.trial_dir(tmp_path / "run", trial_id)
+        folders.trial_dir(tmp_path / "run", trial_id)
     with pytest.raises(ConfigError):
-        sweeps.new_run_dir(tmp_path / "reports", "../escape", dt.datetime.now(dt.UTC))
+        folders.new_run_dir(tmp_path / "reports", "../escape", dt.datetime.now(dt.UTC))
     assert not (tmp_path / "escape").exists()
 
 
 def test_a_sweep_folder_is_written_by_one_process_at_a_time(tmp_path: Path) -> None:
     busy = pytest.raises(ConfigError, match="another qatbench process")
-    with sweeps.locked(tmp_path), busy, sweeps.locked(tmp_path):
+    with folders.locked(tmp_path), busy, folders.locked(tmp_path):
         pass
-    with sweeps.locked(tmp_path):  # released when the holder is done
+    with folders.locked(tmp_path):  # released when the holder is done
         pass
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import mlflow
 
+from qatbench.cli.selftest import REPEATS, WORK, aa_rank_check, block_medians, busy_work
 from qatbench.measure.timing import TimingSettings
-from qatbench.selftest import REPEATS, WORK, aa_rank_check, block_medians, busy_work
 
 QUICK = TimingSettings(warmup_s=0.02, min_round_s=0.002, min_rounds=16, max_time_s=0.4)
 QATBENCH = Path(sys.executable).with_name("qatbench")

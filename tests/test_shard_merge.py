@@ -18,9 +18,9 @@ from qatbench.errors import ConfigError
 from qatbench.report import load_schema
 from qatbench.report.merge import load_and_merge, merge_records
 from qatbench.results import RunRecord
-from qatbench.runner import resume_experiment, run_experiment
-from qatbench.spec import load_experiment
-from qatbench.sweeps import Shard
+from qatbench.spec.schema import load_experiment
+from qatbench.sweep.folders import Shard
+from qatbench.sweep.runner import resume_experiment, run_experiment
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml"
 MODELS = "[{name: mlp, options: {hidden: [32]}}, tiny_transformer]"

@@ -9,8 +9,6 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from qatbench.bitwidth import BitWidth
-from qatbench.export import export_onnx
 from qatbench.measure.error import output_error
 from qatbench.methods.ptq import ObservedLinear, PtqMethod
 from qatbench.methods.smoothquant import (
@@ -22,8 +20,10 @@ from qatbench.methods.smoothquant import (
 )
 from qatbench.models.mlp import Mlp, MlpConfig
 from qatbench.models.transformer import TinyTransformer, TransformerConfig
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.quantized_linear import QuantizedLinear
 from qatbench.runtimes import onnxruntime as ortrt
+from qatbench.runtimes.onnx_export import export_onnx
 
 W8A8 = BitWidth.parse("w8a8")
 

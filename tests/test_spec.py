@@ -1,4 +1,4 @@
-"""Experiment files: loading, validation errors and grid expansion (qatbench.spec)."""
+"""Experiment files: loading, validation errors and grid expansion (qatbench.spec.schema)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from qatbench.bitwidth import FP32, BitWidth
 from qatbench.errors import ConfigError, QatbenchError, UnknownNameError
-from qatbench.spec import TrialSpec, load_experiment, validate_experiment
+from qatbench.quant.bitwidth import FP32, BitWidth
+from qatbench.spec.schema import TrialSpec, load_experiment, validate_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "experiments" / "quickstart.yaml"

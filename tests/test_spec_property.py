@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from qatbench.errors import ConfigError
-from qatbench.spec import ExperimentSpec, load_experiment, validate_experiment
+from qatbench.spec.schema import ExperimentSpec, load_experiment, validate_experiment
 
 SETTINGS = settings(
     max_examples=150,

@@ -22,7 +22,7 @@ from data.sweep_support import (
 from mlflow import MlflowClient
 
 from qatbench.results import RunRecord
-from qatbench.runner import run_experiment
+from qatbench.sweep.runner import run_experiment
 
 GRID = ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch", "mlp-ptq-w4a8-torch"]
 

@@ -18,7 +18,7 @@ from qatbench.data.text import (
     tokenize,
 )
 from qatbench.errors import ConfigError
-from qatbench.spec import DataSpec
+from qatbench.spec.schema import DataSpec
 
 CONTEXT = torch.zeros(1, 64, dtype=torch.long)
 

@@ -13,10 +13,10 @@ import pytest
 from data.sweep_support import sqlite_uri
 
 from qatbench.measure.latency_metrics import batch_metrics
+from qatbench.measure.passes import pass_specs, pool
 from qatbench.results import TrialFailure, TrialResult
-from qatbench.runner import run_experiment
-from qatbench.spec import validate_experiment
-from qatbench.timing_passes import pass_specs, pool
+from qatbench.spec.schema import validate_experiment
+from qatbench.sweep.runner import run_experiment
 
 EXPERIMENT = {
     "name": "passes",

@@ -14,7 +14,7 @@ from qatbench import registry
 from qatbench.errors import ConfigError
 from qatbench.results import TrialResult
 from qatbench.runtimes import torch_compile as tc
-from qatbench.spec import TrialSpec, validate_experiment
+from qatbench.spec.schema import TrialSpec, validate_experiment
 
 BATCHES = (1, 8)
 COMPILABLE = {

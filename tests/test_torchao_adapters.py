@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from qatbench import registry
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import PluginError
 from qatbench.methods import torchao_adapters
 from qatbench.methods.torchao_adapters import (
@@ -22,6 +21,7 @@ from qatbench.methods.torchao_adapters import (
     TorchaoInt8WeightOnlyMethod,
 )
 from qatbench.models.mlp import Mlp, MlpConfig
+from qatbench.quant.bitwidth import BitWidth
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 CASES = [(TorchaoInt8DynamicMethod, "w8a8"), (TorchaoInt8WeightOnlyMethod, "w8")]

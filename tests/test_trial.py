@@ -11,11 +11,11 @@ import torch
 from data.trial_support import run_here
 
 from qatbench import registry
-from qatbench.export import export_onnx
 from qatbench.methods.base import Capabilities, QuantMethod
 from qatbench.models.mlp import build_mlp
 from qatbench.results import TrialResult
-from qatbench.spec import TrialSpec, validate_experiment
+from qatbench.runtimes.onnx_export import export_onnx
+from qatbench.spec.schema import TrialSpec, validate_experiment
 
 BATCHES = (1, 4)
 CANONICAL = [

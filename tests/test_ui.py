@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from qatbench import ui
+from qatbench.cli import ui
 from qatbench.errors import ConfigError
 
 QATBENCH = str(Path(sys.executable).with_name("qatbench"))  # the console script

@@ -11,18 +11,18 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import ConfigError, PluginError
-from qatbench.export import check_onnx, export_onnx
 from qatbench.measure.size import save_torch_artifact
 from qatbench.methods.layer_selection import layer_bits
 from qatbench.methods.ptq import PtqMethod
 from qatbench.methods.rtn import RtnMethod
 from qatbench.models.mlp import Mlp, MlpConfig
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.quantized_linear import QuantizedLinear
 from qatbench.quant.weight_only_linear import WeightOnlyLinear, choose_kernel, kernel_summary
 from qatbench.runtimes import onnxruntime as ortrt
-from qatbench.spec import load_experiment
+from qatbench.runtimes.onnx_export import check_onnx, export_onnx
+from qatbench.spec.schema import load_experiment
 
 
 def _layer(k: int, n: int, seed: int = 0, bias: bool = True) -> torch.nn.Linear:

@@ -17,7 +17,7 @@ def validate(
     files: Annotated[list[str], typer.Argument(help="experiment YAML files or globs")],
 ) -> None:
     """Check experiment files without building any model; list the trials they expand to."""
-    from qatbench.spec import load_experiment
+    from qatbench.spec.schema import load_experiment
 
     for path in expand_globs(files):
         spec = load_experiment(path)

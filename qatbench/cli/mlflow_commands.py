@@ -18,7 +18,7 @@ def ui(
     port: Annotated[int, typer.Option(help="port to listen on (0: any free port)")] = 5000,
 ) -> None:
     """Start the MLflow UI over the results store; Ctrl-C stops it."""
-    from qatbench import ui as mlflow_ui
+    from qatbench.cli import ui as mlflow_ui
 
     code = mlflow_ui.serve(tracking_uri, host=host, port=port, echo=out.print)
     raise typer.Exit(code)
@@ -31,7 +31,7 @@ def sync(
     ] = None,
 ) -> None:
     """Push a report's trials that are missing from MLflow (after an outage); idempotent."""
-    from qatbench.report_sync import sync_report
+    from qatbench.sweep.sync import sync_report
 
     pushed, present = sync_report(report, tracking_uri=tracking_uri, console=out)
     out.print(f"{report}: {pushed} trials pushed, {present} already in MLflow")

@@ -179,11 +179,11 @@ def merge(
     ],
 ) -> None:
     """Merge the reports of a sharded sweep (run --shard I/N) into one report.json + .html."""
-    from qatbench import sweeps
     from qatbench.report.html import write_html
     from qatbench.report.merge import load_and_merge
+    from qatbench.sweep import folders
 
-    record = load_and_merge([sweeps.report_path(p) for p in reports])
+    record = load_and_merge([folders.report_path(p) for p in reports])
     output.mkdir(parents=True, exist_ok=True)
     record.save(output / "report.json")
     write_html(record, output / "report.html")
@@ -206,7 +206,7 @@ def merge(
 
 def _missing_from_grid(record: RunRecord) -> list[str]:
     """Trial ids of the report's experiment grid that it lacks (none if it has no spec)."""
-    from qatbench.spec import validate_experiment
+    from qatbench.spec.schema import validate_experiment
 
     spec = record.experiment.get("spec")
     if not isinstance(spec, dict):

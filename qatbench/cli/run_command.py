@@ -16,11 +16,11 @@ from qatbench.cli.report_commands import print_comparison
 from qatbench.errors import ConfigError
 
 if TYPE_CHECKING:
-    from qatbench.executor import Executor
     from qatbench.report.compare import Gate
     from qatbench.results import RunRecord
-    from qatbench.sweep_outcome import RunOutcome
-    from qatbench.sweeps import Shard
+    from qatbench.sweep.executor import Executor
+    from qatbench.sweep.folders import Shard
+    from qatbench.sweep.outcome import RunOutcome
 
 
 class ExecutorKind(StrEnum):
@@ -92,8 +92,8 @@ def run(
 ) -> None:
     """Run experiments: every model x method x bits x runtime trial, logged and reported."""
     from qatbench.report.compare import parse_gates
-    from qatbench.runner import resume_experiment, run_experiment
-    from qatbench.sweeps import Shard
+    from qatbench.sweep.folders import Shard
+    from qatbench.sweep.runner import resume_experiment, run_experiment
 
     gates = parse_gates(gate or [])
     if gates and baseline is None:
@@ -122,7 +122,7 @@ def run(
 @contextlib.contextmanager
 def _executor(kind: ExecutorKind, address: str | None, one_per_node: bool) -> Iterator[Executor]:
     """The executor ``run`` hands trials to, closed (a Ray instance it started) at the end."""
-    from qatbench.executor import LocalProcessExecutor
+    from qatbench.sweep.executor import LocalProcessExecutor
 
     if kind is ExecutorKind.local:
         if address is not None or one_per_node:
@@ -130,7 +130,7 @@ def _executor(kind: ExecutorKind, address: str | None, one_per_node: bool) -> It
             raise ConfigError(f"{option}: only with --executor ray")
         yield LocalProcessExecutor()
         return
-    from qatbench.ray_executor import RayExecutor
+    from qatbench.sweep.ray_executor import RayExecutor
 
     pool = RayExecutor(address, one_per_node=one_per_node)
     try:
@@ -207,21 +207,21 @@ def _plan(
     path: Path, output_dir: Path, resume: bool, shard: Shard | None = None
 ) -> tuple[Path, Path | None]:
     """Validate one ``run`` argument: (experiment file, report.json to resume or None)."""
-    from qatbench import sweeps
     from qatbench.results import RunRecord
-    from qatbench.spec import load_experiment
+    from qatbench.spec.schema import load_experiment
+    from qatbench.sweep import folders
 
     is_report = path.suffix == ".json" or (path / "report.json").is_file()
     if is_report and not resume:
         raise ConfigError(f"{path}: a report, not an experiment file; continue it with --resume")
     if is_report:
-        report = sweeps.report_path(path)
+        report = folders.report_path(path)
         record = RunRecord.load(report)
-        sweeps.stored_spec(record, report)
+        folders.stored_spec(record, report)
         ran = record.experiment.get("shard")
         if shard is not None and str(shard) != ran:
             what = f"shard {ran}" if ran else "the whole grid"
             raise ConfigError(f"--shard {shard}: {report} is a sweep of {what}")
         return path, report
     spec = load_experiment(path)
-    return path, sweeps.find_unfinished(spec, output_dir, path, shard) if resume else None
+    return path, folders.find_unfinished(spec, output_dir, path, shard) if resume else None

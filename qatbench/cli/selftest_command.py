@@ -19,7 +19,7 @@ def selftest(
     """Check the timer, a workload of known ratio and an A/A comparison; log to MLflow."""
     import json
 
-    from qatbench import selftest as st
+    from qatbench.cli import selftest as st
     from qatbench.measure.env import fingerprint
     from qatbench.tracking.tracker import Tracker
 

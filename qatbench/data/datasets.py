@@ -9,11 +9,13 @@ upsampled to 28x28 so MNIST-shaped models (the seed MLP) take them unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn import functional as F
 
-from qatbench.spec import DataSpec
+if TYPE_CHECKING:  # configs of the spec layer above, for annotations only
+    from qatbench.spec.schema import DataSpec
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The rounds are ``details["latency_samples"]["b{N}"]`` of a trial: per-call milliseconds of
 the candidate and of the fp32 baseline, paired round by round, and the repeat each round
 was timed in. The measure phase computes a trial's metrics with this, and so does pooling
-the passes of a trial (:mod:`qatbench.timing_passes`), so both give the same numbers for
+the passes of a trial (:mod:`qatbench.measure.passes`), so both give the same numbers for
 the same rounds.
 """
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from qatbench.bitwidth import FP32, BitWidth
 from qatbench.errors import PluginError
 from qatbench.methods.base import (
     ALL_RUNTIMES,
@@ -36,6 +35,7 @@ from qatbench.methods.rtn import (
 )
 from qatbench.quant.affine import GroupQuantized
 from qatbench.quant.awq import awq_quantize
+from qatbench.quant.bitwidth import FP32, BitWidth
 from qatbench.quant.weight_only_linear import WeightOnlyLinear
 
 

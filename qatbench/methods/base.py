@@ -58,7 +58,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from qatbench.bitwidth import FP32, BitWidth
+from qatbench.quant.bitwidth import FP32, BitWidth
 
 ForwardLoop = Callable[[torch.nn.Module], None]
 TrainLoop = Callable[[torch.nn.Module, torch.optim.Optimizer, int], None]
@@ -154,6 +154,6 @@ class QuantMethod:
         self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path
     ) -> Path:
         """Write the converted model as ONNX to ``path`` and return it."""
-        from qatbench.export import export_onnx
+        from qatbench.runtimes.onnx_export import export_onnx
 
         return export_onnx(model, example_inputs, path)

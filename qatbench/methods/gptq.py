@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from qatbench.bitwidth import FP32, BitWidth
 from qatbench.errors import PluginError
 from qatbench.methods.base import (
     ALL_RUNTIMES,
@@ -32,6 +31,7 @@ from qatbench.methods.rtn import (
     replace_linears,
 )
 from qatbench.quant.affine import GroupQuantized
+from qatbench.quant.bitwidth import FP32, BitWidth
 from qatbench.quant.gptq import HessianAccumulator, gptq_quantize
 from qatbench.quant.weight_only_linear import WeightOnlyLinear
 

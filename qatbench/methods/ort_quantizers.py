@@ -37,8 +37,8 @@ from onnx import numpy_helper
 from pydantic import Field
 
 from qatbench.errors import PluginError
-from qatbench.export import export_onnx
 from qatbench.methods.base import Capabilities, ForwardLoop, MethodConfig, QuantMethod
+from qatbench.runtimes.onnx_export import export_onnx
 
 ORT_ONLY = frozenset({"onnxruntime"})
 INT8 = frozenset({8})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from qatbench.bitwidth import BitWidth
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.results import TrialResult
 
 INTEGER_MAX_BITS = 8  # wider "bits" (w16a16 casts, fp32) are floating point by design

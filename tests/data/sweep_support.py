@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qatbench.results import TrialFailure, TrialResult
-from qatbench.spec import TrialSpec
+from qatbench.spec.schema import TrialSpec
 
 QATBENCH = Path(sys.executable).with_name("qatbench")
 DATA = Path(__file__).resolve().parent

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from qatbench.results import TrialResult
-from qatbench.spec import TrialSpec
-from qatbench.trial import run_trial
+from qatbench.spec.schema import TrialSpec
+from qatbench.trial.lifecycle import run_trial
 
 
 def run_here(trial: TrialSpec, out_dir: Path) -> TrialResult:

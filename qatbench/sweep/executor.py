@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from qatbench.results import TrialFailure, TrialResult
-from qatbench.spec import TrialSpec
+from qatbench.spec.schema import TrialSpec
 
 _CTX: Any = None
 
@@ -42,7 +42,9 @@ def _context() -> Any:
     if _CTX is None:
         _CTX = multiprocessing.get_context("forkserver")
         # sklearn.datasets (the digits data) costs seconds to import: once here, not per trial.
-        _CTX.set_forkserver_preload(["torch", "onnxruntime", "sklearn.datasets", "qatbench.trial"])
+        _CTX.set_forkserver_preload(
+            ["torch", "onnxruntime", "sklearn.datasets", "qatbench.trial.lifecycle"]
+        )
     return _CTX
 
 
@@ -154,7 +156,7 @@ def _worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides, and kills the group
     if lifeline is not None:
         threading.Thread(target=_watch_lifeline, args=(lifeline,), daemon=True).start()
-    from qatbench.trial import run_trial
+    from qatbench.trial.lifecycle import run_trial
 
     context.apply()
 

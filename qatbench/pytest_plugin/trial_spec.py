@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from qatbench.errors import ConfigError
 
 if TYPE_CHECKING:
-    from qatbench.spec import ExperimentSpec, TrialSpec
+    from qatbench.spec.schema import ExperimentSpec, TrialSpec
 
 # Keyword settings of qatbench.run() go to the experiment's ``data`` or ``measure`` section.
 DATA_KEYS = ("dataset", "calibration_samples", "eval_samples", "batch_size", "pretrain_epochs")
@@ -44,7 +44,7 @@ def experiment_spec(
     YAML; ``method`` a name or a mapping; ``settings`` are keys of the YAML's ``data`` and
     ``measure`` sections (e.g. ``pretrain_epochs=1, batch_sizes=[1]``).
     """
-    from qatbench.spec import validate_experiment
+    from qatbench.spec.schema import validate_experiment
 
     data = {k: v for k, v in settings.items() if k in DATA_KEYS}
     measure = {k: v for k, v in settings.items() if k in MEASURE_KEYS}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from qatbench.spec import TrialSpec
+    from qatbench.spec.schema import TrialSpec
 
 
 @dataclass
@@ -39,14 +39,14 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
     import torch
 
     from qatbench import registry
-    from qatbench.bitwidth import BitWidth
     from qatbench.data.datasets import load_data
     from qatbench.data.training import forward_loop, train_loop
     from qatbench.errors import PluginError
     from qatbench.measure import error as err
+    from qatbench.quant.bitwidth import BitWidth
     from qatbench.runtimes import onnxruntime as ortrt
-    from qatbench.spec_checks import resolve_model_factory
-    from qatbench.trial import pretrained_for
+    from qatbench.spec.checks import resolve_model_factory
+    from qatbench.trial.lifecycle import pretrained_for
 
     torch.set_num_threads(trial.measure.threads)
     torch.manual_seed(trial.seed)

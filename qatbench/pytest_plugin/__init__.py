@@ -18,9 +18,9 @@ per YAML, created once per session) and adds it to the session's ``report.json``
 rewritten after every trial; ``report.html`` follows at the end of the session. A failed
 trial or a breached expectation fails the item with one line, without a traceback.
 
-This module holds the hooks and options; the items are :mod:`qatbench.pytest_items`, the
-session's trackers and reports :mod:`qatbench.pytest_session`, and the fixtures, which
-:func:`pytest_configure` registers, :mod:`qatbench.pytest_fixtures`. Importing it is cheap:
+This module holds the hooks and options; the items are :mod:`qatbench.pytest_plugin.items`, the
+session's trackers and reports :mod:`qatbench.pytest_plugin.session`, and the fixtures, which
+:func:`pytest_configure` registers, :mod:`qatbench.pytest_plugin.fixtures`. Importing it is cheap:
 torch and mlflow load only once a trial runs.
 """
 
@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from qatbench.pytest_items import MARKER, ExperimentFile
-from qatbench.pytest_session import INI_TRACKING_URI, SESSION_STATE
+from qatbench.pytest_plugin.items import MARKER, ExperimentFile
+from qatbench.pytest_plugin.session import INI_TRACKING_URI, SESSION_STATE
 
 INI_EXPERIMENTS = "qatbench_experiments"
 
@@ -84,7 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "filterwarnings", "ignore:The ``noload`` loader strategy is deprecated:DeprecationWarning"
     )
-    from qatbench import pytest_fixtures
+    from qatbench.pytest_plugin import fixtures as pytest_fixtures
 
     if not config.pluginmanager.is_registered(pytest_fixtures):
         config.pluginmanager.register(pytest_fixtures, "qatbench.fixtures")

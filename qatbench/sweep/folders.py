@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qatbench.errors import ConfigError
 from qatbench.results import RunRecord
-from qatbench.spec import ExperimentSpec, TrialSpec, validate_experiment
+from qatbench.spec.schema import ExperimentSpec, TrialSpec, validate_experiment
 
 TRIAL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,254}$"  # what spec.NAME_PATTERN builds
 LOCK_FILE = ".lock"

@@ -31,20 +31,20 @@ import psutil
 import torch
 
 from qatbench import registry
-from qatbench.bitwidth import BitWidth
 from qatbench.data.datasets import TaskData, load_data
 from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError, TrialError
-from qatbench.export import check_onnx, write_metadata
 from qatbench.methods.base import QuantMethod
+from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
 from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.runtimes import torch_compile as tc
-from qatbench.spec import TrialSpec
-from qatbench.spec_checks import resolve_model_factory
-from qatbench.trial_measure import Subjects, batch_of, generation, measure, predict
-from qatbench.trial_measure import TrialState as _State
+from qatbench.runtimes.onnx_export import check_onnx, write_metadata
+from qatbench.spec.checks import resolve_model_factory
+from qatbench.spec.schema import TrialSpec
+from qatbench.trial.measure_phase import Subjects, batch_of, generation, measure, predict
+from qatbench.trial.measure_phase import TrialState as _State
 
 PhaseReporter = Callable[[str], None]
 INPUT_EXAMPLE = "input_example.npy"
@@ -301,7 +301,7 @@ def _fp32_metadata() -> dict[str, str]:
 
 def onnx_metadata(trial: TrialSpec, method: QuantMethod) -> dict[str, str]:
     """What qatbench writes into an exported graph's ``metadata_props`` (the opset is
-    added by :func:`~qatbench.export.write_metadata`)."""
+    added by :func:`~qatbench.runtimes.onnx_export.write_metadata`)."""
     config = method.config
     calibration = "none"
     if method.capabilities.needs_calibration:

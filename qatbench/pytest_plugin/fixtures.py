@@ -20,8 +20,8 @@ Both log to the MLflow experiment named after the test module unless ``experimen
 otherwise, in the store that ``--qatbench-tracking-uri`` or the ini option
 ``qatbench_tracking_uri`` names (default ``sqlite:///mlruns/mlflow.db``). These fixtures
 need no opt-in: a test asks for them by name. This module holds the fixtures only; what
-they return is :class:`~qatbench.pytest_trials.Qatbench` and
-:class:`~qatbench.pytest_quantized_benchmark.QuantizedBenchmark`.
+they return is :class:`~qatbench.pytest_plugin.trials.Qatbench` and
+:class:`~qatbench.pytest_plugin.quantized_benchmark.QuantizedBenchmark`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from qatbench.errors import QatbenchError
-from qatbench.pytest_quantized_benchmark import QuantizedBenchmark
-from qatbench.pytest_trials import Qatbench
+from qatbench.pytest_plugin.quantized_benchmark import QuantizedBenchmark
+from qatbench.pytest_plugin.trials import Qatbench
 
 if TYPE_CHECKING:
     from qatbench.results import TrialResult

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import pytest
 
 from qatbench.errors import QatbenchError
-from qatbench.pytest_session import ExperimentRun, session_state
-from qatbench.pytest_trial_results import TrialFailed, fail_on, result_properties
-from qatbench.pytest_trial_spec import experiment_spec
+from qatbench.pytest_plugin.session import ExperimentRun, session_state
+from qatbench.pytest_plugin.trial_results import TrialFailed, fail_on, result_properties
+from qatbench.pytest_plugin.trial_spec import experiment_spec
 
 if TYPE_CHECKING:
     from qatbench.results import TrialResult
@@ -57,7 +57,7 @@ class Qatbench:
         expectation (``expect=[...]``) fails the test with one line; without it the
         result is returned whatever happened. Other keywords: see :func:`experiment_spec`.
         """
-        from qatbench.trial import run_trial
+        from qatbench.trial.lifecycle import run_trial
 
         name = experiment or self.experiment
         try:

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from qatbench.errors import QatbenchError
-from qatbench.run_tags import env_tags
+from qatbench.tracking.tags import env_tags
 
 if TYPE_CHECKING:
-    from qatbench.executor import LocalProcessExecutor
     from qatbench.results import RunRecord, TrialResult
+    from qatbench.sweep.executor import LocalProcessExecutor
     from qatbench.tracking.tracker import Tracker
 
 INI_TRACKING_URI = "qatbench_tracking_uri"
@@ -38,9 +38,9 @@ class ExperimentRun:
         return str(self.record.tracking["sweep"])
 
     def trial_dir(self, trial_id: str) -> Path:
-        from qatbench import sweeps
+        from qatbench.sweep import folders
 
-        return sweeps.trial_dir(self.run_dir, trial_id)
+        return folders.trial_dir(self.run_dir, trial_id)
 
     @property
     def report_json(self) -> Path:
@@ -88,7 +88,7 @@ class SessionState:
     @property
     def executor(self) -> LocalProcessExecutor:
         if self._executor is None:
-            from qatbench.executor import LocalProcessExecutor
+            from qatbench.sweep.executor import LocalProcessExecutor
 
             self._executor = LocalProcessExecutor()
         return self._executor
@@ -114,10 +114,10 @@ class SessionState:
         uri = self.tracking_uri(yaml_uri)
         key = (name, uri or "")
         if key not in self.experiments:
-            from qatbench import sweeps
             from qatbench.measure.env import fingerprint
             from qatbench.results import RunRecord
-            from qatbench.runner import new_sweep_id
+            from qatbench.sweep import folders
+            from qatbench.sweep.runner import new_sweep_id
             from qatbench.tracking.tracker import Tracker
 
             tracker = Tracker(uri, name, root=self.root)
@@ -133,7 +133,7 @@ class SessionState:
                     "sweep": new_sweep_id(self.started),
                 },
             )
-            run_dir = sweeps.new_run_dir(self.output_root, name, self.started)
+            run_dir = folders.new_run_dir(self.output_root, name, self.started)
             run = ExperimentRun(tracker, record, run_dir, _tags(env))
             run.record.save(run.report_json)
             self.experiments[key] = run

@@ -4,7 +4,7 @@ Each trial is one Ray task reserving ``num_cpus`` = the trial's ``measure.thread
 trials placed on the same node never share cores; with ``one_per_node`` it also takes the
 node's single unit of the custom resource :data:`NODE_RESOURCE`, so a latency-critical
 trial has its node to itself. Inside the task the trial runs exactly as it does locally,
-in an isolated worker process of a :class:`~qatbench.executor.LocalProcessExecutor`, so a
+in an isolated worker process of a :class:`~qatbench.sweep.executor.LocalProcessExecutor`, so a
 crash or timeout is a failed result naming its phase. The task returns the result and the
 bytes of the trial's files (model.onnx, model.pt, ...), which the driver writes under its
 own trial folder: no storage needs to be shared between the nodes.
@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from qatbench.errors import ConfigError
-from qatbench.executor import Job, LocalProcessExecutor, WorkerContext, failed_result
 from qatbench.results import TrialResult
-from qatbench.spec import TrialSpec
+from qatbench.spec.schema import TrialSpec
+from qatbench.sweep.executor import Job, LocalProcessExecutor, WorkerContext, failed_result
 
 NODE_RESOURCE = "qatbench_node"  # one unit per node: `ray start --resources='{"qatbench_node": 1}'`
 MAX_RETURN_BYTES = 256 * 1024 * 1024  # artifact bytes one task hands back; more stays behind

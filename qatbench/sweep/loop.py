@@ -4,7 +4,7 @@ run the rest through the executor, log each result and keep ``report.json`` curr
 Per trial it writes ``trials/<id>/result.json``, then logs the MLflow run, then rewrites
 ``report.json``, so a sweep killed at any point can be resumed without measuring a trial
 twice or logging it twice. With ``measure.passes`` > 1 a trial's passes run pass-major and
-its result is pooled (:mod:`qatbench.timing_passes`) before any of that; a trial whose
+its result is pooled (:mod:`qatbench.measure.passes`) before any of that; a trial whose
 passes were cut short runs all of them again on resume.
 """
 
@@ -29,16 +29,16 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from qatbench import sweeps
 from qatbench.errors import QatbenchError
-from qatbench.executor import Executor, Job, LocalProcessExecutor, results_as_completed
+from qatbench.measure.passes import pass_specs, pool
 from qatbench.report.html import write_html
 from qatbench.results import RunRecord, TrialResult, write_text_atomic
-from qatbench.run_tags import env_tags, trial_env_tags
-from qatbench.spec import ExperimentSpec, TrialSpec
-from qatbench.sweep_outcome import RunOutcome, check_expectations
-from qatbench.sweep_signals import shielded, signals_interrupt
-from qatbench.timing_passes import pass_specs, pool
+from qatbench.spec.schema import ExperimentSpec, TrialSpec
+from qatbench.sweep import folders
+from qatbench.sweep.executor import Executor, Job, LocalProcessExecutor, results_as_completed
+from qatbench.sweep.outcome import RunOutcome, check_expectations
+from qatbench.sweep.signals import shielded, signals_interrupt
+from qatbench.tracking.tags import env_tags, trial_env_tags
 
 if TYPE_CHECKING:
     from qatbench.tracking.tracker import SweepRun, Tracker
@@ -72,7 +72,7 @@ class SweepLoop:
 
     def run(self) -> RunOutcome:
         interrupted: str | None = None
-        with sweeps.locked(self.run_dir):
+        with folders.locked(self.run_dir):
             self.record.save(self.json_path)
             done = {t.id for t in self.record.trials}
             todo = [t for t in self.trials if t.id not in done]
@@ -93,7 +93,7 @@ class SweepLoop:
                     for trial, result in self._pooled(
                         results_as_completed(self.executor, jobs, started)
                     ):
-                        out_dir = sweeps.trial_dir(self.run_dir, trial.id)
+                        out_dir = folders.trial_dir(self.run_dir, trial.id)
                         write_text_atomic(
                             out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2)
                         )
@@ -150,7 +150,7 @@ class SweepLoop:
                     soft_wrap=True,
                 )
                 return recovered
-        result = _read_result(sweeps.trial_dir(self.run_dir, trial.id) / RESULT_FILE, trial.id)
+        result = _read_result(folders.trial_dir(self.run_dir, trial.id) / RESULT_FILE, trial.id)
         return None if result is None else result.with_run_id(self._log(result))
 
     def _jobs(self, trials: list[TrialSpec]) -> list[Job]:
@@ -159,7 +159,7 @@ class SweepLoop:
         first pass, ``pass-K`` inside it for pass K."""
         jobs = []
         for trial in trials:
-            out_dir = sweeps.trial_dir(self.run_dir, trial.id)
+            out_dir = folders.trial_dir(self.run_dir, trial.id)
             if out_dir.exists():  # what an interrupted attempt left: never mixed with this one
                 shutil.rmtree(out_dir)
             for index, spec in enumerate(pass_specs(trial)):
@@ -170,7 +170,7 @@ class SweepLoop:
     def _pooled(
         self, finished: Iterator[tuple[Job, TrialResult]]
     ) -> Iterator[tuple[TrialSpec, TrialResult]]:
-        """Each trial with its result once all its passes are in (see timing_passes)."""
+        """Each trial with its result once all its passes are in (see measure.passes)."""
         trials = {t.id: t for t in self.trials}
         got: dict[str, dict[int, TrialResult]] = {}
         for job, result in finished:
@@ -180,7 +180,7 @@ class SweepLoop:
             if len(passes) == trial.measure.passes:
                 yield trial, pool(trial, [passes[i] for i in sorted(passes)])
                 for index in range(1, trial.measure.passes):
-                    extra = sweeps.trial_dir(self.run_dir, trial.id) / f"pass-{index}"
+                    extra = folders.trial_dir(self.run_dir, trial.id) / f"pass-{index}"
                     shutil.rmtree(extra, ignore_errors=True)
 
     def _log_unlogged(self, skip: set[str]) -> None:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from qatbench.results import TrialResult
-    from qatbench.spec import ExperimentSpec
+    from qatbench.spec.schema import ExperimentSpec
 
 # Metrics copied into each item's user_properties (and so into JUnit XML), when reported.
 KEY_METRICS = (
@@ -31,7 +31,7 @@ def fail_on(spec: ExperimentSpec, result: TrialResult) -> None:
     """Raise :class:`TrialFailed` when ``result`` failed or breached one of ``spec``'s
     expectations: the same expectations, checked the same way, as ``qatbench run``."""
     from qatbench.results import RunRecord
-    from qatbench.sweep_outcome import check_expectations
+    from qatbench.sweep.outcome import check_expectations
 
     if not result.ok:
         error = result.error

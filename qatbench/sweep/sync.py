@@ -6,12 +6,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from qatbench import sweeps
 from qatbench.errors import ConfigError
 from qatbench.report.html import write_html
 from qatbench.results import RunRecord
-from qatbench.run_tags import env_tags, trial_env_tags
-from qatbench.runner import logged_to
+from qatbench.sweep import folders
+from qatbench.sweep.runner import logged_to
+from qatbench.tracking.tags import env_tags, trial_env_tags
 
 
 def sync_report(
@@ -28,7 +28,7 @@ def sync_report(
     from qatbench.tracking.tracker import Tracker
 
     console = console or Console(stderr=True)
-    json_path = sweeps.report_path(report)
+    json_path = folders.report_path(report)
     record = RunRecord.load(json_path)
     name = record.tracking.get("experiment") or record.experiment.get("name")
     if not name:
@@ -36,7 +36,7 @@ def sync_report(
     tracker = Tracker(tracking_uri or record.tracking.get("uri"), str(name))
     record = logged_to(record, tracker)
     sweep = str(record.tracking["sweep"])
-    with sweeps.locked(json_path.parent):
+    with folders.locked(json_path.parent):
         record.save(json_path)
         known = tracker.sweep_runs(sweep)
         tags = env_tags(record.env)

@@ -14,6 +14,6 @@ def env_tags(env: dict[str, object]) -> dict[str, str]:
 
 def trial_env_tags(tags: dict[str, str], result: TrialResult) -> dict[str, str]:
     """The sweep's env tags, overridden by the machine that ran the trial where it says
-    (on a cluster, the node; see :func:`qatbench.executor.with_node_env`)."""
+    (on a cluster, the node; see :func:`qatbench.sweep.executor.with_node_env`)."""
     node = result.details.get("env")
     return {**tags, **env_tags(node)} if isinstance(node, dict) else tags

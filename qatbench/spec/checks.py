@@ -16,13 +16,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from qatbench import registry
-from qatbench.bitwidth import BitWidth
 from qatbench.errors import ConfigError, UnknownNameError
-from qatbench.expectations import parse_expectation
-from qatbench.spec_errors import describe_validation_error
+from qatbench.quant.bitwidth import BitWidth
+from qatbench.spec.errors import describe_validation_error
+from qatbench.spec.expectations import parse_expectation
 
 if TYPE_CHECKING:
-    from qatbench.spec import ExperimentSpec, ModelEntry
+    from qatbench.spec.schema import ExperimentSpec, ModelEntry
 
 
 def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:

@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from qatbench.errors import QatbenchError
-from qatbench.pytest_trial_spec import experiment_spec
-from qatbench.pytest_trials import Qatbench, fail_one_line
-from qatbench.quantize_in_process import QuantizedModel, quantize
+from qatbench.pytest_plugin.trial_spec import experiment_spec
+from qatbench.pytest_plugin.trials import Qatbench, fail_one_line
+from qatbench.trial.in_process import QuantizedModel, quantize
 
 # pytest-benchmark's statistics, in seconds, logged to MLflow in milliseconds.
 BENCHMARK_TIMES = ("min", "max", "mean", "median", "stddev", "iqr")

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qatbench.measure.latency_metrics import batch_metrics, is_timing_warning
 from qatbench.results import TrialResult
-from qatbench.spec import TrialSpec
+
+if TYPE_CHECKING:  # configs of the spec layer above, for annotations only
+    from qatbench.spec.schema import TrialSpec
 
 _REPEAT_LABELS = ("repeat_of_round", "compiled_repeat_of_round")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qatbench.results import RunRecord, TrialResult
-from qatbench.spec import ExperimentSpec
+from qatbench.spec.schema import ExperimentSpec
 
 INTERRUPT_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 

@@ -23,7 +23,6 @@ import torch
 
 from qatbench.data.datasets import TaskData
 from qatbench.data.tasks import task_for
-from qatbench.export import export_onnx, write_metadata
 from qatbench.measure import error as err
 from qatbench.measure import generation as gen
 from qatbench.measure import size
@@ -34,7 +33,8 @@ from qatbench.quant.weight_only_linear import fp32_kernels
 from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.runtimes import parity
 from qatbench.runtimes import torch_compile as tc
-from qatbench.spec import TrialSpec
+from qatbench.runtimes.onnx_export import export_onnx, write_metadata
+from qatbench.spec.schema import TrialSpec
 
 TOP_LAYERS = 10
 

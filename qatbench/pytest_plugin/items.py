@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from qatbench.errors import QatbenchError
-from qatbench.pytest_session import session_state
-from qatbench.pytest_trial_results import TrialFailed, fail_on, result_properties
+from qatbench.pytest_plugin.session import session_state
+from qatbench.pytest_plugin.trial_results import TrialFailed, fail_on, result_properties
 
 if TYPE_CHECKING:
-    from qatbench.spec import ExperimentSpec, TrialSpec
+    from qatbench.spec.schema import ExperimentSpec, TrialSpec
 
 MARKER = "qatbench"
 
@@ -46,7 +46,7 @@ class ExperimentFile(pytest.File):
     """A YAML experiment file; its trials are the items. An invalid file is one error."""
 
     def collect(self) -> Iterator[pytest.Item]:
-        from qatbench.spec import load_experiment
+        from qatbench.spec.schema import load_experiment
 
         # Messages name the file as the user did: relative to where pytest started.
         here = Path.cwd()

@@ -5,7 +5,7 @@ types, method options (each method's own ``Config``), names of models, methods, 
 and datasets, and whether a method can do a bit-width on a runtime. Errors are
 :class:`ConfigError` with one line naming the file, the key path, the bad value and what is
 allowed. The schema and the grid are here; the checks against what is registered are
-:mod:`qatbench.spec_checks`, and the one-line errors of the schema :mod:`qatbench.spec_errors`.
+:mod:`qatbench.spec.checks`, and the one-line errors of the schema :mod:`qatbench.spec.errors`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from qatbench import registry
-from qatbench.bitwidth import FP32, BitWidth
 from qatbench.errors import ConfigError
-from qatbench.expectations import Expectation, parse_expectation
-from qatbench.spec_checks import check_names_and_capabilities
-from qatbench.spec_errors import describe_validation_error
+from qatbench.quant.bitwidth import FP32, BitWidth
+from qatbench.spec.checks import check_names_and_capabilities
+from qatbench.spec.errors import describe_validation_error
+from qatbench.spec.expectations import Expectation, parse_expectation
 
 SPEC_SCHEMA_VERSION = 1
 MAX_FILE_BYTES = 1 << 20  # an experiment file is a page of YAML, not a data set
@@ -99,7 +99,7 @@ class MeasureSpec(_Strict):
     ``max_time_s`` is each timed pair's budget, split into ``repeats`` blocks taken in turn
     across batch sizes (qatbench/measure/timing.py); ``passes`` > 1 times every trial in
     that many worker processes spread over the sweep and pools their rounds
-    (qatbench/timing_passes.py).
+    (qatbench/measure/passes.py).
     """
 
     batch_sizes: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(

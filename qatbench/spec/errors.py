@@ -3,8 +3,8 @@
 :func:`describe_validation_error` turns the first error into ``key.path: message (got
 value)``, says how many more there are, and for an unknown key lists the keys allowed at
 that place with the closest match, so a typo in a YAML file names its fix. Used for the
-experiment itself (:mod:`qatbench.spec`) and for each method's options
-(:mod:`qatbench.spec_checks`).
+experiment itself (:mod:`qatbench.spec.schema`) and for each method's options
+(:mod:`qatbench.spec.checks`).
 """
 
 from __future__ import annotations

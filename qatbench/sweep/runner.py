@@ -1,5 +1,5 @@
 """Start or resume a sweep: validate, create the tracking experiment once, set up the run
-folder and record, and hand them to :class:`~qatbench.sweep_loop.SweepLoop`, which runs
+folder and record, and hand them to :class:`~qatbench.sweep.loop.SweepLoop`, which runs
 each trial in isolation, logs it, and keeps ``report.json`` current after every trial.
 
 The runner is the only place that knows about folders, tracking and reports; trials know
@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from qatbench import sweeps
-from qatbench.executor import Executor
 from qatbench.measure.env import fingerprint
 from qatbench.results import RunRecord
-from qatbench.spec import ExperimentSpec, TrialSpec, load_experiment
-from qatbench.sweep_loop import SweepLoop
-from qatbench.sweep_outcome import RunOutcome
+from qatbench.spec.schema import ExperimentSpec, TrialSpec, load_experiment
+from qatbench.sweep import folders
+from qatbench.sweep.executor import Executor
+from qatbench.sweep.loop import SweepLoop
+from qatbench.sweep.outcome import RunOutcome
 
 if TYPE_CHECKING:
     from qatbench.tracking.tracker import Tracker
@@ -45,7 +45,7 @@ def run_experiment(
     console: Console | None = None,
     select: Callable[[TrialSpec], bool] | None = None,
     executor: Executor | None = None,
-    shard: sweeps.Shard | None = None,
+    shard: folders.Shard | None = None,
 ) -> RunOutcome:
     """Run every trial of the experiment file at ``path`` (of its ``shard`` of the grid, if
     given; the report names it) as a new sweep; see RunOutcome."""
@@ -54,7 +54,7 @@ def run_experiment(
     spec = load_experiment(path)
     tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment or spec.name)
     created = dt.datetime.now(dt.UTC)
-    run_dir = sweeps.new_run_dir(output_root, spec.name, created)
+    run_dir = folders.new_run_dir(output_root, spec.name, created)
     experiment = {"name": spec.name, "source": str(path), "spec": spec.model_dump(mode="json")}
     if shard is not None:
         experiment["shard"] = str(shard)
@@ -92,9 +92,9 @@ def resume_experiment(
     """
     from qatbench.tracking.tracker import Tracker
 
-    json_path = sweeps.report_path(report)
+    json_path = folders.report_path(report)
     record = RunRecord.load(json_path)
-    spec = sweeps.stored_spec(record, json_path)
+    spec = folders.stored_spec(record, json_path)
     uri = tracking_uri or record.tracking.get("uri") or spec.tracking.uri
     name = record.tracking.get("experiment") or spec.tracking.experiment or spec.name
     tracker = Tracker(uri, str(name))
@@ -102,14 +102,14 @@ def resume_experiment(
     sweep_id = str(record.tracking["sweep"])
     known = tracker.sweep_runs(sweep_id)
     shard = record.experiment.get("shard")
-    select = _in_shard(spec, sweeps.Shard.parse(str(shard)) if shard else None, select)
+    select = _in_shard(spec, folders.Shard.parse(str(shard)) if shard else None, select)
     sweep = SweepLoop(spec, record, json_path.parent, tracker, console, executor, select, known)
     return sweep.run()
 
 
 def _in_shard(
     spec: ExperimentSpec,
-    shard: sweeps.Shard | None,
+    shard: folders.Shard | None,
     select: Callable[[TrialSpec], bool] | None,
 ) -> Callable[[TrialSpec], bool] | None:
     """``select`` narrowed to the trials of ``shard`` (unchanged without a shard)."""
