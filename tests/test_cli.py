@@ -49,6 +49,12 @@ INVALID_KEYS = {
     "huge_eval_samples.yaml": "data.eval_samples",
     "nan_timing.yaml": "measure.max_time_s",
     "python_tag.yaml": "python/object",
+    "dup_key.yaml": "duplicate key at lines 3 and 5",
+    "typo_hides_required.yaml": "metods",
+    "unsatisfiable_bits.yaml": "bits[1]",
+    "bool_batch.yaml": "measure.batch_sizes[0]",
+    "input_mismatch.yaml": "models[0] (linear)",
+    "file_store_uri.yaml": "tracking.uri",
 }
 
 

@@ -257,9 +257,10 @@ def test_sweeps_load_from_mlflow_with_their_trial_json(store: str, records) -> N
 def qatbench(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Any:
     """Run the console script's ``main`` in this process (mlflow is imported already):
     returns the exit code, stdout and stderr."""
-    from qatbench.cli import main
+    from qatbench.cli import main, output
 
     monkeypatch.setenv("COLUMNS", "160")
+    monkeypatch.setattr(output.out, "width", 160)  # the console may predate COLUMNS
 
     def invoke(*args: str | Path) -> tuple[int, str, str]:
         capsys.readouterr()

@@ -40,6 +40,16 @@ CASES: dict[str, list[str]] = {
     ],
     "empty.yaml": ["the file is empty"],
     "yaml_syntax.yaml": ["invalid YAML at line 4"],
+    # the six that once slipped through validation
+    "dup_key.yaml": ["methods: duplicate key at lines 3 and 5"],
+    "typo_hides_required.yaml": ["metods: unknown key (did you mean 'methods'?)"],
+    "unsatisfiable_bits.yaml": ["bits[1]: no method of the grid can do 'w9a8'"],
+    "bool_batch.yaml": ["measure.batch_sizes[0]: Input should be a valid integer (got True)"],
+    "input_mismatch.yaml": [
+        "models[0] (linear): data.dataset 'digits' gives float inputs [batch, 28, 28]",
+        "float32 [1, 4096]",
+    ],
+    "file_store_uri.yaml": ["tracking.uri: 'file:///tmp/qatbench-file-store'", "file store"],
 }
 
 

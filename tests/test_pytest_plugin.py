@@ -80,6 +80,9 @@ def env(
     monkeypatch.setenv("QATBENCH_CACHE", str(pytester.path / "cache"))
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     monkeypatch.setenv("COLUMNS", "200")  # summary lines whole, not cut at 80 columns
+    # The inner runs are plain pytest runs even when this suite runs under pytest-xdist
+    # (pytest-benchmark turns itself off when it sees an xdist worker).
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
     return pytester
 
 

@@ -48,6 +48,13 @@ INVALID_CASES: dict[str, list[str]] = {
     "deep_nesting.yaml": ["invalid YAML", "nested too deeply"],
     "python_tag.yaml": ["invalid YAML", "python/object/apply:os.system"],
     "factory_import_raises.yaml": ["models[0].factory", "cannot import 'data.raising_module'"],
+    # the six misses of a held-out corpus (issue 20), each one line naming file and key
+    "dup_key.yaml": ["methods", "duplicate key at lines 3 and 5"],
+    "typo_hides_required.yaml": ["metods", "did you mean 'methods'?"],
+    "unsatisfiable_bits.yaml": ["bits[1]", "'w9a8'", "allowed: w2a4,"],
+    "bool_batch.yaml": ["measure.batch_sizes[0]", "(got True)"],
+    "input_mismatch.yaml": ["models[0] (linear)", "'digits'", "[1, 4096]"],
+    "file_store_uri.yaml": ["tracking.uri", "'file:///tmp/qatbench-file-store'", "sqlite:///"],
 }
 
 
@@ -198,9 +205,14 @@ def test_per_method_bits_may_name_what_the_top_level_cannot() -> None:
 
 
 def test_top_level_bits_a_method_cannot_do_are_skipped_for_it() -> None:
-    # fp32 ignores bits; ptq does w8a8 but not the weight-only w8.
-    got = ids(experiment(bits=["w8", "w8a8"], runtimes=["torch"]))
-    assert got == ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch"]
+    # fp32 ignores bits; ptq does w8a8 but not the weight-only w8, which rtn does.
+    got = ids(experiment(methods=["fp32", "ptq", "rtn"], bits=["w8", "w8a8"], runtimes=["torch"]))
+    assert got == ["mlp-fp32-fp32-torch", "mlp-ptq-w8a8-torch", "mlp-rtn-w8-torch"]
+
+
+def test_top_level_bits_no_method_can_do_are_rejected() -> None:
+    message = config_error(experiment(bits=["w8", "w8a8"], runtimes=["torch"]))
+    assert "bits[0]: no method of the grid can do 'w8'; allowed: w2a4," in message
 
 
 def test_a_method_that_can_do_none_of_the_top_level_bits_is_rejected() -> None:

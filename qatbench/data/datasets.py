@@ -54,6 +54,26 @@ def load_data(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
     return _synthetic(spec, example, seed)
 
 
+DIGITS_SAMPLE = (28, 28)  # the 8x8 digits upsampled to MNIST's shape
+
+
+def input_problem(spec: DataSpec, example: torch.Tensor) -> str | None:
+    """Why the dataset cannot feed a model with this example input, or None if it can.
+    Needs only the example's shape and dtype (a model built on the meta device will do)."""
+    if spec.dataset == "digits":
+        if example.dtype.is_floating_point and tuple(example.shape[1:]) == DIGITS_SAMPLE:
+            return None
+        return (
+            f"data.dataset 'digits' gives float inputs [batch, 28, 28]; this model's example "
+            f"input is {str(example.dtype).removeprefix('torch.')} {list(example.shape)}"
+        )
+    if spec.dataset == "text":
+        from qatbench.data.text import text_input_problem
+
+        return text_input_problem(example, spec.seq_len)
+    return None  # synthetic data is shaped like the example
+
+
 def _digits(spec: DataSpec, seed: int) -> TaskData:
     from sklearn.datasets import load_digits  # ships the data inside the package
 

@@ -119,6 +119,20 @@ def vocab_size(tokenizer: str = BYTES) -> int | None:
     return 256 if tokenizer == BYTES else None
 
 
+def text_input_problem(example: torch.Tensor, seq_len: int | None) -> str | None:
+    """Why ``text`` cannot feed a model with this example input (token ids [batch, time],
+    at least ``seq_len`` long), or None."""
+    if example.dtype.is_floating_point or example.dim() != 2:
+        return (
+            "data.dataset: 'text' needs a language model whose example input is token ids "
+            f"[batch, time]; this model's is {example.dtype} {list(example.shape)}"
+        )
+    context = int(example.shape[-1])
+    if seq_len is not None and seq_len > context:
+        return f"data.seq_len: {seq_len} is longer than the model's context of {context} tokens"
+    return None
+
+
 def load_text(
     seq_len: int | None,
     calibration_samples: int,
@@ -128,17 +142,10 @@ def load_text(
     tokenizer: str = BYTES,
 ) -> TaskData:
     """Splits of ``seq_len``-token sequences (default: the model's example length)."""
-    if example.dtype.is_floating_point or example.dim() != 2:
-        raise ConfigError(
-            "data.dataset: 'text' needs a language model whose example input is token ids "
-            f"[batch, time]; this model's is {example.dtype} {list(example.shape)}"
-        )
-    context = int(example.shape[-1])
-    seq_len = seq_len or context
-    if seq_len > context:
-        raise ConfigError(
-            f"data.seq_len: {seq_len} is longer than the model's context of {context} tokens"
-        )
+    problem = text_input_problem(example, seq_len)
+    if problem:
+        raise ConfigError(problem)
+    seq_len = seq_len or int(example.shape[-1])
     tokens = _tokens(tokenizer)
     span = seq_len + 1  # inputs and their next-token targets
     block = SEQUENCES_PER_BLOCK * span

@@ -11,6 +11,7 @@ line parses. Each failure is one :class:`ConfigError` naming the file and the ke
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -69,6 +70,9 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 f"{source}: runtimes: method {method.name!r} runs on none of {spec.runtimes}; "
                 f"allowed: {', '.join(sorted(caps.runtimes))}"
             )
+    _check_top_level_bits(spec, source)
+    _check_tracking_uri(spec.tracking.uri, source)
+    _check_models_fit_data(spec, source)
     axes: dict[str, list[str]] = {
         "model": [m.name for m in spec.models],
         "method": [m.name for m in spec.methods],
@@ -90,6 +94,81 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 parse_expectation(text)
             except ValueError as exc:
                 raise ConfigError(f"{source}: {where}[{j}]: {exc}") from None
+
+
+def _check_top_level_bits(spec: ExperimentSpec, source: str) -> None:
+    """Every bit-width of ``bits`` is one some quantizing method of the grid can do: a label
+    no method takes would otherwise vanish from the grid without a word."""
+    takers = [
+        registry.methods.get(m.name).capabilities
+        for m in spec.methods
+        if m.bits is None and registry.methods.get(m.name).capabilities.quantizes
+    ]
+    if not takers:
+        return  # no method reads the top-level bits (fp32, casts, or each has its own)
+    for j, label in enumerate(spec.bits):
+        if not any(caps.accepts(BitWidth.parse(label)) for caps in takers):
+            allowed = sorted({b for caps in takers for b in caps.allowed_bits()})
+            raise ConfigError(
+                f"{source}: bits[{j}]: no method of the grid can do {label!r}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+
+
+# MLflow stores qatbench can log to; a plain path or file: is MLflow's file store, which
+# MLflow refuses unless MLFLOW_ALLOW_FILE_STORE is set.
+_STORE_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def _check_tracking_uri(uri: str | None, source: str) -> None:
+    if uri is None:
+        return
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme in _STORE_SCHEMES:
+        return
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in (
+        "1",
+        "true",
+    ):
+        return
+    what = (
+        "MLflow's file store, which MLflow refuses unless MLFLOW_ALLOW_FILE_STORE is set"
+        if scheme in ("", "file")
+        else "not a store qatbench can log to"
+    )
+    raise ConfigError(
+        f"{source}: tracking.uri: {uri!r} is {what}; use sqlite:///PATH/mlflow.db, "
+        "an http(s):// tracking server or a database URI"
+    )
+
+
+def _check_models_fit_data(spec: ExperimentSpec, source: str) -> None:
+    """Each model's example input fits the dataset, known before anything is trained: the
+    model is built on PyTorch's meta device (shapes and dtypes, no memory, no weights), so
+    the check costs little even for a large language model."""
+    if spec.data.dataset == "synthetic":
+        return  # shaped like the example by construction
+    from qatbench.data.datasets import input_problem
+
+    for i, entry in enumerate(spec.models):
+        example = _meta_example(entry)
+        problem = None if example is None else input_problem(spec.data, example)
+        if problem:
+            raise ConfigError(f"{source}: models[{i}] ({entry.name}): {problem}")
+
+
+def _meta_example(entry: ModelEntry) -> Any:
+    """The first example input of ``entry``'s model built on the meta device, or None where
+    the factory cannot build there (the trial's build phase then reports what it can)."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            _model, example = resolve_model_factory(entry)(**entry.options)
+        first = example[0] if isinstance(example, tuple | list) else example
+    except Exception:  # the user's factory on an unusual device: no verdict, not an error
+        return None
+    return first if isinstance(first, torch.Tensor) else None
 
 
 def _expect_lists(spec: ExperimentSpec) -> list[tuple[str, list[str]]]:

@@ -21,7 +21,8 @@ def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> s
     An unknown key is reported with the keys allowed at that place and the closest match.
     """
     errors = exc.errors(include_url=False)
-    first = errors[0]
+    # An unknown key first: a typo (`metods:`) explains the required key it hides.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     parts = tuple(p for p in first["loc"] if p != "[key]")  # pydantic's marker for dict keys
     loc = _key_path(parts)
     msg = first["msg"]
@@ -67,5 +68,10 @@ def _inner_model(annotation: Any) -> Any:
 def _key_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not str(part).isprintable() or not str(part).strip() or " " in str(part):
+            out += f"[{str(part)!r}]"  # a key YAML allows but a one-line path cannot show
+        else:
+            out += f".{part}" if out else str(part)
     return out

@@ -22,6 +22,7 @@ from qatbench import registry
 from qatbench.errors import ConfigError
 from qatbench.quant.bitwidth import FP32, BitWidth
 from qatbench.spec.checks import check_names_and_capabilities
+from qatbench.spec.duplicate_keys import check_unique_keys
 from qatbench.spec.errors import describe_validation_error
 from qatbench.spec.expectations import Expectation, parse_expectation
 
@@ -32,7 +33,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.]*$"  # safe in trial ids, paths and ML
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML's `true` is no batch size and `1` no boolean (lax pydantic coerces both)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
@@ -241,6 +243,7 @@ def load_experiment(path: str | Path) -> ExperimentSpec:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
     try:
+        check_unique_keys(text, str(path))
         data = yaml.safe_load(text)  # the safe loader: plain data, never Python objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
