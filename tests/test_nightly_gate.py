@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 # The nightly recipe's kind of gates: the timing gate is on the ratio to fp32 measured in the
 # same process; absolute latency moves by more than 50% between identical runs on a shared
-# machine (README, "Nightly jobs").
+# machine (docs/nightly.md, "Nightly jobs").
 GATES = ["--gate", "speedup_vs_fp32:-30%", "--gate", "mse:+20%", "--gate", "size_bytes:+1%"]
 SLOW_TRIAL = "mlp-slowable-fp32-torch"
 

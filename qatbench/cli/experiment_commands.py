@@ -16,7 +16,7 @@ from qatbench.cli.output import expand_globs, out
 def validate(
     files: Annotated[list[str], typer.Argument(help="experiment YAML files or globs")],
 ) -> None:
-    """Check experiment files without building any model; list the trials they expand to."""
+    """Check experiment files before any model is trained; list the trials they expand to."""
     from qatbench.spec.schema import load_experiment
 
     for path in expand_globs(files):

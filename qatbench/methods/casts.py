@@ -8,7 +8,7 @@ Runtimes: ``fp16`` runs on torch and on onnxruntime (its CPU provider runs half-
 graphs, inserting casts around operators without fp16 kernels); ``bf16`` runs on torch
 only, because the CPU provider has no bfloat16 kernels for ``Gemm``/``MatMul``. Whether a
 cast is fast depends on the CPU: with AMX or AVX512-BF16 a bf16 GEMM beats fp32; with AVX2
-alone torch emulates it and it is several times slower (see the README).
+alone torch emulates it and it is several times slower (see docs/cpu-results.md).
 """
 
 from __future__ import annotations
