@@ -25,7 +25,8 @@ import torch
 
 from qatbench.quant.affine import quantize_weight_per_channel
 
-# PyTorch announces the deprecation of quantized tensors on every call (docs/methods-and-models.md, "Known limits").
+# PyTorch announces the deprecation of quantized tensors on every call
+# (docs/methods-and-models.md, "Known limits").
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
 
 _PREPACKED: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()

@@ -25,7 +25,7 @@ from qatbench.quant.affine import asymmetric_qparams, quantize_weight_per_channe
 from qatbench.quant.packing import pack_bits, packed_size, unpack_bits
 
 # PyTorch announces the deprecation of quantized tensors on every call; qatbench records the
-# dependency in docs/methods-and-models.md ("Known limits") instead of repeating it once per layer per trial.
+# dependency in docs/methods-and-models.md ("Known limits") instead of repeating it per call.
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
 
 # Prepacked GEMM operands live beside the modules, not on them: an attribute holding a
