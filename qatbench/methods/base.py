@@ -129,6 +129,10 @@ class QuantMethod:
     # True when the converted model only simulates quantization (fp32 storage and compute);
     # recorded with every trial so the report can say so.
     simulated: ClassVar[bool] = False
+    # True when the method rewrites what a layer receives (smoothing folded into the layer
+    # before it): the runner then skips the per-layer error, which would compare unlike
+    # inputs.
+    changes_layer_inputs: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig | None = None, bits: BitWidth = FP32) -> None:
         self.config: Any = config if config is not None else self.Config()
@@ -149,6 +153,26 @@ class QuantMethod:
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
         """Return the deployable model (real integers where the method claims them)."""
         return model
+
+    def describe(self) -> dict[str, str]:
+        """What the exported graph's metadata and the report say of this configuration:
+        ``observer`` (how activations were calibrated; "none" without calibration) and
+        ``group_size`` (weights per scale: a number, "per_channel", or "n/a"). The default
+        reads the Config's ``observer`` (or ``calibrate_method``) and ``group_size`` (or
+        ``block_size``) fields; a method whose options say it otherwise overrides this."""
+        config = self.config
+        observer = "none"
+        if self.capabilities.needs_calibration:
+            chosen = getattr(config, "observer", None)
+            observer = str(
+                getattr(chosen, "name", None) or getattr(config, "calibrate_method", "default")
+            )
+        group: object = "n/a"
+        if hasattr(config, "group_size"):
+            group = config.group_size or "per_channel"
+        elif hasattr(config, "block_size"):
+            group = config.block_size
+        return {"observer": observer, "group_size": str(group)}
 
     def export(
         self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path

@@ -34,11 +34,11 @@ It takes well under five seconds per bit-width and leaves the global RNG state u
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import io
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 from qatbench.methods.base import QuantMethod
+from qatbench.methods.lifecycle import Step, StepError, quantize_copy
 from qatbench.quant.bitwidth import BitWidth
 
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
@@ -183,21 +184,21 @@ def _tiny_data() -> tuple[Any, torch.Tensor]:
     return data, eval_x
 
 
-def _step(method_cls: Any, bits: str, step: str, call: Callable[[], object]) -> torch.nn.Module:
-    try:
-        model = call()
-    except Exception as exc:
-        raise _fail(
-            method_cls, f"{step}() raised {type(exc).__name__}: {exc}".splitlines()[0], bits
-        ) from exc
-    _require(
-        isinstance(model, torch.nn.Module),
-        method_cls,
-        f"{step}() returned {type(model).__name__}, not the model (an nn.Module)",
-        bits,
-    )
-    assert isinstance(model, torch.nn.Module)  # for the type checker; checked just above
-    return model
+def _steps(method_cls: Any, bits: str) -> Step:
+    """The driver's ``step``: a step that raises fails the contract naming the step."""
+
+    @contextlib.contextmanager
+    def step(name: str) -> Iterator[None]:
+        try:
+            yield
+        except StepError as exc:
+            raise _fail(method_cls, str(exc).split(": ", 1)[-1], bits) from exc
+        except Exception as exc:
+            raise _fail(
+                method_cls, f"{name}() raised {type(exc).__name__}: {exc}".splitlines()[0], bits
+            ) from exc
+
+    return step
 
 
 def _check_lifecycle(method_cls: Any, bits: str) -> None:
@@ -211,17 +212,13 @@ def _check_lifecycle(method_cls: Any, bits: str) -> None:
 
     method = method_cls(method_cls.Config(), BitWidth.parse(bits))
     caps = method_cls.capabilities
-    model = _step(method_cls, bits, "prepare", lambda: method.prepare(copy.deepcopy(fp32)))
-    if caps.needs_calibration:
-        loop = forward_loop(data, _BATCH)
-        prepared = model
-        model = _step(method_cls, bits, "calibrate", lambda: method.calibrate(prepared, loop))
-    if caps.needs_training:
-        train = train_loop(data, _BATCH, _SEED)
-        calibrated = model
-        model = _step(method_cls, bits, "train", lambda: method.train(calibrated, train))
-    candidate = model
-    converted = _step(method_cls, bits, "convert", lambda: method.convert(candidate)).eval()
+    converted = quantize_copy(  # the driver of every trial, so the kit tests what runs
+        method,
+        fp32,
+        forward_loop=lambda: forward_loop(data, _BATCH),
+        train_loop=lambda: train_loop(data, _BATCH, _SEED),
+        step=_steps(method_cls, bits),
+    )
 
     outputs = {}
     for n in BATCH_SIZES:

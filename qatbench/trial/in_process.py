@@ -3,7 +3,6 @@ worker would, ready to be timed (``quantized_benchmark``), with its error agains
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,35 +37,27 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
     set. For the onnxruntime runtime the model is exported and run by onnxruntime."""
     import torch
 
-    from qatbench import registry
     from qatbench.data.datasets import load_data
     from qatbench.data.training import forward_loop, train_loop
-    from qatbench.errors import PluginError
     from qatbench.measure import error as err
-    from qatbench.quant.bitwidth import BitWidth
+    from qatbench.methods.lifecycle import quantize_copy
     from qatbench.runtimes import onnxruntime as ortrt
-    from qatbench.spec.checks import resolve_model_factory
-    from qatbench.trial.lifecycle import pretrained_for
+    from qatbench.trial.lifecycle import build_model, method_for, pretrained_for
 
     torch.set_num_threads(trial.measure.threads)
     torch.manual_seed(trial.seed)
-    built = resolve_model_factory(trial.model)(**trial.model.options)
-    if not (isinstance(built, tuple) and len(built) == 2):
-        raise PluginError(f"model {trial.model.name!r}: factory must return (model, inputs)")
-    fp32, example = built
-    example = tuple(example) if isinstance(example, list | tuple) else (example,)
+    fp32, example = build_model(trial)
     data = load_data(trial.data, example[0], trial.seed)
     if data.labelled and trial.data.pretrain_epochs:
         fp32, _ = pretrained_for(trial, fp32, data)  # the worker's cache: shared weights
     fp32.eval()
-    cls = registry.methods.get(trial.method.name)
-    method = cls(cls.Config.model_validate(trial.method.options), BitWidth.parse(trial.bits))
-    model = method.prepare(copy.deepcopy(fp32))
-    if method.capabilities.needs_calibration:
-        model = method.calibrate(model, forward_loop(data, trial.data.batch_size))
-    if method.capabilities.needs_training:
-        model = method.train(model, train_loop(data, trial.data.batch_size, trial.seed))
-    model = method.convert(model).eval()
+    method = method_for(trial)
+    model = quantize_copy(  # the worker's driver and checks, untimed
+        method,
+        fp32,
+        forward_loop=lambda: forward_loop(data, trial.data.batch_size),
+        train_loop=lambda: train_loop(data, trial.data.batch_size, trial.seed),
+    )
     run: Callable[[torch.Tensor], torch.Tensor] = model
     if trial.runtime == "onnxruntime":
         path = out_dir / "model.onnx"

@@ -16,7 +16,6 @@ is saved beside it (``input_example.npy``) for MLflow's ONNX flavour.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.metadata
 import json
 import resource
@@ -35,6 +34,7 @@ from qatbench.data.datasets import TaskData, load_data
 from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError, TrialError
 from qatbench.methods.base import QuantMethod
+from qatbench.methods.lifecycle import quantize_copy
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
@@ -124,12 +124,10 @@ def _phase(state: _State, report: PhaseReporter, name: str) -> Iterator[None]:
     state.phases[f"{name}_s"] = time.perf_counter() - start
 
 
-def _checked(model: object, method: QuantMethod, step: str) -> torch.nn.Module:
-    if not isinstance(model, torch.nn.Module):
-        raise PluginError(
-            f"method {method.name!r}: {step}() returned {type(model).__name__}, not the model"
-        )
-    return model
+def method_for(trial: TrialSpec) -> QuantMethod:
+    """The trial's method, configured with its options and bit-width."""
+    cls = registry.methods.get(trial.method.name)
+    return cls(cls.Config.model_validate(trial.method.options), BitWidth.parse(trial.bits))
 
 
 def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseReporter) -> None:
@@ -142,7 +140,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         return _phase(state, report, name)
 
     with step("build"):
-        model, example = _build(trial)
+        model, example = build_model(trial)
     with step("data"):
         data = load_data(trial.data, example[0], trial.seed)
         if data.task == "language_modelling":  # export and time at the data's length
@@ -158,25 +156,18 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         fp32 = model
         reference_out = predict(fp32, data.eval_x, trial.data.batch_size)
 
-    with step("prepare"):
-        method_cls = registry.methods.get(trial.method.name)
-        method: QuantMethod = method_cls(
-            method_cls.Config.model_validate(trial.method.options), BitWidth.parse(trial.bits)
-        )
-        candidate = _checked(method.prepare(copy.deepcopy(fp32)), method, "prepare")
+    state.phase = "prepare"  # a method that cannot be made fails where it would run
+    method = method_for(trial)
     caps = method.capabilities
-    if caps.needs_calibration:
-        with step("calibrate"):
-            loop = forward_loop(data, trial.data.batch_size)
-            candidate = _checked(method.calibrate(candidate, loop), method, "calibrate")
-    if caps.needs_training:
-        with step("train"):
-            loop_t = train_loop(data, trial.data.batch_size, trial.seed)
-            candidate = _checked(method.train(candidate, loop_t), method, "train")
-    with step("convert"):
-        candidate = _checked(method.convert(candidate), method, "convert").eval()
-        state.details.update(kernel_summary(candidate))
-        state.details["simulated"] = method.simulated
+    candidate = quantize_copy(
+        method,
+        fp32,
+        forward_loop=lambda: forward_loop(data, trial.data.batch_size),
+        train_loop=lambda: train_loop(data, trial.data.batch_size, trial.seed),
+        step=step,
+    )
+    state.details.update(kernel_summary(candidate))
+    state.details["simulated"] = method.simulated
 
     onnx_path = out_dir / "model.onnx"
     subjects = Subjects(fp32, candidate, fp32_onnx_metadata=_fp32_metadata())
@@ -194,7 +185,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     with step("measure"):
         # Methods that rewrite what a layer receives (smoothing folded into the previous
         # layer) have no like-for-like per-layer comparison.
-        per_layer = trial.measure.per_layer and not getattr(method, "changes_layer_inputs", False)
+        per_layer = trial.measure.per_layer and not method.changes_layer_inputs
         measure(
             trial,
             out_dir,
@@ -250,7 +241,7 @@ def _export(
     return session
 
 
-def _build(trial: TrialSpec) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+def build_model(trial: TrialSpec) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     factory = resolve_model_factory(trial.model)
     built = factory(**trial.model.options)
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.nn.Module):
@@ -302,19 +293,15 @@ def _fp32_metadata() -> dict[str, str]:
 def onnx_metadata(trial: TrialSpec, method: QuantMethod) -> dict[str, str]:
     """What qatbench writes into an exported graph's ``metadata_props`` (the opset is
     added by :func:`~qatbench.runtimes.onnx_export.write_metadata`)."""
-    config = method.config
+    described = method.describe()
     calibration = "none"
-    if method.capabilities.needs_calibration:
-        observer = getattr(config, "observer", None)
-        name = getattr(observer, "name", None) or getattr(config, "calibrate_method", "default")
+    if described["observer"] != "none":
         samples = trial.data.calibration_samples
         batches = -(-samples // trial.data.batch_size)
-        calibration = json.dumps({"observer": name, "batches": batches, "samples": samples})
-    group: object = "n/a"
-    if hasattr(config, "group_size"):
-        group = config.group_size or "per_channel"
-    elif hasattr(config, "block_size"):
-        group = config.block_size
+        calibration = json.dumps(
+            {"observer": described["observer"], "batches": batches, "samples": samples}
+        )
+    group = described["group_size"]
     return _metadata_props(
         trial.method.name, trial.bits, calibration, str(group), trial.method.options
     )
