@@ -156,3 +156,15 @@ def test_check_leaves_global_rng_alone() -> None:
     torch.manual_seed(123)
     check_method(registry.methods.get("fp32"))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_bits_are_declared_once_in_capabilities() -> None:
+    """Every Config with per-layer overrides accepts exactly the declared weight widths."""
+    for name in registry.methods.names():
+        method = registry.methods.get(name)
+        override_bits = getattr(method.Config, "override_bits", None)
+        if override_bits is not None:
+            assert override_bits == method.capabilities.weight_bits, name
+    smoothquant = registry.methods.get("smoothquant")
+    with pytest.raises(ValueError, match=r"weight bits must be one of \[4, 8\]"):
+        smoothquant.Config.model_validate({"overrides": {"blocks.*": 2}})

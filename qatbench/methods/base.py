@@ -134,6 +134,14 @@ class QuantMethod:
     # inputs.
     changes_layer_inputs: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Bits are declared once, in ``capabilities``: a Config with per-layer ``overrides``
+        (``override_bits``) accepts exactly the weight widths the method declares."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "Config" in own and "capabilities" in own and hasattr(cls.Config, "override_bits"):
+            cls.Config.override_bits = cls.capabilities.weight_bits  # type: ignore[attr-defined]
+
     def __init__(self, config: MethodConfig | None = None, bits: BitWidth = FP32) -> None:
         self.config: Any = config if config is not None else self.Config()
         self.bits = bits
