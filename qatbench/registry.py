@@ -1,7 +1,8 @@
 """Name -> plugin lookup, filled from entry points.
 
-Built-in methods and models register through the same entry-point groups a third party
-uses (``qatbench.methods``, ``qatbench.models``), so there is one way in. A plugin whose
+Built-in methods, models and runtimes register through the same entry-point groups a third
+party uses (``qatbench.methods``, ``qatbench.models``, ``qatbench.runtimes``), so there is
+one way in. A plugin whose
 import raises is skipped with a warning naming it; it never takes the CLI down. An unknown
 name raises :class:`UnknownNameError` listing the known ones.
 """
@@ -20,6 +21,7 @@ T = TypeVar("T")
 
 METHODS_GROUP = "qatbench.methods"
 MODELS_GROUP = "qatbench.models"
+RUNTIMES_GROUP = "qatbench.runtimes"
 
 
 class PluginImportWarning(UserWarning):
@@ -126,6 +128,18 @@ def _validate_method(name: str, obj: Any) -> Any:
     return obj
 
 
+def _validate_runtime(name: str, obj: Any) -> Any:
+    from qatbench.runtimes.base import Runtime, RuntimeCapabilities
+
+    if not (isinstance(obj, type) and issubclass(obj, Runtime)):
+        raise TypeError(f"{obj!r} is not a Runtime subclass")
+    if getattr(obj, "name", None) != name:
+        raise TypeError(f"class {obj.__name__} has name {obj.name!r}, registered as {name!r}")
+    if not isinstance(getattr(obj, "capabilities", None), RuntimeCapabilities):
+        raise TypeError(f"class {obj.__name__} has no RuntimeCapabilities")
+    return obj
+
+
 def _validate_model(name: str, obj: Any) -> Any:
     if not callable(obj):
         raise TypeError(f"{obj!r} is not callable")
@@ -134,3 +148,4 @@ def _validate_model(name: str, obj: Any) -> Any:
 
 methods: Registry[Any] = Registry("method", METHODS_GROUP, _validate_method)
 models: Registry[Callable[..., Any]] = Registry("model", MODELS_GROUP, _validate_model)
+runtimes: Registry[Any] = Registry("runtime", RUNTIMES_GROUP, _validate_runtime)

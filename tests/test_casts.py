@@ -57,8 +57,8 @@ def test_cast_halves_the_bytes_and_keeps_the_fp32_interface(
 
 
 def test_runtimes_are_declared_as_measured() -> None:
-    assert Bf16Method.capabilities.runtimes == {"torch", "torch_compile"}
-    assert Fp16Method.capabilities.runtimes == {"torch", "torch_compile", "onnxruntime"}
+    assert Bf16Method.capabilities.artifacts == {"torch_module", "compilable"}
+    assert Fp16Method.capabilities.artifacts == {"torch_module", "compilable", "onnx_graph"}
     assert Bf16Method.capabilities.allowed_bits() == ["w16a16"]
     assert {"bf16", "fp16"} <= set(registry.methods.names())
 

@@ -159,4 +159,7 @@ def test_naive_int8_stores_int8_and_dequantizes_per_call(results: dict[str, Tria
     layer.weight_q.zero_()
     assert layer.dequantizes_per_call and not torch.equal(before, layer(x))
     assert torch.allclose(layer(x), layer.bias.expand(2, 4))
-    assert registry.methods.get("naive_int8").capabilities.runtimes == {"torch", "torch_compile"}
+    assert registry.methods.get("naive_int8").capabilities.artifacts == {
+        "torch_module",
+        "compilable",
+    }

@@ -144,7 +144,7 @@ def test_without_a_decode_graph_onnxruntime_recomputes_and_says_so(tmp_path: Pat
         raise RuntimeError("this method exports one graph only")
 
     notes: list[str] = []
-    decoder = gen.ort_decoder(
+    decoder = gen.graph_decoder(
         model,
         tokens[:, :PROMPT],
         tokens,

@@ -23,7 +23,7 @@ from qatbench.trial.lifecycle import onnx_metadata
 ONNX_METHODS = sorted(
     name
     for name in registry.methods.names()
-    if "onnxruntime" in registry.methods.get(name).capabilities.runtimes
+    if "onnx_graph" in registry.methods.get(name).capabilities.artifacts
 )
 KEYS = {
     "qatbench.version",

@@ -113,7 +113,7 @@ def test_adapter_writes_an_integer_graph_and_leaves_no_files(
 
 def test_adapters_run_on_onnxruntime_only() -> None:
     for method_cls, _bits, _kernels in CASES:
-        assert method_cls.capabilities.runtimes == {"onnxruntime"}
+        assert method_cls.capabilities.artifacts == {"onnx_graph"}
     assert OrtInt4Method.capabilities.allowed_bits() == ["w4"]
     assert OrtStaticMethod.capabilities.needs_calibration
     assert not OrtDynamicMethod.capabilities.needs_calibration

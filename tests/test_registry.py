@@ -103,7 +103,7 @@ def test_a_registered_method_can_be_named_in_an_experiment(toy: type[ToyRtn]) ->
         {
             "name": "toy",
             "models": ["mlp"],
-            "bits": ["w3", "w8a8"],
+            "bits": ["w3"],
             "methods": ["fp32", {"name": "toy_rtn", "options": {"clip": 0.5}}],
         }
     )

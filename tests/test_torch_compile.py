@@ -57,7 +57,7 @@ def test_methods_declare_torch_compile_where_inductor_compiles_them() -> None:
     declared = {
         name
         for name in registry.methods.names()
-        if "torch_compile" in registry.methods.get(name).capabilities.runtimes
+        if "compilable" in registry.methods.get(name).capabilities.artifacts
     }
     assert declared == COMPILABLE
     # fbgemm-backed layers (quantized tensors) and ORT-only quantizers are left out.

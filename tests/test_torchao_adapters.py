@@ -36,7 +36,7 @@ def _mlp() -> torch.nn.Module:
 def test_registered_for_torch_only() -> None:
     for method_cls, bits in CASES:
         assert registry.methods.get(method_cls.name) is method_cls
-        assert method_cls.capabilities.runtimes == {"torch", "torch_compile"}
+        assert method_cls.capabilities.artifacts == {"torch_module", "compilable"}
         assert method_cls.capabilities.allowed_bits() == [bits]
 
 

@@ -4,7 +4,7 @@ plugins listed, without building any model."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -30,13 +30,30 @@ def validate(
 class Kind(StrEnum):
     methods = "methods"
     models = "models"
+    runtimes = "runtimes"
 
 
-def list_plugins(kind: Annotated[Kind, typer.Argument(help="methods or models")]) -> None:
-    """List registered methods (with options and capabilities) or models."""
+def list_plugins(
+    kind: Annotated[Kind, typer.Argument(help="methods, models or runtimes")],
+) -> None:
+    """List registered methods (with options and capabilities), models or runtimes."""
     if kind is Kind.models:
         for name in registry.models.names():
             out.print(name)
+    elif kind is Kind.runtimes:
+        runtimes = Table("runtime", "runs", "compiles", "methods", "what it is")
+        for name in registry.runtimes.names():
+            runtime = registry.runtimes.get(name)
+            caps = runtime.capabilities
+            able = [m for m in registry.methods.names() if _runs(m, caps)]
+            runtimes.add_row(
+                name,
+                caps.artifact.replace("_", " "),
+                _yes(caps.compiles),
+                str(len(able)),
+                runtime.unavailable_reason() or runtime.description,
+            )
+        out.print(runtimes)
     else:
         table = Table("method", "bits", "calibration", "training", "runtimes", "options")
         for name in registry.methods.names():
@@ -53,11 +70,19 @@ def list_plugins(kind: Annotated[Kind, typer.Argument(help="methods or models")]
                 " ".join(caps.allowed_bits()),
                 _yes(caps.needs_calibration),
                 _yes(caps.needs_training),
-                " ".join(sorted(caps.runtimes)),
+                " ".join(r for r in registry.runtimes.names() if _runs(name, _runtime_caps(r))),
                 options or "-",
             )
         out.print(table)
     getattr(registry, kind.value).failed()  # loading warns once per broken plugin
+
+
+def _runtime_caps(runtime: str) -> Any:
+    return registry.runtimes.get(runtime).capabilities
+
+
+def _runs(method: str, runtime_caps: Any) -> bool:
+    return bool(registry.methods.get(method).capabilities.runs_on(runtime_caps))
 
 
 def _yes(flag: bool) -> str:

@@ -38,7 +38,7 @@ from qatbench.measure.timing import PairedTiming, TimingSettings, time_pairs
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 ExportFn = Callable[[torch.nn.Module, tuple[torch.Tensor, ...], Path], Path]
-SessionFn = Callable[[Path], Any]
+LoadFn = Callable[[Path], StepFn]  # a runtime loading a graph: (idx, pos, cache) -> outputs
 
 KV_CACHE, HF_CACHE, RECOMPUTE = "kv_cache", "hf_kv_cache", "recompute"
 
@@ -182,19 +182,6 @@ def has_static_cache(model: torch.nn.Module) -> bool:
     return callable(getattr(model, "step", None)) and callable(getattr(model, "new_cache", None))
 
 
-def _ort_step(session: Any) -> StepFn:
-    names = [i.name for i in session.get_inputs()]
-
-    def step(
-        idx: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        feed = {names[0]: idx.numpy(), names[1]: pos.numpy(), names[2]: cache.numpy()}
-        logits, kv = session.run(None, feed)
-        return torch.from_numpy(logits), torch.from_numpy(kv)
-
-    return step
-
-
 def torch_decoder(
     model: torch.nn.Module, prompt: torch.Tensor, window: torch.Tensor, n: int
 ) -> Decoder:
@@ -208,19 +195,20 @@ def torch_decoder(
     return RecomputeDecoder(model, window, n)
 
 
-def ort_decoder(
+def graph_decoder(
     model: torch.nn.Module,
     prompt: torch.Tensor,
     window: torch.Tensor,
     n: int,
     export: ExportFn,
-    session: SessionFn,
+    load: LoadFn,
     main: Callable[[torch.Tensor], torch.Tensor],
     out_dir: Path,
     notes: list[str],
 ) -> Decoder:
-    """onnxruntime decoding: exported static-cache graphs where the model has ``step``,
-    else full-sequence recompute through the trial's main graph (``main``)."""
+    """Decoding on a runtime of ONNX graphs: exported static-cache graphs (``load`` gives
+    the runtime's call of a graph, inputs and outputs as tensors) where the model has
+    ``step``, else full-sequence recompute through the trial's main graph (``main``)."""
     if has_static_cache(model):
         cache = model.new_cache(1, prompt.shape[1] + n)  # type: ignore[operator]
         module = _StepModule(model).eval()
@@ -228,9 +216,7 @@ def ort_decoder(
             pos = torch.zeros(1, dtype=torch.long)
             pre = export(module, (prompt, pos, cache), out_dir / "prefill.onnx")
             dec = export(module, (prompt[:, :1], pos, cache), out_dir / "decode.onnx")
-            return StaticCacheDecoder(
-                _ort_step(session(pre)), _ort_step(session(dec)), cache, prompt, n
-            )
+            return StaticCacheDecoder(load(pre), load(dec), cache, prompt, n)
         except Exception as exc:  # measured honestly without the cache instead
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
             notes.append(f"no KV-cache decode graph ({reason}); decode measured by recompute")

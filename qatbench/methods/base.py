@@ -51,7 +51,7 @@ registered method; ``qatbench.methods.contract.check_method`` runs it on one.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,16 +59,27 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from qatbench.quant.bitwidth import FP32, BitWidth
+from qatbench.runtimes.base import (
+    COMPILABLE,
+    LEGACY_RUNTIME_ARTIFACTS,
+    ONNX_GRAPH,
+    TORCH_MODULE,
+    RuntimeCapabilities,
+)
 
 ForwardLoop = Callable[[torch.nn.Module], None]
 TrainLoop = Callable[[torch.nn.Module, torch.optim.Optimizer, int], None]
 
-# The default of ``Capabilities.runtimes``: torch eager and the exported ONNX graph.
-ALL_RUNTIMES = frozenset({"torch", "onnxruntime"})
-# torch.compile (inductor) is opt-in: a method adds it where inductor can compile its
-# converted model whole (qatbench's fbgemm-backed layers cannot be: their quantized
-# tensors have no fake-tensor support, so dynamo would fall back to eager around them).
-COMPILED = frozenset({"torch_compile"})
+# The default of ``Capabilities.artifacts``: the converted module and the exported graph,
+# so every runtime that does not compile can run the method.
+ALL_RUNTIMES = frozenset({TORCH_MODULE, ONNX_GRAPH})
+# Compiling runtimes (torch.compile's inductor) are opt-in: a method adds COMPILED where
+# inductor can compile its converted model whole (qatbench's fbgemm-backed layers cannot
+# be: their quantized tensors have no fake-tensor support, so dynamo would fall back to
+# eager around them).
+COMPILED = frozenset({COMPILABLE})
+TORCH_ONLY = frozenset({TORCH_MODULE, COMPILABLE})  # no ONNX export
+GRAPH_ONLY = frozenset({ONNX_GRAPH})  # only the exported graph runs (other toolkits' quantizers)
 
 
 class MethodConfig(BaseModel):
@@ -84,9 +95,12 @@ class Capabilities:
     ``weight_bits`` empty means the method does not quantize (it runs once, as ``fp32``).
     ``activation_bits`` lists the activation widths of ``wNaM`` labels; ``weight_only``
     says whether ``wN`` labels (activations left in floating point) are accepted.
-    ``runtimes`` names what can execute the converted model: ``torch`` (eager),
-    ``torch_compile`` (inductor; opt in with ``ALL_RUNTIMES | COMPILED``) and
-    ``onnxruntime`` (the graph ``export`` writes).
+    ``artifacts`` says what runtimes can execute: ``TORCH_MODULE`` (the converted module),
+    ``ONNX_GRAPH`` (the graph ``export`` writes) and ``COMPILABLE`` (a compiling runtime may
+    compile the module whole; opt in with ``ALL_RUNTIMES | COMPILED``). A runtime runs the
+    method when it runs one of these artifacts (:mod:`qatbench.runtimes.base`), so a new
+    runtime of ONNX graphs runs every exporting method. ``runtimes=`` with runtime names
+    (``torch``, ``onnxruntime``, ``torch_compile``) is still accepted and translated.
     """
 
     weight_bits: frozenset[int] = frozenset()
@@ -94,7 +108,24 @@ class Capabilities:
     weight_only: bool = False
     needs_calibration: bool = False
     needs_training: bool = False
-    runtimes: frozenset[str] = field(default_factory=lambda: ALL_RUNTIMES)
+    artifacts: frozenset[str] = field(default_factory=lambda: ALL_RUNTIMES)
+    runtimes: InitVar[frozenset[str] | None] = None
+
+    def __post_init__(self, runtimes: frozenset[str] | None) -> None:
+        if runtimes is not None:
+            unknown = (
+                set(runtimes)
+                - set(LEGACY_RUNTIME_ARTIFACTS)
+                - {TORCH_MODULE, ONNX_GRAPH, COMPILABLE}
+            )
+            if unknown:
+                raise ValueError(f"capabilities: unknown runtimes {sorted(unknown)}")
+            kinds = {k for r in runtimes for k in LEGACY_RUNTIME_ARTIFACTS.get(r, {r})}
+            object.__setattr__(self, "artifacts", frozenset(kinds))
+
+    def runs_on(self, runtime: RuntimeCapabilities) -> bool:
+        """Whether a runtime with these capabilities can execute this method's output."""
+        return runtime.runs(self.artifacts)
 
     @property
     def quantizes(self) -> bool:

@@ -48,6 +48,7 @@ from pydantic import BaseModel, ValidationError
 from qatbench.methods.base import QuantMethod
 from qatbench.methods.lifecycle import Step, StepError, quantize_copy
 from qatbench.quant.bitwidth import BitWidth
+from qatbench.runtimes.base import ONNX_GRAPH
 
 SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 BATCH_SIZES = (1, 8)
@@ -123,7 +124,9 @@ def _check_class(method_cls: Any) -> None:
             method_cls,
             f"capabilities.allowed_bits() lists {label!r} but accepts() rejects it",
         )
-    _require(bool(caps.runtimes), method_cls, "capabilities.runtimes is empty: nothing can run it")
+    _require(
+        bool(caps.artifacts), method_cls, "capabilities.artifacts is empty: nothing can run it"
+    )
 
 
 def _check_config(method_cls: Any) -> None:
@@ -252,7 +255,7 @@ def _check_lifecycle(method_cls: Any, bits: str) -> None:
         )
         outputs[n] = out
 
-    if "onnxruntime" in caps.runtimes:
+    if ONNX_GRAPH in caps.artifacts:
         _check_export(method, converted, eval_x, outputs, bits)
     _check_state_dict(method_cls, converted, bits)
 

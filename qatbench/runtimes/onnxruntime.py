@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+
+from qatbench.runtimes.base import ONNX_GRAPH, Loaded, Runtime, RuntimeCapabilities
 
 # Nodes that multiply matrices or convolve: the work that integer kernels should take.
 INTEGER_KERNELS = frozenset(
@@ -57,21 +60,46 @@ def make_session(path: Path, threads: int) -> ort.InferenceSession:
     )
 
 
-def as_callable(session: ort.InferenceSession) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``fn(x) -> y`` over torch tensors, like calling the torch model."""
-    name = session.get_inputs()[0].name
+def as_callable(session: ort.InferenceSession) -> Callable[..., Any]:
+    """``fn(*inputs)`` over torch tensors, like calling the torch model: one output is a
+    tensor, several a tuple of tensors."""
+    names = [i.name for i in session.get_inputs()]
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+    def run(*inputs: torch.Tensor) -> Any:
+        feed = {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
+        outs = [torch.from_numpy(o) for o in session.run(None, feed)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     return run
 
 
-def runner_for(session: ort.InferenceSession, x: torch.Tensor) -> Callable[[], object]:
-    """A zero-argument call for the timer; the input is converted once, outside timing."""
-    name = session.get_inputs()[0].name
-    feed = {name: np.ascontiguousarray(x.numpy())}
+def runner_for(session: ort.InferenceSession, *inputs: torch.Tensor) -> Callable[[], object]:
+    """A zero-argument call for the timer; the inputs are converted once, outside timing."""
+    names = [i.name for i in session.get_inputs()]
+    feed = {n: np.ascontiguousarray(x.numpy()) for n, x in zip(names, inputs, strict=True)}
     return lambda: session.run(None, feed)
+
+
+def graph_call(session: ort.InferenceSession) -> Loaded:
+    """A session as a runtime's :class:`~qatbench.runtimes.base.Loaded` call."""
+    return Loaded(as_callable(session), binder=lambda *inputs: runner_for(session, *inputs))
+
+
+class OnnxRuntime(Runtime):
+    """``onnxruntime``: the exported graph on the CPU execution provider, all graph
+    optimisations, ``measure.threads`` intra-op threads; each timing repeat opens a new
+    session; ``int_op_fraction`` counts the integer nodes of the optimised graph."""
+
+    name = "onnxruntime"
+    capabilities = RuntimeCapabilities(artifact=ONNX_GRAPH)
+    description = "CPU provider, all graph optimisations"
+
+    def load(self, artifact: Any, inputs: Sequence[torch.Tensor]) -> Loaded:
+        return graph_call(make_session(Path(artifact), self.threads))
+
+    def integer_fraction(self, artifact: Any) -> float | None:
+        integer, floating = kernel_counts(Path(artifact), self.threads)
+        return integer / max(integer + floating, 1)
 
 
 def kernel_counts(path: Path, threads: int) -> tuple[int, int]:

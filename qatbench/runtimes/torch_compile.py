@@ -15,13 +15,15 @@ a failure but it is counted (``graph_breaks``) because such a model is not what
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch._dynamo.utils import counters
 
 from qatbench.errors import TrialError
+from qatbench.runtimes.base import TORCH_MODULE, Loaded, Runtime, RuntimeCapabilities
 
 MODE = "default"
 # Specialisations per code object before dynamo gives up and runs eager, silently. A trial
@@ -88,3 +90,52 @@ def compile_model(model: torch.nn.Module, inputs: Iterable[torch.Tensor]) -> Com
         cache_hits=_cache_hits() - hits,
         graphs=graphs_compiled() - frames,
     )
+
+
+class TorchCompile(Runtime):
+    """``torch_compile``: the converted module compiled by inductor for every input shape
+    of the trial in ``load`` (the trial's ``compile`` phase); fresh instances are the same
+    compiled function (compiling again per repeat would time the compiler)."""
+
+    name = "torch_compile"
+    capabilities = RuntimeCapabilities(artifact=TORCH_MODULE, compiles=True, decodes=False)
+    description = "inductor, default mode, static shapes"
+
+    def __init__(self, threads: int = 1) -> None:
+        super().__init__(threads)
+        self._graphs_after_load: int | None = None
+
+    def load(self, artifact: Any, inputs: Sequence[torch.Tensor]) -> Loaded:
+        if self._graphs_after_load is None:
+            reset()  # a trial compiles from scratch, also when several run in one process
+        compiled = compile_model(artifact, inputs)
+        self._graphs_after_load = graphs_compiled()
+        warnings = []
+        if compiled.graph_breaks:
+            warnings.append(
+                f"torch.compile: {compiled.graph_breaks} graph breaks; parts run eager Python"
+            )
+        return Loaded(
+            compiled.fn,
+            metrics={
+                "compile_time_s": compiled.seconds,
+                "compile_graph_breaks": float(compiled.graph_breaks),
+            },
+            details={
+                "compile": {
+                    "mode": MODE,
+                    "dynamic": False,
+                    "graphs": compiled.graphs,
+                    "cache_hits": compiled.cache_hits,
+                }
+            },
+            warnings=warnings,
+        )
+
+    def fresh(self, artifact: Any, loaded: Loaded) -> Loaded:
+        return loaded
+
+    def timing_warnings(self) -> list[str]:
+        if self._graphs_after_load is not None and graphs_compiled() > self._graphs_after_load:
+            return ["torch.compile recompiled while being timed: latencies include it"]
+        return []

@@ -35,6 +35,10 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
             _resolve_factory(model.factory, f"{source}: models[{i}].factory")
         elif model.name not in registry.models:
             raise UnknownNameError("model", model.name, registry.models.names(), where=where)
+    runtimes = {
+        name: registry.runtimes.get(name, where=f"{source}: runtimes[{i}]")
+        for i, name in enumerate(spec.runtimes)
+    }
     for i, method in enumerate(spec.methods):
         where = f"{source}: methods[{i}]"
         cls = registry.methods.get(method.name, where=f"{where}.name")
@@ -65,10 +69,11 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 f"{source}: bits: method {method.name!r} can do none of {spec.bits}; "
                 f"allowed: {', '.join(caps.allowed_bits())}"
             )
-        if not any(r in caps.runtimes for r in spec.runtimes):
+        if not any(caps.runs_on(r.capabilities) for r in runtimes.values()):
+            able = [n for n in registry.runtimes.names() if caps.runs_on(_caps_of(n))]
             raise ConfigError(
                 f"{source}: runtimes: method {method.name!r} runs on none of {spec.runtimes}; "
-                f"allowed: {', '.join(sorted(caps.runtimes))}"
+                f"allowed: {', '.join(able)}"
             )
     _check_top_level_bits(spec, source)
     _check_tracking_uri(spec.tracking.uri, source)
@@ -94,6 +99,10 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 parse_expectation(text)
             except ValueError as exc:
                 raise ConfigError(f"{source}: {where}[{j}]: {exc}") from None
+
+
+def _caps_of(runtime: str) -> Any:
+    return registry.runtimes.get(runtime).capabilities
 
 
 def _check_top_level_bits(spec: ExperimentSpec, source: str) -> None:

@@ -38,7 +38,7 @@ class _Strict(BaseModel):
 
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
-Runtime = Literal["torch", "torch_compile", "onnxruntime"]
+Runtime = Name  # a registered runtime (qatbench list runtimes), checked in spec.checks
 
 
 def _default_runtimes() -> list[Runtime]:
@@ -165,15 +165,16 @@ class ExperimentSpec(_Strict):
         for model in self.models:
             for method in self.methods:
                 caps = registry.methods.get(method.name).capabilities
+                runtimes = [
+                    r for r in self.runtimes if caps.runs_on(registry.runtimes.get(r).capabilities)
+                ]
                 labels = method.bits if method.bits is not None else self.bits
                 if not caps.quantizes:
                     labels = [FP32.label]
                 for bits in labels:
                     if not caps.accepts(BitWidth.parse(bits)):
                         continue
-                    for runtime in self.runtimes:
-                        if runtime not in caps.runtimes:
-                            continue
+                    for runtime in runtimes:
                         axes = {
                             "model": model.name,
                             "method": method.name,

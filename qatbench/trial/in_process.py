@@ -41,8 +41,9 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
     from qatbench.data.training import forward_loop, train_loop
     from qatbench.measure import error as err
     from qatbench.methods.lifecycle import quantize_copy
-    from qatbench.runtimes import onnxruntime as ortrt
+    from qatbench.runtimes.base import ONNX_GRAPH
     from qatbench.trial.lifecycle import build_model, method_for, pretrained_for
+    from qatbench.trial.measure_phase import batch_of, runtime_for
 
     torch.set_num_threads(trial.measure.threads)
     torch.manual_seed(trial.seed)
@@ -58,12 +59,14 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
         forward_loop=lambda: forward_loop(data, trial.data.batch_size),
         train_loop=lambda: train_loop(data, trial.data.batch_size, trial.seed),
     )
-    run: Callable[[torch.Tensor], torch.Tensor] = model
-    if trial.runtime == "onnxruntime":
-        path = out_dir / "model.onnx"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        method.export(model, example, path)
-        run = ortrt.as_callable(ortrt.make_session(path, trial.measure.threads))
+    runtime = runtime_for(trial)
+    artifact: Any = model
+    if runtime.capabilities.artifact == ONNX_GRAPH:
+        artifact = out_dir / "model.onnx"
+        artifact.parent.mkdir(parents=True, exist_ok=True)
+        method.export(model, example, artifact)
+    shapes = [*data.eval_x.split(trial.data.batch_size), batch_of(data.eval_x, batch)]
+    run: Callable[[torch.Tensor], torch.Tensor] = runtime.load(artifact, shapes).fn
     with torch.inference_mode():
         reference = torch.cat([fp32(xb) for xb in data.eval_x.split(trial.data.batch_size)])
         outputs = torch.cat([run(xb) for xb in data.eval_x.split(trial.data.batch_size)])
@@ -73,6 +76,4 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
         metrics["accuracy_delta_vs_fp32"] = metrics["accuracy"] - err.accuracy_percent(
             reference, data.eval_y
         )
-    reps = -(-batch // len(data.eval_x))
-    x = data.eval_x.repeat(reps, *([1] * (data.eval_x.dim() - 1)))[:batch].contiguous()
-    return QuantizedModel(trial, run, x, metrics)
+    return QuantizedModel(trial, run, batch_of(data.eval_x, batch), metrics)

@@ -38,12 +38,24 @@ from qatbench.methods.lifecycle import quantize_copy
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
-from qatbench.runtimes import onnxruntime as ortrt
-from qatbench.runtimes import torch_compile as tc
+from qatbench.runtimes.base import (
+    ONNX_GRAPH,
+    REFERENCE_GRAPH_RUNTIME,
+    TORCH_MODULE,
+    Loaded,
+    Runtime,
+)
 from qatbench.runtimes.onnx_export import check_onnx, write_metadata
 from qatbench.spec.checks import resolve_model_factory
 from qatbench.spec.schema import TrialSpec
-from qatbench.trial.measure_phase import Subjects, batch_of, generation, measure, predict
+from qatbench.trial.measure_phase import (
+    Subjects,
+    batch_of,
+    generation,
+    measure,
+    predict,
+    runtime_for,
+)
 from qatbench.trial.measure_phase import TrialState as _State
 
 PhaseReporter = Callable[[str], None]
@@ -169,16 +181,26 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     state.details.update(kernel_summary(candidate))
     state.details["simulated"] = method.simulated
 
+    runtime = runtime_for(trial)
     onnx_path = out_dir / "model.onnx"
-    subjects = Subjects(fp32, candidate, fp32_onnx_metadata=_fp32_metadata())
+    subjects = Subjects(fp32, candidate, runtime, fp32_onnx_metadata=_fp32_metadata())
+    graph_runtime = (
+        runtime
+        if runtime.capabilities.artifact == ONNX_GRAPH
+        else registry.runtimes.get(REFERENCE_GRAPH_RUNTIME)(trial.measure.threads)
+    )
     with step("export"):
-        if "onnxruntime" in caps.runtimes:
+        if ONNX_GRAPH in caps.artifacts:
             sample = data.eval_x[:1] if data.eval_x.shape[1:] == example[0].shape[1:] else None
-            subjects.session = _export(trial, method, candidate, example, onnx_path, state, sample)
+            subjects.graph = _export(
+                trial, method, candidate, example, onnx_path, state, graph_runtime, sample
+            )
         else:
             state.warnings.append(f"{method.name} runs in torch only: no ONNX export")
+    if runtime.capabilities.artifact == ONNX_GRAPH:
+        subjects.artifact, subjects.loaded = onnx_path, subjects.graph
 
-    if trial.runtime == "torch_compile":
+    if runtime.capabilities.compiles:
         with step("compile"):
             _compile(trial, state, subjects, data, example)
 
@@ -195,7 +217,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
             reference_out,
             example,
             per_layer=per_layer,
-            torch_runs=trial.runtime != "onnxruntime" or "torch" in caps.runtimes,
+            torch_runs=TORCH_MODULE in caps.artifacts,
         )
         if data.task == "language_modelling" and trial.measure.generation.enabled:
             generation(trial, out_dir, state, subjects, data, method)
@@ -211,20 +233,21 @@ def _export(
     example: tuple[torch.Tensor, ...],
     onnx_path: Path,
     state: _State,
+    graph_runtime: Runtime,
     sample: torch.Tensor | None = None,
-) -> Any:
-    """Export, check and open the ONNX graph; a failure fails only onnxruntime trials.
+) -> Loaded | None:
+    """Export, check and load the ONNX graph on ``graph_runtime`` (the trial's own when it
+    runs graphs); a failure fails only trials whose runtime runs the graph.
 
     ``sample`` (one evaluation input, else the example) is saved beside the graph as the
     input example of MLflow's ONNX flavour."""
-    threads = trial.measure.threads
     try:
         method.export(candidate, example, onnx_path)
         write_metadata(onnx_path, onnx_metadata(trial, method))
         check_onnx(onnx_path)
-        session = ortrt.make_session(onnx_path, threads)
+        loaded = graph_runtime.load(onnx_path, [])
     except Exception as exc:
-        if trial.runtime == "onnxruntime":
+        if state_runs_graph(trial):
             raise
         state.metrics["onnx_export_ok"] = 0.0
         state.warnings.append(f"ONNX export failed: {_one_line(exc)}")
@@ -236,9 +259,15 @@ def _export(
         state.artifacts["onnx_input_example"] = str(onnx_path.with_name(INPUT_EXAMPLE))
     state.metrics["onnx_export_ok"] = 1.0
     state.metrics["onnx_size_bytes"] = float(onnx_path.stat().st_size)
-    integer, floating = ortrt.kernel_counts(onnx_path, threads)
-    state.metrics["int_op_fraction"] = integer / max(integer + floating, 1)
-    return session
+    fraction = graph_runtime.integer_fraction(onnx_path)
+    if fraction is not None:
+        state.metrics["int_op_fraction"] = fraction
+    return loaded
+
+
+def state_runs_graph(trial: TrialSpec) -> bool:
+    """Whether the trial's runtime runs the exported graph (so a failed export fails it)."""
+    return bool(registry.runtimes.get(trial.runtime).capabilities.artifact == ONNX_GRAPH)
 
 
 def build_model(trial: TrialSpec) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
@@ -261,29 +290,22 @@ def _compile(
     data: TaskData,
     example: tuple[torch.Tensor, ...],
 ) -> None:
-    """Compile the candidate, then fp32, for every shape measure() will feed them."""
+    """Load the candidate, then fp32, on a compiling runtime for every shape measure()
+    will feed them; fp32's compile time is ``fp32_compile_time_s``."""
     if len(example) != 1:
-        raise TrialError("compile", "torch_compile runs models with one input tensor only")
+        raise TrialError("compile", f"{trial.runtime} runs models with one input tensor only")
+    runtime = subjects.runtime
+    assert runtime is not None  # the lifecycle made it
     shapes = [*data.eval_x.split(trial.data.batch_size)]
     shapes += [batch_of(data.eval_x, n) for n in trial.measure.batch_sizes]
-    tc.reset()  # a trial compiles from scratch, also when several run in one process
-    compiled = tc.compile_model(subjects.candidate, shapes)
-    subjects.compiled = compiled
-    state.metrics["compile_time_s"] = compiled.seconds
-    state.metrics["compile_graph_breaks"] = float(compiled.graph_breaks)
-    state.details["compile"] = {
-        "mode": tc.MODE,
-        "dynamic": False,
-        "graphs": compiled.graphs,
-        "cache_hits": compiled.cache_hits,
-    }
-    if compiled.graph_breaks:
-        state.warnings.append(
-            f"torch.compile: {compiled.graph_breaks} graph breaks; parts run eager Python"
-        )
-    fp32 = tc.compile_model(subjects.fp32, shapes)
-    subjects.fp32_compiled = fp32
-    state.metrics["fp32_compile_time_s"] = fp32.seconds
+    loaded = runtime.load(subjects.candidate, shapes)
+    subjects.artifact, subjects.loaded = subjects.candidate, loaded
+    state.metrics.update(loaded.metrics)
+    state.details.update(loaded.details)
+    state.warnings.extend(loaded.warnings)
+    fp32 = runtime.load(subjects.fp32, shapes)
+    subjects.fp32_loaded = fp32
+    state.metrics.update({f"fp32_{k}": v for k, v in fp32.metrics.items() if "time" in k})
 
 
 def _fp32_metadata() -> dict[str, str]:

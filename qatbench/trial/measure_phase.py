@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from qatbench import registry
 from qatbench.data.datasets import TaskData
 from qatbench.data.tasks import task_for
 from qatbench.measure import error as err
@@ -30,9 +31,8 @@ from qatbench.measure.latency_metrics import batch_metrics
 from qatbench.measure.timing import Pair, PairedTiming, TimingSettings, time_pairs
 from qatbench.methods.base import QuantMethod
 from qatbench.quant.weight_only_linear import fp32_kernels
-from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.runtimes import parity
-from qatbench.runtimes import torch_compile as tc
+from qatbench.runtimes.base import ONNX_GRAPH, Loaded, Runtime
 from qatbench.runtimes.onnx_export import export_onnx, write_metadata
 from qatbench.spec.schema import TrialSpec
 
@@ -53,14 +53,37 @@ class TrialState:
 
 @dataclass
 class Subjects:
-    """What the measure phase compares: fp32 against the candidate, in each runtime."""
+    """What the measure phase compares: fp32 against the candidate on the trial's runtime.
+
+    ``artifact`` is what the runtime runs (the candidate module, or the exported graph's
+    path) and ``loaded`` its call; ``graph`` is the exported graph loaded for the parity
+    check (the trial's own call when its runtime runs graphs); ``fp32_loaded`` is fp32 on
+    a compiling runtime, the second baseline of ``speedup_vs_fp32_compiled_b{N}``."""
 
     fp32: torch.nn.Module
     candidate: torch.nn.Module
-    session: Any = None  # the onnxruntime session of the exported graph, if any
-    compiled: tc.Compiled | None = None
-    fp32_compiled: tc.Compiled | None = None
+    runtime: Runtime | None = None
+    artifact: Any = None
+    loaded: Loaded | None = None
+    graph: Loaded | None = None
+    fp32_loaded: Loaded | None = None
     fp32_onnx_metadata: dict[str, str] = field(default_factory=dict)
+
+
+def runtime_for(trial: TrialSpec) -> Runtime:
+    """The trial's runtime, with its thread count."""
+    return registry.runtimes.get(trial.runtime)(trial.measure.threads)  # type: ignore[no-any-return]
+
+
+def _running(trial: TrialSpec, subjects: Subjects) -> tuple[Runtime, Any, Loaded]:
+    """The runtime, its artifact and the artifact's call, loaded on first use."""
+    if subjects.runtime is None:
+        subjects.runtime = runtime_for(trial)
+    if subjects.artifact is None:
+        subjects.artifact = subjects.candidate
+    if subjects.loaded is None:
+        subjects.loaded = subjects.runtime.load(subjects.artifact, [])
+    return subjects.runtime, subjects.artifact, subjects.loaded
 
 
 def predict(
@@ -99,13 +122,13 @@ def measure(
     torch_runs: bool,
 ) -> None:
     m = state.metrics
-    fp32, candidate, session = subjects.fp32, subjects.candidate, subjects.session
-    run: Callable[[torch.Tensor], torch.Tensor]
-    if trial.runtime == "onnxruntime":
-        run = ortrt.as_callable(session)
+    fp32, candidate = subjects.fp32, subjects.candidate
+    runtime, _artifact, loaded = _running(trial, subjects)
+    run = loaded.fn
+    if runtime.capabilities.artifact == ONNX_GRAPH:
         m["size_bytes"] = m["onnx_size_bytes"]
-        # The reference is exported and labelled like the artifact, so fp32 on onnxruntime
-        # is exactly 1.0 and every ratio compares the bytes of two files as written.
+        # The reference is exported and labelled like the artifact, so fp32 on a graph
+        # runtime is exactly 1.0 and every ratio compares the bytes of two files as written.
         fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
         write_metadata(fp32_path, subjects.fp32_onnx_metadata)
         fp32_bytes = fp32_path.stat().st_size
@@ -113,7 +136,6 @@ def measure(
         fp32_path.parent.rmdir()
         m["weight_bytes"] = float(size.onnx_weight_bytes(Path(state.artifacts["onnx"])))
     else:
-        run = subjects.compiled.fn if subjects.compiled is not None else candidate
         m["size_bytes"] = float(size.save_torch_artifact(candidate, out_dir / "model.pt"))
         state.artifacts["torch"] = str(out_dir / "model.pt")
         # Same file name as the artifact: torch.save stores the name inside the archive.
@@ -126,8 +148,8 @@ def measure(
 
     outputs = predict(run, data.eval_x, trial.data.batch_size)
     m.update(err.output_error(reference_out, outputs))
-    if session is not None and torch_runs:  # ort-only methods: no torch model to agree with
-        _parity(trial, state, candidate, session, data)
+    if subjects.graph is not None and torch_runs:  # graph-only methods: no torch model
+        _parity(trial, state, candidate, subjects.graph, data)
     if data.eval_y is not None:  # accuracy, or perplexity and next-token accuracy
         m.update(task_for(data).quality(outputs, reference_out, data.eval_y))
 
@@ -140,12 +162,12 @@ def measure(
 
 
 def _parity(
-    trial: TrialSpec, state: TrialState, candidate: torch.nn.Module, session: Any, data: TaskData
+    trial: TrialSpec, state: TrialState, candidate: torch.nn.Module, graph: Loaded, data: TaskData
 ) -> None:
     batch = trial.data.batch_size
     with fp32_kernels(candidate):  # ONNX graphs compute in fp32: so does the reference
         torch_out = predict(candidate, data.eval_x, batch)
-    ort_out = predict(ortrt.as_callable(session), data.eval_x, batch)
+    ort_out = predict(graph.fn, data.eval_x, batch)
     step = parity.output_step(candidate, data.eval_x[:batch])
     result = parity.compare(
         torch_out,
@@ -170,20 +192,21 @@ def _parity(
 def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: TaskData) -> None:
     """Every batch size's pairs timed in turn, block by block (see measure/timing.py).
 
-    Each repeat times fresh instances: a copy of fp32, and a copy of the candidate or a new
-    onnxruntime session of its graph (compiled functions stay as compiled). Where Python
-    overhead dominates (the quick start's tiny transformer), the fp32 object built, trained
-    or loaded earlier in the trial ran about 6% slower than a copy of itself, and the
-    session a trial had evaluated with 1-6% slower than a new one; copies of one model
-    differed by up to 5% among themselves. One fixed pair of objects would bias the whole
-    trial by such an offset, invisibly to its interval.
+    Each repeat times fresh instances: a copy of fp32, and the runtime's fresh instance of
+    the candidate (a copy of the module, a new session of the graph; compiled functions
+    stay as compiled). Where Python overhead dominates (the quick start's tiny
+    transformer), the fp32 object built, trained or loaded earlier in the trial ran about
+    6% slower than a copy of itself, and the session a trial had evaluated with 1-6% slower
+    than a new one; copies of one model differed by up to 5% among themselves. One fixed
+    pair of objects would bias the whole trial by such an offset, invisibly to its interval.
     """
     m = state.metrics
-    graphs_before = tc.graphs_compiled()
+    runtime, _artifact, _loaded = _running(trial, subjects)
     # Inputs made outside inference mode, as the compile phase made its own: an inference
     # tensor fails dynamo's guards and compiles the model again while it is timed.
     inputs = [batch_of(data.eval_x, n) for n in trial.measure.batch_sizes]
     fresh = fresh_instances(trial, state, subjects)
+    fp32_loaded = subjects.fp32_loaded
 
     def pairs(repeat: int) -> list[Pair]:
         fp32, candidate_for = fresh()
@@ -191,8 +214,8 @@ def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: Task
         for x in inputs:
             cand_fn = candidate_for(x)
             made.append((_bind(fp32, x), cand_fn))
-            if subjects.fp32_compiled is not None:
-                made.append((_bind(subjects.fp32_compiled.fn, x), cand_fn))
+            if fp32_loaded is not None:
+                made.append((_bind(fp32_loaded.fn, x), cand_fn))
         return made
 
     with torch.inference_mode():
@@ -200,7 +223,7 @@ def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: Task
     samples: dict[str, Any] = {}
     for n in trial.measure.batch_sizes:
         rounds = _rounds(next(timed))
-        if subjects.fp32_compiled is not None:
+        if fp32_loaded is not None:
             compiled = _rounds(next(timed))
             rounds["fp32_compiled_ms"] = compiled["fp32_ms"]
             rounds["compiled_candidate_ms"] = compiled["candidate_ms"]
@@ -210,8 +233,7 @@ def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: Task
         state.warnings.extend(warnings)
         samples[f"b{n}"] = rounds
     state.details["latency_samples"] = samples
-    if subjects.compiled is not None and tc.graphs_compiled() > graphs_before:
-        state.warnings.append("torch.compile recompiled while being timed: latencies include it")
+    state.warnings.extend(runtime.timing_warnings())
 
 
 CandidateCall = Callable[[torch.Tensor], Callable[[], object]]
@@ -220,46 +242,18 @@ CandidateCall = Callable[[torch.Tensor], Callable[[], object]]
 def fresh_instances(
     trial: TrialSpec, state: TrialState, subjects: Subjects
 ) -> Callable[[], tuple[torch.nn.Module, CandidateCall]]:
-    """A maker of one repeat's instances: a copy of fp32, and the candidate's call per input.
-
-    A candidate that cannot be copied (some plugin's module) is timed as it is in every
-    repeat, with a note in the details. Copies are made outside inference mode, like the
-    models they copy.
-    """
-    if trial.runtime == "onnxruntime":
-        graph = Path(state.artifacts["onnx"])
-
-        def session_call() -> CandidateCall:
-            session = ortrt.make_session(graph, trial.measure.threads)
-            return lambda x: ortrt.runner_for(session, x)
-
-        make_candidate = session_call
-    elif subjects.compiled is not None:
-        compiled = subjects.compiled.fn
-
-        def compiled_call() -> CandidateCall:
-            return lambda x: _bind(compiled, x)
-
-        make_candidate = compiled_call
-    else:
-        copyable = True  # until the first copy fails: then not tried again in later repeats
-
-        def copied_call() -> CandidateCall:
-            nonlocal copyable
-            candidate = subjects.candidate
-            if copyable:
-                try:
-                    candidate = copy.deepcopy(subjects.candidate)
-                except Exception as exc:
-                    copyable = False
-                    state.details["timed_candidate"] = f"the same instance: copy failed ({exc})"
-            return lambda x: _bind(candidate, x)
-
-        make_candidate = copied_call
+    """A maker of one repeat's instances: a copy of fp32, and the candidate's call per input
+    from a fresh instance of the runtime's (see :meth:`Runtime.fresh`). What the runtime
+    notes while doing so (a candidate that could not be copied) goes into the details.
+    Copies are made outside inference mode, like the models they copy."""
+    runtime, artifact, loaded = _running(trial, subjects)
 
     def fresh() -> tuple[torch.nn.Module, CandidateCall]:
         with torch.inference_mode(False):
-            return copy.deepcopy(subjects.fp32), make_candidate()
+            fp32 = copy.deepcopy(subjects.fp32)
+        instance = runtime.fresh(artifact, loaded)
+        state.details.update(loaded.details if instance is loaded else instance.details)
+        return fp32, instance.bind
 
     return fresh
 
@@ -283,8 +277,9 @@ def generation(
     method: QuantMethod,
 ) -> None:
     """Prefill latency, decode tokens/s and KV-cache memory (see measure/generation.py)."""
-    if trial.runtime == "torch_compile":
-        state.warnings.append("generation is measured on torch and onnxruntime, not compiled")
+    runtime, _artifact, loaded = _running(trial, subjects)
+    if not runtime.capabilities.decodes:
+        state.warnings.append(f"generation is not measured on {runtime.name}")
         return
     spec = trial.measure.generation
     candidate = subjects.candidate
@@ -298,15 +293,15 @@ def generation(
         state.warnings.append("generation: the prompt fills the context; nothing to decode")
         return
     notes: list[str] = []
-    if trial.runtime == "onnxruntime":
-        decoder = gen.ort_decoder(
+    if runtime.capabilities.artifact == ONNX_GRAPH:
+        decoder = gen.graph_decoder(
             candidate,
             tokens[:, :prompt],
             tokens,
             new_tokens,
             method.export,
-            lambda path: ortrt.make_session(path, trial.measure.threads),
-            ortrt.as_callable(subjects.session),
+            lambda path: runtime.load(path, []).fn,
+            loaded.fn,
             out_dir / "generation",
             notes,
         )
