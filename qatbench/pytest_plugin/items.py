@@ -72,7 +72,7 @@ class TrialItem(pytest.Item):
         self.add_marker(MARKER)
         # -k matches any of these words, e.g. -k "ptq and onnxruntime".
         self.extra_keyword_matches.update(
-            {trial.model.name, trial.method.name, trial.bits, trial.runtime}
+            {trial.model.key, trial.method.name, trial.method.key, trial.bits, trial.runtime}
         )
 
     def runtest(self) -> None:

@@ -57,7 +57,7 @@ class QuantizedBenchmark:
         info = self.benchmark.extra_info
         info.update(
             trial_id=trial.id,
-            model=trial.model.name,
+            model=trial.model.key,
             method=trial.method.name,
             bits=trial.bits,
             runtime=trial.runtime,

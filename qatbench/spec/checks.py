@@ -42,12 +42,13 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
     for i, method in enumerate(spec.methods):
         where = f"{source}: methods[{i}]"
         cls = registry.methods.get(method.name, where=f"{where}.name")
-        try:
-            cls.Config.model_validate(method.options)
-        except ValidationError as exc:
-            raise ConfigError(
-                f"{where}.options.{describe_validation_error(exc, cls.Config)}"
-            ) from None
+        for variant in method.variants():
+            try:
+                cls.Config.model_validate(variant.options)
+            except ValidationError as exc:
+                raise ConfigError(
+                    f"{where}.options.{describe_validation_error(exc, cls.Config)}"
+                ) from None
         caps = cls.capabilities
         own_bits = method.bits is not None
         for j, label in enumerate(method.bits or []):
@@ -79,8 +80,8 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
     _check_tracking_uri(spec.tracking.uri, source)
     _check_models_fit_data(spec, source)
     axes: dict[str, list[str]] = {
-        "model": [m.name for m in spec.models],
-        "method": [m.name for m in spec.methods],
+        "model": sorted({n for m in spec.models for n in (m.name, m.key)}),
+        "method": sorted({n for m in spec.methods for v in m.variants() for n in (v.name, v.key)}),
         "bits": sorted({"fp32", *spec.bits, *(b for m in spec.methods for b in m.bits or [])}),
         "runtime": list(spec.runtimes),
     }

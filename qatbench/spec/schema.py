@@ -10,13 +10,22 @@ allowed. The schema and the grid are here; the checks against what is registered
 
 from __future__ import annotations
 
+import itertools
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from qatbench import registry
 from qatbench.errors import ConfigError
@@ -49,19 +58,34 @@ ExpectList = list[str]
 
 
 class ModelEntry(_Strict):
-    """A model of the grid: a registered name, or ``factory: package.module:function``."""
+    """A model of the grid: a registered name, or ``factory: package.module:function``;
+    ``label`` tells two entries of one registered model apart (two checkpoints, two
+    configs) and names the model in trial ids and reports."""
 
     name: Name
+    label: Name | None = None
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     options: dict[str, Any] = Field(default_factory=dict)
     expect: ExpectList = Field(default_factory=list)
 
+    @property
+    def key(self) -> str:
+        """What the trial id and the report call this model: the label, else the name."""
+        return self.label or self.name
+
 
 class MethodEntry(_Strict):
-    """A method of the grid with its options and, optionally, its own bit-widths."""
+    """A method of the grid with its options and, optionally, its own bit-widths.
+
+    ``grid`` names options whose values are lists to expand: ``options: {group_size: [32,
+    128]}, grid: [group_size]`` is two variants of the method, each a trial of its own,
+    labelled ``rtn.group_size_32`` and ``rtn.group_size_128`` (after ``label`` if given).
+    """
 
     name: Name
+    label: Name | None = None
     options: dict[str, Any] = Field(default_factory=dict)
+    grid: list[str] = Field(default_factory=list)
     bits: list[str] | None = None
     expect: ExpectList = Field(default_factory=list)
 
@@ -69,6 +93,46 @@ class MethodEntry(_Strict):
     @classmethod
     def _bits_parse(cls, value: list[str] | None) -> list[str] | None:
         return None if value is None else [BitWidth.parse(v).label for v in value]
+
+    @model_validator(mode="after")
+    def _grid_keys_are_lists(self) -> MethodEntry:
+        for key in self.grid:
+            values = self.options.get(key)
+            if not isinstance(values, list) or not values:
+                raise ValueError(
+                    f"grid: {key!r} needs a non-empty list in options (got {values!r})"
+                )
+        return self
+
+    @property
+    def key(self) -> str:
+        """What the trial id and the report call this method: the label, else the name."""
+        return self.label or self.name
+
+    def variants(self) -> list[MethodEntry]:
+        """One entry per combination of the ``grid`` options (itself when there is none)."""
+        if not self.grid:
+            return [self]
+        combos = itertools.product(*(self.options[k] for k in self.grid))
+        out = []
+        for values in combos:
+            chosen = dict(zip(self.grid, values, strict=True))
+            suffix = ".".join(f"{k}_{_label_part(v)}" for k, v in chosen.items())
+            out.append(
+                self.model_copy(
+                    update={
+                        "options": {**self.options, **chosen},
+                        "grid": [],
+                        "label": f"{self.key}.{suffix}",
+                    }
+                )
+            )
+        return out
+
+
+def _label_part(value: Any) -> str:
+    """A grid value as part of a label (letters, digits, ``_`` and ``.`` only)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", str(value))
 
 
 class DataSpec(_Strict):
@@ -162,8 +226,9 @@ class ExperimentSpec(_Strict):
         a method's capabilities rule out. A method that does not quantize runs once per
         model and runtime with bits ``fp32``."""
         trials: list[TrialSpec] = []
+        methods = [variant for entry in self.methods for variant in entry.variants()]
         for model in self.models:
-            for method in self.methods:
+            for method in methods:
                 caps = registry.methods.get(method.name).capabilities
                 runtimes = [
                     r for r in self.runtimes if caps.runs_on(registry.runtimes.get(r).capabilities)
@@ -176,12 +241,12 @@ class ExperimentSpec(_Strict):
                         continue
                     for runtime in runtimes:
                         axes = {
-                            "model": model.name,
-                            "method": method.name,
-                            "bits": bits,
-                            "runtime": runtime,
+                            "model": {model.name, model.key},
+                            "method": {method.name, method.key},
+                            "bits": {bits},
+                            "runtime": {runtime},
                         }
-                        if any(all(axes[k] == v for k, v in ex.items()) for ex in self.exclude):
+                        if any(all(v in axes[k] for k, v in ex.items()) for ex in self.exclude):
                             continue
                         trials.append(
                             TrialSpec(
@@ -219,7 +284,7 @@ class TrialSpec:
 
     @property
     def id(self) -> str:
-        return f"{self.model.name}-{self.method.name}-{self.bits}-{self.runtime}"
+        return f"{self.model.key}-{self.method.key}-{self.bits}-{self.runtime}"
 
     def expectations(self) -> list[Expectation]:
         return [parse_expectation(e) for e in self.expect]
@@ -302,6 +367,6 @@ def validate_experiment(data: Any, source: str = "<experiment>") -> ExperimentSp
     if repeated:
         raise ConfigError(
             f"{source}: duplicate trial id {repeated[0]!r}: a model, method, bit-width or "
-            "runtime is listed twice"
+            "runtime is listed twice (give one of two entries of a model or method a label)"
         )
     return spec

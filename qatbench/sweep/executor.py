@@ -264,7 +264,7 @@ def failed_result(trial: TrialSpec, phase: str, reason: str) -> TrialResult:
     """A failed result of ``trial`` that never reported one (crash, timeout, lost node)."""
     return TrialResult(
         id=trial.id,
-        model=trial.model.name,
+        model=trial.model.key,
         method=trial.method.name,
         bits=trial.bits,
         runtime=trial.runtime,

@@ -67,8 +67,13 @@ def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = No
     state = _State()
     report = report or (lambda _phase: None)
     params = {
-        "model": {"name": trial.model.name, "factory": trial.model.factory, **trial.model.options},
-        "method": {"name": trial.method.name, **trial.method.options},
+        "model": {
+            "name": trial.model.name,
+            **_label(trial.model.label),
+            "factory": trial.model.factory,
+            **trial.model.options,
+        },
+        "method": {"name": trial.method.name, **_label(trial.method.label), **trial.method.options},
         "bits": trial.bits,
         "runtime": trial.runtime,
         "seed": trial.seed,
@@ -85,7 +90,7 @@ def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = No
         state.details["warnings"] = state.warnings
     return TrialResult(
         id=trial.id,
-        model=trial.model.name,
+        model=trial.model.key,
         method=trial.method.name,
         bits=trial.bits,
         runtime=trial.runtime,
@@ -97,6 +102,10 @@ def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = No
         details=state.details,
         error=failure,
     )
+
+
+def _label(label: str | None) -> dict[str, str]:
+    return {"label": label} if label else {}
 
 
 def pretrained_for(
