@@ -9,10 +9,13 @@ upsampled to 28x28 so MNIST-shaped models (the seed MLP) take them unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn import functional as F
+
+from qatbench.data.inputs import Batch, Inputs, describe
+from qatbench.errors import ConfigError
 
 if TYPE_CHECKING:  # configs of the spec layer above, for annotations only
     from qatbench.spec.schema import DataSpec
@@ -23,10 +26,10 @@ class TaskData:
     """Disjoint splits; ``*_y`` are None when the dataset has no labels."""
 
     name: str
-    train_x: torch.Tensor
+    train_x: Batch
     train_y: torch.Tensor | None
-    calib_x: torch.Tensor
-    eval_x: torch.Tensor
+    calib_x: Batch
+    eval_x: Batch
     eval_y: torch.Tensor | None
     num_classes: int | None
     task: str = "classification"  # a key of qatbench.data.tasks.TASKS
@@ -36,12 +39,17 @@ class TaskData:
         return self.eval_y is not None
 
 
-def load_data(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
+def load_data(spec: DataSpec, example: Batch, seed: int) -> TaskData:
     """The dataset named in ``spec``, split with ``seed``."""
+    problem = input_problem(spec, example)
+    if problem:  # also checked at validate; a factory may build differently here
+        raise ConfigError(problem)
     if spec.dataset == "digits":
         return _digits(spec, seed)
     if spec.dataset == "text":
         from qatbench.data.text import load_text
+
+        assert isinstance(example, torch.Tensor)  # input_problem said so
 
         return load_text(
             spec.seq_len,
@@ -57,16 +65,22 @@ def load_data(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
 DIGITS_SAMPLE = (28, 28)  # the 8x8 digits upsampled to MNIST's shape
 
 
-def input_problem(spec: DataSpec, example: torch.Tensor) -> str | None:
+def input_problem(spec: DataSpec, example: Batch) -> str | None:
     """Why the dataset cannot feed a model with this example input, or None if it can.
     Needs only the example's shape and dtype (a model built on the meta device will do)."""
     if spec.dataset == "digits":
-        if example.dtype.is_floating_point and tuple(example.shape[1:]) == DIGITS_SAMPLE:
+        if (
+            isinstance(example, torch.Tensor)
+            and example.dtype.is_floating_point
+            and tuple(example.shape[1:]) == DIGITS_SAMPLE
+        ):
             return None
         return (
             f"data.dataset 'digits' gives float inputs [batch, 28, 28]; this model's example "
-            f"input is {str(example.dtype).removeprefix('torch.')} {list(example.shape)}"
+            f"input is {describe(example)}"
         )
+    if spec.dataset == "text" and isinstance(example, Inputs):
+        return f"data.dataset 'text' gives token ids alone; this model takes {describe(example)}"
     if spec.dataset == "text":
         from qatbench.data.text import text_input_problem
 
@@ -97,11 +111,27 @@ def _digits(spec: DataSpec, seed: int) -> TaskData:
     )
 
 
-def _synthetic(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
+def _synthetic(spec: DataSpec, example: Batch, seed: int) -> TaskData:
+    """Seeded data shaped and typed like each example input: Gaussian floats; integers
+    (token ids) uniform below ``data.vocab_size`` or the example's largest value + 1;
+    masks (bool, or integers that are all 0 or 1) all ones, every position attended."""
     gen = torch.Generator().manual_seed(seed)
-    shape = tuple(example.shape[1:])
-    calib = torch.randn((spec.calibration_samples, *shape), generator=gen)
-    evaluation = torch.randn((spec.eval_samples, *shape), generator=gen)
+
+    def like(t: torch.Tensor, n: int) -> torch.Tensor:
+        shape = (n, *t.shape[1:])
+        if t.dtype.is_floating_point:
+            return torch.randn(shape, generator=gen).to(t.dtype)
+        if t.dtype == torch.bool or (t.numel() and bool(((t == 0) | (t == 1)).all())):
+            return torch.ones(shape, dtype=t.dtype)
+        high = spec.vocab_size or int(t.max()) + 1
+        return torch.randint(0, max(high, 2), shape, generator=gen, dtype=t.dtype)
+
+    def make(n: int) -> Batch:
+        return (
+            example.map(lambda t: like(t, n)) if isinstance(example, Inputs) else like(example, n)
+        )
+
+    calib, evaluation = make(spec.calibration_samples), make(spec.eval_samples)
     return TaskData(
         name="synthetic",
         train_x=calib,
@@ -113,5 +143,5 @@ def _synthetic(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
     )
 
 
-def batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+def batches(x: Batch, batch_size: int) -> list[Any]:
     return list(x.split(batch_size))

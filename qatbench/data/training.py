@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qatbench.data.datasets import TaskData, batches
+from qatbench.data.inputs import call
 from qatbench.data.tasks import task_for
 
 
@@ -49,7 +50,7 @@ def forward_loop(data: TaskData, batch_size: int) -> Callable[[torch.nn.Module],
     def run(model: torch.nn.Module) -> None:
         with torch.no_grad():
             for xb in batches(data.calib_x, batch_size):
-                model(xb)
+                call(model, xb)
 
     return run
 
@@ -89,7 +90,7 @@ class TrainLoop:
                     for group in optimizer.param_groups:
                         group["lr"] = learning_rate(self.recipe, done, steps)
                 optimizer.zero_grad(set_to_none=True)
-                loss = self.task.loss(model(data.train_x[idx]), data.train_y[idx])
+                loss = self.task.loss(call(model, data.train_x[idx]), data.train_y[idx])
                 loss.backward()
                 optimizer.step()
                 done += 1

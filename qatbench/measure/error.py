@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from qatbench.data.inputs import Batch, call
+
 
 def output_error(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
     """``mse``, ``max_abs_error``, ``sqnr_db`` and ``cosine`` of ``actual`` vs ``reference``."""
@@ -32,7 +34,7 @@ def accuracy_percent(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def layer_errors(
     reference: torch.nn.Module,
     candidate: torch.nn.Module,
-    inputs: torch.Tensor,
+    inputs: Batch,
     run_candidate_layer: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, float | str]]:
     """Each replaced layer's output against the fp32 layer's on the same inputs.
@@ -59,7 +61,7 @@ def layer_errors(
     handles = [ref.register_forward_hook(hook(n)) for n, (ref, _) in pairs.items()]
     try:
         with torch.no_grad():
-            reference(inputs)
+            call(reference, inputs)
     finally:
         for handle in handles:
             handle.remove()

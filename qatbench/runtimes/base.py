@@ -54,6 +54,8 @@ from typing import Any, ClassVar, Final, Literal
 
 import torch
 
+from qatbench.data.inputs import Batch
+
 TORCH_MODULE: Final = "torch_module"  # the converted torch module, called in Python
 ONNX_GRAPH: Final = "onnx_graph"  # the graph written by the method's export()
 COMPILABLE: Final = "compilable"  # a method's module that a compiling runtime may compile
@@ -123,7 +125,7 @@ class Runtime:
         """Why this runtime cannot run here (an optional extra not installed), or None."""
         return None
 
-    def load(self, artifact: Any, inputs: Sequence[torch.Tensor]) -> Loaded:
+    def load(self, artifact: Any, inputs: Sequence[Batch]) -> Loaded:
         """A callable of ``artifact`` (a module, or the graph's path), ready for ``inputs``."""
         raise NotImplementedError
 
@@ -149,7 +151,7 @@ class EagerModule(Runtime):
         super().__init__(threads)
         self._copyable = True  # until the first copy fails: not tried again
 
-    def load(self, artifact: Any, inputs: Sequence[torch.Tensor]) -> Loaded:
+    def load(self, artifact: Any, inputs: Sequence[Batch]) -> Loaded:
         return Loaded(artifact)
 
     def fresh(self, artifact: Any, loaded: Loaded) -> Loaded:

@@ -44,8 +44,11 @@ def export_onnx(
     opset = required_opset(model, opset)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    named = getattr(model, "onnx_input_names", None)  # a model with named inputs
     input_names = (
-        [INPUT_NAME]
+        list(named)
+        if named
+        else [INPUT_NAME]
         if len(example_inputs) == 1
         else [f"{INPUT_NAME}{i}" for i in range(len(example_inputs))]
     )

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from qatbench.data.inputs import Batch
 from qatbench.runtimes.base import ONNX_GRAPH, Loaded, Runtime, RuntimeCapabilities
 
 # Nodes that multiply matrices or convolve: the work that integer kernels should take.
@@ -94,7 +95,7 @@ class OnnxRuntime(Runtime):
     capabilities = RuntimeCapabilities(artifact=ONNX_GRAPH)
     description = "CPU provider, all graph optimisations"
 
-    def load(self, artifact: Any, inputs: Sequence[torch.Tensor]) -> Loaded:
+    def load(self, artifact: Any, inputs: Sequence[Batch]) -> Loaded:
         return graph_call(make_session(Path(artifact), self.threads))
 
     def integer_fraction(self, artifact: Any) -> float | None:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qatbench.data.inputs import Batch, call
+
 RTOL = 2e-2
 SLACK = 1e-6  # float noise on top of one step, relative to the largest |output|
 
@@ -56,7 +58,7 @@ def requantizing_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(getattr(m, "output_scale", None), torch.Tensor) for m in model.modules())
 
 
-def output_step(model: torch.nn.Module, x: torch.Tensor) -> float | None:
+def output_step(model: torch.nn.Module, x: Batch) -> float | None:
     """The quantization step of the model's output, if a layer with a static integer
     output (an ``output_scale`` buffer) returns the very tensor the model returns."""
     layers = [
@@ -71,7 +73,7 @@ def output_step(model: torch.nn.Module, x: torch.Tensor) -> float | None:
     ]
     try:
         with torch.inference_mode():
-            result = model(x)
+            result = call(model, x)
     finally:
         for handle in handles:
             handle.remove()

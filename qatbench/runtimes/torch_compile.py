@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch._dynamo.utils import counters
 
+from qatbench.data.inputs import Batch, call, tensors_of
 from qatbench.errors import TrialError
 from qatbench.runtimes.base import TORCH_MODULE, Loaded, Runtime, RuntimeCapabilities
 
@@ -63,7 +64,7 @@ def reset() -> None:
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
 
 
-def compile_model(model: torch.nn.Module, inputs: Iterable[torch.Tensor]) -> Compiled:
+def compile_model(model: torch.nn.Module, inputs: Iterable[Batch]) -> Compiled:
     """Compile ``model`` and build it for the shape of each of ``inputs`` (see module).
 
     Runs under ``torch.inference_mode()``, the grad mode of every later call: a different
@@ -72,13 +73,14 @@ def compile_model(model: torch.nn.Module, inputs: Iterable[torch.Tensor]) -> Com
     breaks, hits, frames = _graph_breaks(), _cache_hits(), graphs_compiled()
     start = time.perf_counter()
     compiled = torch.compile(model, mode=MODE, dynamic=False)
-    seen: set[tuple[int, ...]] = set()
+    seen: set[tuple[tuple[int, ...], ...]] = set()
     try:
         with torch.inference_mode():
             for x in inputs:
-                if tuple(x.shape) not in seen:
-                    seen.add(tuple(x.shape))
-                    compiled(x)
+                shape = tuple(tuple(t.shape) for t in tensors_of(x))
+                if shape not in seen:
+                    seen.add(shape)
+                    call(compiled, x)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         reason = f"torch.compile (inductor) failed: {type(exc).__name__}: {first}"
@@ -105,7 +107,7 @@ class TorchCompile(Runtime):
         super().__init__(threads)
         self._graphs_after_load: int | None = None
 
-    def load(self, artifact: Any, inputs: Sequence[torch.Tensor]) -> Loaded:
+    def load(self, artifact: Any, inputs: Sequence[Batch]) -> Loaded:
         if self._graphs_after_load is None:
             reset()  # a trial compiles from scratch, also when several run in one process
         compiled = compile_model(artifact, inputs)

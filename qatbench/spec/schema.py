@@ -66,6 +66,9 @@ class ModelEntry(_Strict):
     label: Name | None = None
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
     options: dict[str, Any] = Field(default_factory=dict)
+    # which output is compared with fp32 when the model returns several (a name of a dict
+    # or ModelOutput, or an index of a tuple; see qatbench/models/adapters.py)
+    output: str | int | None = None
     expect: ExpectList = Field(default_factory=list)
 
     @property
@@ -147,6 +150,9 @@ class DataSpec(_Strict):
     # "bytes" (vocabulary 256) or a local Hugging Face tokenizer directory.
     seq_len: int | None = Field(None, ge=2, le=65_536)
     tokenizer: str = "bytes"
+    # synthetic only: integer inputs (token ids) are drawn below this (default: the
+    # example's largest value + 1)
+    vocab_size: int | None = Field(None, ge=2, le=10_000_000)
 
 
 class GenerationSpec(_Strict):

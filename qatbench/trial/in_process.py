@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from qatbench.data.inputs import Batch
     from qatbench.spec.schema import TrialSpec
 
 
@@ -24,7 +25,7 @@ class QuantizedModel:
 
     trial: TrialSpec
     model: Callable[..., Any]
-    inputs: torch.Tensor
+    inputs: Batch
     metrics: dict[str, float] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[Any]:
@@ -38,17 +39,18 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
     import torch
 
     from qatbench.data.datasets import load_data
+    from qatbench.data.inputs import as_batch, batch_of, call
     from qatbench.data.training import forward_loop, train_loop
     from qatbench.measure import error as err
     from qatbench.methods.lifecycle import quantize_copy
     from qatbench.runtimes.base import ONNX_GRAPH
     from qatbench.trial.lifecycle import build_model, method_for, pretrained_for
-    from qatbench.trial.measure_phase import batch_of, runtime_for
+    from qatbench.trial.measure_phase import runtime_for
 
     torch.set_num_threads(trial.measure.threads)
     torch.manual_seed(trial.seed)
     fp32, example = build_model(trial)
-    data = load_data(trial.data, example[0], trial.seed)
+    data = load_data(trial.data, as_batch(example), trial.seed)
     if data.labelled and trial.data.pretrain_epochs:
         fp32, _ = pretrained_for(trial, fp32, data)  # the worker's cache: shared weights
     fp32.eval()
@@ -68,8 +70,9 @@ def quantize(trial: TrialSpec, out_dir: Path, batch: int) -> QuantizedModel:
     shapes = [*data.eval_x.split(trial.data.batch_size), batch_of(data.eval_x, batch)]
     run: Callable[[torch.Tensor], torch.Tensor] = runtime.load(artifact, shapes).fn
     with torch.inference_mode():
-        reference = torch.cat([fp32(xb) for xb in data.eval_x.split(trial.data.batch_size)])
-        outputs = torch.cat([run(xb) for xb in data.eval_x.split(trial.data.batch_size)])
+        splits = data.eval_x.split(trial.data.batch_size)
+        reference = torch.cat([call(fp32, xb) for xb in splits])
+        outputs = torch.cat([call(run, xb) for xb in splits])
     metrics = err.output_error(reference, outputs)
     if data.eval_y is not None:
         metrics["accuracy"] = err.accuracy_percent(outputs, data.eval_y)

@@ -31,10 +31,12 @@ import torch
 
 from qatbench import registry
 from qatbench.data.datasets import TaskData, load_data
+from qatbench.data.inputs import Batch, as_batch, batch_of, from_example, tensors_of
 from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError, TrialError
 from qatbench.methods.base import QuantMethod
 from qatbench.methods.lifecycle import quantize_copy
+from qatbench.models.adapters import adapt
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
@@ -50,7 +52,6 @@ from qatbench.spec.checks import resolve_model_factory
 from qatbench.spec.schema import TrialSpec
 from qatbench.trial.measure_phase import (
     Subjects,
-    batch_of,
     generation,
     measure,
     predict,
@@ -163,8 +164,9 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     with step("build"):
         model, example = build_model(trial)
     with step("data"):
-        data = load_data(trial.data, example[0], trial.seed)
+        data = load_data(trial.data, as_batch(example), trial.seed)
         if data.task == "language_modelling":  # export and time at the data's length
+            assert isinstance(data.eval_x, torch.Tensor)  # token ids, one tensor
             example = (data.eval_x[:1].clone(),)
     if data.labelled and trial.data.pretrain_epochs:
         with step("pretrain"):
@@ -200,7 +202,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     )
     with step("export"):
         if ONNX_GRAPH in caps.artifacts:
-            sample = data.eval_x[:1] if data.eval_x.shape[1:] == example[0].shape[1:] else None
+            sample = _sample(data.eval_x, example)
             subjects.graph = _export(
                 trial, method, candidate, example, onnx_path, state, graph_runtime, sample
             )
@@ -274,6 +276,14 @@ def _export(
     return loaded
 
 
+def _sample(eval_x: Batch, example: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """One evaluation input to show as the graph's input example, where it is one tensor
+    shaped like the example."""
+    if isinstance(eval_x, torch.Tensor) and eval_x.shape[1:] == example[0].shape[1:]:
+        return eval_x[:1]
+    return None
+
+
 def state_runs_graph(trial: TrialSpec) -> bool:
     """Whether the trial's runtime runs the exported graph (so a failed export fails it)."""
     return bool(registry.runtimes.get(trial.runtime).capabilities.artifact == ONNX_GRAPH)
@@ -283,9 +293,11 @@ def build_model(trial: TrialSpec) -> tuple[torch.nn.Module, tuple[torch.Tensor, 
     factory = resolve_model_factory(trial.model)
     built = factory(**trial.model.options)
     if isinstance(built, tuple) and len(built) == 2 and isinstance(built[0], torch.nn.Module):
-        model, example = built
-        example = tuple(example) if isinstance(example, list | tuple) else (example,)
-        return model, example
+        model, raw = built
+        where = f"models: {trial.model.key}"
+        batch, names = from_example(raw, where)
+        example = tensors_of(batch)
+        return adapt(model, example, names, trial.model.output, where), example
     raise PluginError(
         f"model {trial.model.name!r}: factory must return (model, example_inputs), "
         f"got {type(built).__name__}"
@@ -301,8 +313,6 @@ def _compile(
 ) -> None:
     """Load the candidate, then fp32, on a compiling runtime for every shape measure()
     will feed them; fp32's compile time is ``fp32_compile_time_s``."""
-    if len(example) != 1:
-        raise TrialError("compile", f"{trial.runtime} runs models with one input tensor only")
     runtime = subjects.runtime
     assert runtime is not None  # the lifecycle made it
     shapes = [*data.eval_x.split(trial.data.batch_size)]

@@ -23,6 +23,7 @@ import torch
 
 from qatbench import registry
 from qatbench.data.datasets import TaskData
+from qatbench.data.inputs import Batch, batch_of, call, tensors_of
 from qatbench.data.tasks import task_for
 from qatbench.measure import error as err
 from qatbench.measure import generation as gen
@@ -86,17 +87,9 @@ def _running(trial: TrialSpec, subjects: Subjects) -> tuple[Runtime, Any, Loaded
     return subjects.runtime, subjects.artifact, subjects.loaded
 
 
-def predict(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
-) -> torch.Tensor:
+def predict(fn: Callable[..., torch.Tensor], x: Batch, batch: int) -> torch.Tensor:
     with torch.inference_mode():
-        return torch.cat([fn(xb) for xb in x.split(batch)])
-
-
-def batch_of(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` samples of ``x``, repeated if it has fewer."""
-    reps = -(-n // len(x))
-    return x.repeat(reps, *([1] * (x.dim() - 1)))[:n].contiguous()
+        return torch.cat([call(fn, xb) for xb in x.split(batch)])
 
 
 def timing_settings(trial: TrialSpec) -> TimingSettings:
@@ -236,7 +229,7 @@ def _latency(trial: TrialSpec, state: TrialState, subjects: Subjects, data: Task
     state.warnings.extend(runtime.timing_warnings())
 
 
-CandidateCall = Callable[[torch.Tensor], Callable[[], object]]
+CandidateCall = Callable[[Batch], Callable[[], object]]
 
 
 def fresh_instances(
@@ -253,7 +246,7 @@ def fresh_instances(
             fp32 = copy.deepcopy(subjects.fp32)
         instance = runtime.fresh(artifact, loaded)
         state.details.update(loaded.details if instance is loaded else instance.details)
-        return fp32, instance.bind
+        return fp32, lambda x: instance.bind(*tensors_of(x))
 
     return fresh
 
@@ -283,6 +276,7 @@ def generation(
         return
     spec = trial.measure.generation
     candidate = subjects.candidate
+    assert isinstance(data.eval_x, torch.Tensor)  # text: token ids, one tensor
     tokens = data.eval_x[:1]
     prompt = min(spec.prompt_tokens, tokens.shape[1])
     context = int(getattr(candidate, "context", tokens.shape[1]))
@@ -316,5 +310,5 @@ def generation(
     state.warnings.extend(notes + result.warnings)
 
 
-def _bind(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], object]:
-    return functools.partial(model, x)
+def _bind(model: Callable[..., object], x: Batch) -> Callable[[], object]:
+    return functools.partial(model, *tensors_of(x))
