@@ -79,11 +79,13 @@ def input_problem(spec: DataSpec, example: Batch) -> str | None:
             f"data.dataset 'digits' gives float inputs [batch, 28, 28]; this model's example "
             f"input is {describe(example)}"
         )
-    if spec.dataset == "text" and isinstance(example, Inputs):
-        return f"data.dataset 'text' gives token ids alone; this model takes {describe(example)}"
     if spec.dataset == "text":
         from qatbench.data.text import text_input_problem
 
+        if isinstance(example, Inputs):
+            return (
+                f"data.dataset 'text' gives token ids alone; this model takes {describe(example)}"
+            )
         return text_input_problem(example, spec.seq_len)
     return None  # synthetic data is shaped like the example
 
