@@ -22,6 +22,7 @@ T = TypeVar("T")
 METHODS_GROUP = "qatbench.methods"
 MODELS_GROUP = "qatbench.models"
 RUNTIMES_GROUP = "qatbench.runtimes"
+TASKS_GROUP = "qatbench.tasks"
 
 
 class PluginImportWarning(UserWarning):
@@ -140,6 +141,17 @@ def _validate_runtime(name: str, obj: Any) -> Any:
     return obj
 
 
+def _validate_task(name: str, obj: Any) -> Any:
+    from qatbench.data.tasks import Task
+
+    task = obj() if isinstance(obj, type) and issubclass(obj, Task) else obj
+    if not isinstance(task, Task):
+        raise TypeError(f"{obj!r} is not a Task subclass or instance")
+    if task.name != name:
+        raise TypeError(f"task {task.name!r} registered as {name!r}")
+    return task
+
+
 def _validate_model(name: str, obj: Any) -> Any:
     if not callable(obj):
         raise TypeError(f"{obj!r} is not callable")
@@ -149,3 +161,4 @@ def _validate_model(name: str, obj: Any) -> Any:
 methods: Registry[Any] = Registry("method", METHODS_GROUP, _validate_method)
 models: Registry[Callable[..., Any]] = Registry("model", MODELS_GROUP, _validate_model)
 runtimes: Registry[Any] = Registry("runtime", RUNTIMES_GROUP, _validate_runtime)
+tasks: Registry[Any] = Registry("task", TASKS_GROUP, _validate_task)

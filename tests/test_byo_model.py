@@ -121,3 +121,106 @@ def test_what_does_not_fit_fails_in_build_with_one_line(
     assert result.status == "failed" and result.error is not None
     assert result.error.phase == "build"
     assert fragment in result.error.reason and "\n" not in result.error.reason
+
+
+def _with_task(task: object) -> TrialSpec:
+    spec = validate_experiment(
+        {
+            "name": "byo_task",
+            "models": [{"name": "bert", "factory": "data.byo_models:tiny_bert"}],
+            "methods": [{"name": "dynamic"}],
+            "task": task,
+            "data": {
+                "dataset": "synthetic",
+                "calibration_samples": 16,
+                "eval_samples": 16,
+                "batch_size": 8,
+                "vocab_size": 500,
+            },
+            "measure": {
+                "batch_sizes": [1],
+                "max_time_s": 0.05,
+                "min_rounds": 3,
+                "warmup_s": 0,
+                "repeats": 2,
+                "per_layer": False,
+            },
+        },
+        source="task.yaml",
+    )
+    (trial,) = spec.expand()
+    return trial
+
+
+def test_the_embedding_task_and_a_users_metric_judge_the_outputs(tmp_path: Path) -> None:
+    result = run_trial(_with_task("embedding"), tmp_path / "a")
+    assert result.status == "finished", result.error
+    assert 0.9 < result.metrics["embedding_cosine"] <= 1.0
+    assert 0 <= result.metrics["retrieval_agreement"] <= 100
+    assert result.details["metric_directions"]["embedding_cosine"] == "higher"
+    mine = run_trial(_with_task({"factory": "data.byo_models:MeanAbsShift"}), tmp_path / "b")
+    assert mine.status == "finished", mine.error
+    assert mine.metrics["mean_abs_shift"] > 0
+
+
+def test_a_metric_that_is_not_a_number_fails_the_trial_with_one_line(tmp_path: Path) -> None:
+    result = run_trial(_with_task({"factory": "data.byo_models:Chatty"}), tmp_path)
+    assert result.status == "failed" and result.error is not None
+    assert result.error.reason == "task 'chatty': metric 'verdict' is str, not a number"
+
+
+@pytest.mark.parametrize(
+    ("task", "fragment"),
+    [
+        ("accuracyy", "task.name: unknown task 'accuracyy'; known tasks: classification"),
+        (
+            {"factory": "data.byo_models:two_heads"},
+            "task.factory: 'data.byo_models:two_heads' is not a qatbench Task",
+        ),
+    ],
+)
+def test_an_unknown_task_is_rejected_at_validate(task: object, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _with_task(task)
+    assert fragment in str(info.value)
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "experiments" / "byo_model.yaml"
+
+
+def test_the_shipped_example_runs_its_own_data_and_metric(tmp_path: Path) -> None:
+    """experiments/byo_model.yaml's model, data factory and the example's own metric
+    (examples/byo_encoder, on this suite's pythonpath), one trial in-process."""
+    import yaml
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["methods"], doc["runtimes"] = ["dynamic"], ["onnxruntime"]
+    doc["task"] = {"factory": "qatbench_byo_example.metric:NormRatio"}
+    doc["measure"] = {"batch_sizes": [1], "max_time_s": 0.05, "min_rounds": 3, "repeats": 2}
+    (trial,) = validate_experiment(doc, source=str(EXAMPLE)).expand()
+    result = run_trial(trial, tmp_path)
+    assert result.status == "finished", result.error
+    assert 0.9 < result.metrics["embedding_cosine_worst"] <= 1.0
+    assert 0.9 < result.metrics["norm_ratio_worst"] <= 1.0
+    assert result.details["metric_directions"] == {
+        "norm_ratio_worst": "higher",
+        "embedding_cosine_worst": "higher",
+    }
+
+
+def test_a_data_factory_whose_batches_do_not_fit_is_one_line(tmp_path: Path) -> None:
+    import yaml
+
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    doc["methods"], doc["runtimes"] = ["fp32"], ["torch"]
+    doc["models"][0]["factory"] = "data.byo_models:two_heads"  # one float input, 8 wide
+    doc["models"][0]["options"] = {}
+    doc["data"] = {"factory": "data.byo_models:wrong_width"}
+    (trial,) = validate_experiment(doc, source=str(EXAMPLE)).expand()
+    result = run_trial(trial, tmp_path)
+    assert result.status == "failed" and result.error is not None
+    assert result.error.phase == "data"
+    assert result.error.reason == (
+        "data.factory 'data.byo_models:wrong_width': calib_x is float32 [8, 5]; "
+        "the model's example is float32 [1, 8]"
+    )

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.nn import functional as F
 
-from qatbench.data.inputs import Batch, Inputs, describe
+from qatbench.data.inputs import Batch, Inputs, describe, tensors_of
 from qatbench.errors import ConfigError
+from qatbench.user_code import resolve_factory
 
 if TYPE_CHECKING:  # configs of the spec layer above, for annotations only
     from qatbench.spec.schema import DataSpec
@@ -41,6 +42,8 @@ class TaskData:
 
 def load_data(spec: DataSpec, example: Batch, seed: int) -> TaskData:
     """The dataset named in ``spec``, split with ``seed``."""
+    if spec.factory:
+        return _from_factory(spec, example, seed)
     problem = input_problem(spec, example)
     if problem:  # also checked at validate; a factory may build differently here
         raise ConfigError(problem)
@@ -88,6 +91,39 @@ def input_problem(spec: DataSpec, example: Batch) -> str | None:
             )
         return text_input_problem(example, spec.seq_len)
     return None  # synthetic data is shaped like the example
+
+
+def _from_factory(spec: DataSpec, example: Batch, seed: int) -> TaskData:
+    """A user's data: ``factory(example=..., seed=..., calibration_samples=...,
+    eval_samples=..., **options)`` returns a :class:`TaskData` whose inputs have the
+    structure of the model's example (a tensor, or :class:`Inputs` of as many tensors)."""
+    assert spec.factory is not None
+    factory = resolve_factory(spec.factory, "data.factory")
+    data = factory(
+        example=example,
+        seed=seed,
+        calibration_samples=spec.calibration_samples,
+        eval_samples=spec.eval_samples,
+        **spec.options,
+    )
+    where = f"data.factory {spec.factory!r}"
+    if not isinstance(data, TaskData):
+        raise ConfigError(f"{where} returned {type(data).__name__}, not a TaskData")
+    for split in ("calib_x", "eval_x", "train_x"):
+        problem = _structure_problem(getattr(data, split), example)
+        if problem:
+            raise ConfigError(f"{where}: {split} {problem}")
+    return data
+
+
+def _structure_problem(batch: Batch, example: Batch) -> str | None:
+    """Why ``batch`` cannot feed a model whose example is ``example``, or None."""
+    got, want = tensors_of(batch), tensors_of(example)
+    if len(got) != len(want) or not all(
+        g.dtype == w.dtype and g.shape[1:] == w.shape[1:] for g, w in zip(got, want, strict=False)
+    ):
+        return f"is {describe(batch)}; the model's example is {describe(example)}"
+    return None
 
 
 def _digits(spec: DataSpec, seed: int) -> TaskData:

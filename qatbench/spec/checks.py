@@ -10,7 +10,6 @@ line parses. Each failure is one :class:`ConfigError` naming the file and the ke
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -21,9 +20,10 @@ from qatbench.errors import ConfigError, UnknownNameError
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.spec.errors import describe_validation_error
 from qatbench.spec.expectations import parse_expectation
+from qatbench.user_code import resolve_factory
 
 if TYPE_CHECKING:
-    from qatbench.spec.schema import ExperimentSpec, ModelEntry
+    from qatbench.spec.schema import ExperimentSpec, ModelEntry, TaskEntry
 
 
 def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
@@ -32,7 +32,7 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
     for i, model in enumerate(spec.models):
         where = f"{source}: models[{i}].name"
         if model.factory:
-            _resolve_factory(model.factory, f"{source}: models[{i}].factory")
+            resolve_factory(model.factory, f"{source}: models[{i}].factory")
         elif model.name not in registry.models:
             raise UnknownNameError("model", model.name, registry.models.names(), where=where)
     runtimes = {
@@ -78,7 +78,11 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
             )
     _check_top_level_bits(spec, source)
     _check_tracking_uri(spec.tracking.uri, source)
+    if spec.data.factory:
+        resolve_factory(spec.data.factory, f"{source}: data.factory")
     _check_models_fit_data(spec, source)
+    if spec.task is not None:
+        resolve_task(spec.task, f"{source}: task")
     axes: dict[str, list[str]] = {
         "model": sorted({n for m in spec.models for n in (m.name, m.key)}),
         "method": sorted({n for m in spec.methods for v in m.variants() for n in (v.name, v.key)}),
@@ -156,8 +160,8 @@ def _check_models_fit_data(spec: ExperimentSpec, source: str) -> None:
     """Each model's example input fits the dataset, known before anything is trained: the
     model is built on PyTorch's meta device (shapes and dtypes, no memory, no weights), so
     the check costs little even for a large language model."""
-    if spec.data.dataset == "synthetic":
-        return  # shaped like the example by construction
+    if spec.data.dataset == "synthetic" or spec.data.factory:
+        return  # shaped like the example by construction; a factory is checked when run
     from qatbench.data.datasets import input_problem
 
     for i, entry in enumerate(spec.models):
@@ -188,23 +192,22 @@ def _expect_lists(spec: ExperimentSpec) -> list[tuple[str, list[str]]]:
     return lists
 
 
-def _resolve_factory(target: str, where: str) -> Any:
-    """Import ``package.module:function``. This runs the user's own code, by design."""
-    module_name, _, attr = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # the user's module: any import failure is their error
-        raise ConfigError(
-            f"{where}: cannot import {module_name!r}: {exc}".splitlines()[0]
-        ) from None
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ConfigError(f"{where}: {module_name!r} has no callable {attr!r}")
-    return factory
+def resolve_task(entry: TaskEntry, where: str = "task") -> Any:
+    """The :class:`~qatbench.data.tasks.Task` an experiment's ``task:`` names."""
+    from qatbench.data.tasks import Task
+
+    if entry.name is not None:
+        return registry.tasks.get(entry.name, where=f"{where}.name")
+    assert entry.factory is not None  # TaskEntry holds exactly one of the two
+    found = resolve_factory(entry.factory, f"{where}.factory")
+    task = found() if isinstance(found, type) and issubclass(found, Task) else found
+    if not isinstance(task, Task):
+        raise ConfigError(f"{where}.factory: {entry.factory!r} is not a qatbench Task")
+    return task
 
 
 def resolve_model_factory(entry: ModelEntry) -> Any:
     """The callable that builds ``entry``'s model: a registered model or a user factory."""
     if entry.factory:
-        return _resolve_factory(entry.factory, f"model {entry.name}")
+        return resolve_factory(entry.factory, f"model {entry.name}")
     return registry.models.get(entry.name)

@@ -142,6 +142,10 @@ class DataSpec(_Strict):
     """Which dataset feeds calibration, training and evaluation, and how much of it."""
 
     dataset: Literal["digits", "synthetic", "text"] = "digits"
+    # your own data: "package.module:function" returning a qatbench.data.datasets.TaskData
+    # in the model's input structure (then `dataset` is not used); `options` its keywords
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    options: dict[str, Any] = Field(default_factory=dict)
     calibration_samples: int = Field(256, ge=1, le=100_000)
     eval_samples: int = Field(512, ge=1, le=100_000)
     batch_size: int = Field(64, ge=1, le=65_536)
@@ -153,6 +157,21 @@ class DataSpec(_Strict):
     # synthetic only: integer inputs (token ids) are drawn below this (default: the
     # example's largest value + 1)
     vocab_size: int | None = Field(None, ge=2, le=10_000_000)
+
+
+class TaskEntry(_Strict):
+    """The quality task that judges the outputs: a registered name (``classification``,
+    ``language_modelling``, ``embedding``, or a plugin's) or ``factory: pkg.mod:name`` of a
+    :class:`qatbench.data.tasks.Task` subclass."""
+
+    name: Name | None = None
+    factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TaskEntry:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of name and factory")
+        return self
 
 
 class GenerationSpec(_Strict):
@@ -214,6 +233,12 @@ class ExperimentSpec(_Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     timeout_s: float = Field(900, gt=0, le=86_400)
     expect: ExpectList = Field(default_factory=list)
+    task: TaskEntry | None = None  # default: the dataset's own (accuracy, perplexity)
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
     @field_validator("models", "methods", mode="before")
     @classmethod
@@ -265,6 +290,7 @@ class ExperimentSpec(_Strict):
                                 measure=self.measure,
                                 seed=self.seed,
                                 timeout_s=self.timeout_s,
+                                task=self.task,
                                 expect=tuple(self.expect)
                                 + tuple(model.expect)
                                 + tuple(method.expect),
@@ -287,6 +313,7 @@ class TrialSpec:
     seed: int
     timeout_s: float
     expect: tuple[str, ...] = ()
+    task: TaskEntry | None = None
 
     @property
     def id(self) -> str:

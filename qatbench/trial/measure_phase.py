@@ -24,7 +24,7 @@ import torch
 from qatbench import registry
 from qatbench.data.datasets import TaskData
 from qatbench.data.inputs import Batch, batch_of, call, tensors_of
-from qatbench.data.tasks import task_for
+from qatbench.data.tasks import checked_quality, task_for
 from qatbench.measure import error as err
 from qatbench.measure import generation as gen
 from qatbench.measure import size
@@ -35,6 +35,7 @@ from qatbench.quant.weight_only_linear import fp32_kernels
 from qatbench.runtimes import parity
 from qatbench.runtimes.base import ONNX_GRAPH, Loaded, Runtime
 from qatbench.runtimes.onnx_export import export_onnx, write_metadata
+from qatbench.spec.checks import resolve_task
 from qatbench.spec.schema import TrialSpec
 
 TOP_LAYERS = 10
@@ -143,8 +144,11 @@ def measure(
     m.update(err.output_error(reference_out, outputs))
     if subjects.graph is not None and torch_runs:  # graph-only methods: no torch model
         _parity(trial, state, candidate, subjects.graph, data)
-    if data.eval_y is not None:  # accuracy, or perplexity and next-token accuracy
-        m.update(task_for(data).quality(outputs, reference_out, data.eval_y))
+    # the quality task: the experiment's, else the dataset's (accuracy, perplexity)
+    task = task_for(data, resolve_task(trial.task) if trial.task else None)
+    if task is not None and (data.eval_y is not None or not task.needs_targets):
+        m.update(checked_quality(task, outputs, reference_out, data.eval_y))
+        state.details["metric_directions"] = dict(task.directions)
 
     if per_layer:
         layers = err.layer_errors(fp32, candidate, data.calib_x[: trial.data.batch_size])

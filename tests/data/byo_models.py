@@ -50,3 +50,32 @@ def two_heads() -> tuple[torch.nn.Module, torch.Tensor]:
 
 def bad_example() -> tuple[torch.nn.Module, Any]:
     return torch.nn.Linear(8, 4), [torch.zeros(1, 8), "not a tensor"]
+
+
+from qatbench.data.tasks import Task  # noqa: E402  # the user's metric plugins below
+
+
+class MeanAbsShift(Task):
+    """A user's metric: how far the outputs moved from fp32's, on average."""
+
+    name = "mean_abs_shift"
+    directions = {"mean_abs_shift": "lower"}  # noqa: RUF012
+    needs_targets = False
+
+    def quality(self, outputs: Any, reference: Any, targets: Any) -> dict[str, float]:
+        return {"mean_abs_shift": float((outputs - reference).abs().mean())}
+
+
+class Chatty(MeanAbsShift):
+    name = "chatty"
+
+    def quality(self, outputs: Any, reference: Any, targets: Any) -> dict[str, Any]:
+        return {"verdict": "fine"}
+
+
+def wrong_width(example: Any, seed: int, calibration_samples: int, eval_samples: int) -> Any:
+    """A data factory whose inputs are 5 wide where the model takes 8."""
+    from qatbench.data.datasets import TaskData
+
+    x = torch.randn(8, 5)
+    return TaskData("wrong", x, None, x, x, None, None)
