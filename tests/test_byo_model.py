@@ -224,3 +224,71 @@ def test_a_data_factory_whose_batches_do_not_fit_is_one_line(tmp_path: Path) -> 
         "data.factory 'data.byo_models:wrong_width': calib_x is float32 [8, 5]; "
         "the model's example is float32 [1, 8]"
     )
+
+
+@pytest.fixture(scope="module")
+def bert_with_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT and its WordPiece tokenizer, saved with save_pretrained (no download)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from qatbench.data.sentences import corpus_sentences
+
+    folder = tmp_path_factory.mktemp("bert-tok")
+    words = sorted({w.lower() for s in corpus_sentences()[:400] for w in s.split() if w.isalpha()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words[:600]]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_hf_encoder_on_its_own_tokenizers_sentences(
+    bert_with_tokenizer: Path, tmp_path: Path
+) -> None:
+    spec = validate_experiment(
+        {
+            "name": "hf_enc",
+            "models": [
+                {"name": "hf_encoder", "options": {"hf": str(bert_with_tokenizer), "seq_len": 24}}
+            ],
+            "methods": ["dynamic"],
+            "runtimes": ["onnxruntime"],
+            "data": {
+                "dataset": "sentences",
+                "tokenizer": str(bert_with_tokenizer),
+                "calibration_samples": 16,
+                "eval_samples": 16,
+                "batch_size": 8,
+            },
+            "measure": {
+                "batch_sizes": [1],
+                "max_time_s": 0.05,
+                "min_rounds": 3,
+                "repeats": 2,
+                "per_layer": False,
+            },
+        },
+        source="hf_enc.yaml",
+    )
+    (trial,) = spec.expand()
+    result = run_trial(trial, tmp_path)
+    assert result.status == "finished", result.error
+    assert 0.9 < result.metrics["embedding_cosine"] <= 1.0  # the dataset's task: embedding
+    assert "retrieval_agreement" in result.metrics
+
+
+def test_sentences_need_an_encoders_two_integer_inputs() -> None:
+    with pytest.raises(ConfigError, match=r"models\[0\] \(mlp\): data.dataset 'sentences' gives"):
+        validate_experiment(
+            {"name": "s", "models": ["mlp"], "methods": ["fp32"], "data": {"dataset": "sentences"}},
+            source="s.yaml",
+        )

@@ -3,7 +3,8 @@
 ``digits`` is the 1,797 labelled 8x8 handwritten digits that ship inside scikit-learn,
 upsampled to 28x28 so MNIST-shaped models (the seed MLP) take them unchanged.
 ``synthetic`` is seeded Gaussian input shaped like the model's example input, unlabelled.
-``text`` is the corpus that ships with qatbench as next-token sequences (see ``text.py``).
+``text`` is the corpus that ships with qatbench as next-token sequences (see ``text.py``);
+``sentences`` the same corpus as sentences for encoders (see ``sentences.py``).
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ def load_data(spec: DataSpec, example: Batch, seed: int) -> TaskData:
             seed,
             spec.tokenizer,
         )
+    if spec.dataset == "sentences":
+        from qatbench.data.sentences import load_sentences
+
+        evaluation, calibration, train = load_sentences(
+            example, spec.calibration_samples, spec.eval_samples, seed, spec.tokenizer
+        )
+        return TaskData(
+            "sentences", train, None, calibration, evaluation, None, None, task="embedding"
+        )
     return _synthetic(spec, example, seed)
 
 
@@ -82,6 +92,10 @@ def input_problem(spec: DataSpec, example: Batch) -> str | None:
             f"data.dataset 'digits' gives float inputs [batch, 28, 28]; this model's example "
             f"input is {describe(example)}"
         )
+    if spec.dataset == "sentences":
+        from qatbench.data.sentences import input_problem as sentences_problem
+
+        return sentences_problem(example)
     if spec.dataset == "text":
         from qatbench.data.text import text_input_problem
 

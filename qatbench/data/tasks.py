@@ -148,7 +148,8 @@ def task_for(data: TaskData, chosen: Task | None = None) -> Task | None:
     dataset's own (``TaskData.task``); None where there is none (unlabelled data)."""
     if chosen is not None:
         return chosen
-    return TASKS[data.task] if data.labelled else None
+    own = TASKS[data.task]
+    return own if data.labelled or not own.needs_targets else None
 
 
 def checked_quality(

@@ -1,4 +1,11 @@
-"""Hugging Face causal language models, built offline, as plain ``nn.Linear`` networks.
+"""Hugging Face models from local directories, built offline, as plain ``nn.Linear`` networks.
+
+``hf_encoder`` and ``hf_sequence_classification`` load an encoder (BERT, MiniLM, ...) from
+a local directory (option ``hf``), with ``(input_ids, attention_mask)`` inputs of
+``seq_len`` tokens; the encoder returns mean- or CLS-pooled embeddings (option
+``pooling``), the classifier its logits. Feed them ``data: {dataset: sentences,
+tokenizer: <the same directory>}`` (or synthetic token ids) and judge them with the
+``embedding`` task.
 
 Registered as ``hf_causal_lm``. Model options (exactly one of the first two)::
 
@@ -164,3 +171,79 @@ def build_hf_causal_lm(
     wrapped = HfCausalLM(model.float().eval())
     length = seq_len or min(wrapped.context, DEFAULT_MAX_SEQ_LEN)
     return wrapped, (torch.zeros(1, length, dtype=torch.long),)
+
+
+class HfEncoder(nn.Module):
+    """A Hugging Face encoder seen as ``(input_ids, attention_mask) -> embeddings [b, dim]``:
+    the last hidden state mean-pooled over the attended tokens, or the first (CLS) token."""
+
+    def __init__(self, model: nn.Module, pooling: str) -> None:
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class HfSequenceClassifier(nn.Module):
+    """A Hugging Face sequence classifier seen as ``(input_ids, attention_mask) -> logits``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
+def build_hf_encoder(
+    hf: str, pooling: str = "mean", seq_len: int = DEFAULT_MAX_SEQ_LEN
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Registered as ``hf_encoder``: ``AutoModel`` from the local directory ``hf`` (saved
+    with ``save_pretrained``), embeddings out (``pooling``: mean or cls). The example is
+    ``seq_len`` seeded token ids below the config's vocabulary size and a mask of ones."""
+    if pooling not in ("mean", "cls"):
+        raise ConfigError(f"hf_encoder: option pooling: {pooling!r}; allowed: mean, cls")
+    from transformers import AutoModel
+
+    model = _from_local(AutoModel, hf, "hf_encoder")
+    return HfEncoder(model.float().eval(), pooling), _token_example(model, seq_len)
+
+
+def build_hf_sequence_classification(
+    hf: str, seq_len: int = DEFAULT_MAX_SEQ_LEN
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """Registered as ``hf_sequence_classification``: ``AutoModelForSequenceClassification``
+    from the local directory ``hf``, logits out."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _from_local(AutoModelForSequenceClassification, hf, "hf_sequence_classification")
+    return HfSequenceClassifier(model.float().eval()), _token_example(model, seq_len)
+
+
+def _from_local(auto: Any, hf: str, kind: str) -> nn.Module:
+    missing = transformers_missing()
+    if missing:
+        raise ConfigError(missing.replace("hf_causal_lm", kind))
+    if not Path(hf).is_dir():
+        raise ConfigError(f"{kind}: option hf: {hf!r} is not a local directory")
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model: nn.Module = auto.from_pretrained(hf, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
+
+
+def _token_example(model: nn.Module, seq_len: int) -> dict[str, torch.Tensor]:
+    vocab = int(getattr(model.config, "vocab_size", 256))  # type: ignore[union-attr]
+    ids = torch.randint(0, vocab, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones(1, seq_len, dtype=torch.long)}

@@ -176,13 +176,15 @@ def _meta_example(entry: ModelEntry) -> Any:
     the factory cannot build there (the trial's build phase then reports what it can)."""
     import torch
 
+    from qatbench.data.inputs import from_example
+
     try:
         with torch.device("meta"):
             _model, example = resolve_model_factory(entry)(**entry.options)
-        first = example[0] if isinstance(example, tuple | list) else example
+        batch, _names = from_example(example, entry.key)
     except Exception:  # the user's factory on an unusual device: no verdict, not an error
         return None
-    return first if isinstance(first, torch.Tensor) else None
+    return batch
 
 
 def _expect_lists(spec: ExperimentSpec) -> list[tuple[str, list[str]]]:

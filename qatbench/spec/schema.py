@@ -141,7 +141,7 @@ def _label_part(value: Any) -> str:
 class DataSpec(_Strict):
     """Which dataset feeds calibration, training and evaluation, and how much of it."""
 
-    dataset: Literal["digits", "synthetic", "text"] = "digits"
+    dataset: Literal["digits", "synthetic", "text", "sentences"] = "digits"
     # your own data: "package.module:function" returning a qatbench.data.datasets.TaskData
     # in the model's input structure (then `dataset` is not used); `options` its keywords
     factory: str | None = Field(None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
