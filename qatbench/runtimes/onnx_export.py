@@ -18,6 +18,10 @@ from qatbench.errors import PluginError
 from qatbench.quant import weight_only_onnx
 
 OPSET = 17
+# Graphs whose weights pass this are saved with every weight in one external-data file
+# beside them (``model.onnx.data``): protobuf cannot hold 2 GiB, and the TorchScript
+# exporter would otherwise leave one file per tensor.
+EXTERNAL_DATA_BYTES = 1 << 30
 TORCHSCRIPT_MAX_OPSET = 20  # the newest opset the TorchScript exporter writes
 INPUT_NAME, OUTPUT_NAME = "input", "output"
 
@@ -52,6 +56,7 @@ def export_onnx(
         if len(example_inputs) == 1
         else [f"{INPUT_NAME}{i}" for i in range(len(example_inputs))]
     )
+    before = set(path.parent.iterdir())
     with warnings.catch_warnings(), torch.no_grad():
         # The TorchScript exporter announces its own deprecation on every call.
         warnings.simplefilter("ignore", category=DeprecationWarning)
@@ -67,8 +72,9 @@ def export_onnx(
             output_names=[OUTPUT_NAME],
             dynamic_axes={name: {0: "batch"} for name in [*input_names, OUTPUT_NAME]},
         )
+    per_tensor = set(path.parent.iterdir()) - before - {path}  # external data, one per tensor
     model_proto = onnx.load(str(path))
-    changed = _constants_to_initializers(model_proto)
+    changed = _constants_to_initializers(model_proto) or bool(per_tensor)
     if opset > TORCHSCRIPT_MAX_OPSET:
         model_proto = _convert_opset(model_proto, opset)
         changed = True
@@ -76,8 +82,38 @@ def export_onnx(
         model_proto = weight_only_onnx.lower_weight_only(model_proto)
         changed = True
     if changed:
-        onnx.save(model_proto, str(path))
+        save_graph(model_proto, path)
+    for leftover in per_tensor:
+        leftover.unlink()
     return path
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Save ``model`` at ``path``: inline, or with its weights in one external-data file
+    ``<name>.data`` beside it when they pass ``EXTERNAL_DATA_BYTES``."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if weights <= EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(path))
+        data.unlink(missing_ok=True)
+        return
+    data.unlink(missing_ok=True)  # save_model appends to an existing file
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
+
+
+def graph_bytes(path: Path) -> int:
+    """Bytes of an exported graph on disk: the file and its external data, if any."""
+    path = Path(path)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 def _convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -148,4 +184,4 @@ def write_metadata(path: Path, props: dict[str, str]) -> None:
     merged.update(props)
     merged["qatbench.opset"] = str(default_opset(model))
     onnx.helper.set_model_props(model, merged)
-    onnx.save(model, str(path))
+    save_graph(model, path)

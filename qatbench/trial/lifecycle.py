@@ -47,7 +47,7 @@ from qatbench.runtimes.base import (
     Loaded,
     Runtime,
 )
-from qatbench.runtimes.onnx_export import check_onnx, write_metadata
+from qatbench.runtimes.onnx_export import check_onnx, graph_bytes, write_metadata
 from qatbench.spec.checks import resolve_model_factory
 from qatbench.spec.schema import TrialSpec
 from qatbench.trial.measure_phase import (
@@ -269,7 +269,7 @@ def _export(
         np.save(onnx_path.with_name(INPUT_EXAMPLE), shown.numpy())
         state.artifacts["onnx_input_example"] = str(onnx_path.with_name(INPUT_EXAMPLE))
     state.metrics["onnx_export_ok"] = 1.0
-    state.metrics["onnx_size_bytes"] = float(onnx_path.stat().st_size)
+    state.metrics["onnx_size_bytes"] = float(graph_bytes(onnx_path))
     fraction = graph_runtime.integer_fraction(onnx_path)
     if fraction is not None:
         state.metrics["int_op_fraction"] = fraction

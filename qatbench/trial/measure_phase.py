@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from qatbench.methods.base import QuantMethod
 from qatbench.quant.weight_only_linear import fp32_kernels
 from qatbench.runtimes import parity
 from qatbench.runtimes.base import ONNX_GRAPH, Loaded, Runtime
-from qatbench.runtimes.onnx_export import export_onnx, write_metadata
+from qatbench.runtimes.onnx_export import export_onnx, graph_bytes, write_metadata
 from qatbench.spec.checks import resolve_task
 from qatbench.spec.schema import TrialSpec
 
@@ -125,9 +126,8 @@ def measure(
         # runtime is exactly 1.0 and every ratio compares the bytes of two files as written.
         fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
         write_metadata(fp32_path, subjects.fp32_onnx_metadata)
-        fp32_bytes = fp32_path.stat().st_size
-        fp32_path.unlink()
-        fp32_path.parent.rmdir()
+        fp32_bytes = graph_bytes(fp32_path)
+        shutil.rmtree(fp32_path.parent)
         m["weight_bytes"] = float(size.onnx_weight_bytes(Path(state.artifacts["onnx"])))
     else:
         m["size_bytes"] = float(size.save_torch_artifact(candidate, out_dir / "model.pt"))
