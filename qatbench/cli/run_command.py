@@ -52,8 +52,9 @@ def run(
         str | None,
         typer.Option(
             help="after the sweep, compare it with this one: 'previous' (the experiment's "
-            "sweep before this one in MLflow), a report.json, or mlflow:EXPERIMENT[@K]; "
-            "exit 1 when a --gate is breached"
+            "last full sweep before this one in MLflow; partial pytest runs are skipped), a "
+            "report.json, or mlflow:EXPERIMENT[@K] (any sweep, partial ones too); exit 1 "
+            "when a --gate is breached"
         ),
     ] = None,
     gate: Annotated[
@@ -89,6 +90,14 @@ def run(
             "a CI matrix job; combine the reports with qatbench merge"
         ),
     ] = None,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide",
+            help="results table with every column (each batch size, latency, error, ONNX) at "
+            "full width, instead of the key figures in 100 columns",
+        ),
+    ] = False,
 ) -> None:
     """Run experiments: every model x method x bits x runtime trial, logged and reported."""
     from qatbench.report.compare import parse_gates
@@ -115,7 +124,7 @@ def run(
                 )
             else:
                 outcome = resume_experiment(report, tracking_uri=tracking_uri, executor=pool)
-            code = max(code, _finish_run(outcome, baseline, gates, tracking_uri))
+            code = max(code, _finish_run(outcome, baseline, gates, tracking_uri, wide))
     raise typer.Exit(code)
 
 
@@ -140,7 +149,11 @@ def _executor(kind: ExecutorKind, address: str | None, one_per_node: bool) -> It
 
 
 def _finish_run(
-    outcome: RunOutcome, baseline: str | None, gates: list[Gate], tracking_uri: str | None
+    outcome: RunOutcome,
+    baseline: str | None,
+    gates: list[Gate],
+    tracking_uri: str | None,
+    wide: bool = False,
 ) -> int:
     """Print what one sweep did; its exit code (after the baseline comparison, if any)."""
     if outcome.interrupted:
@@ -155,6 +168,7 @@ def _finish_run(
             soft_wrap=True,
         )
         raise typer.Exit(outcome.exit_code)
+    print_results(outcome.record, wide)
     finished = sum(t.ok for t in outcome.record.trials)
     shard = outcome.record.experiment.get("shard")
     out.print(
@@ -177,6 +191,25 @@ def _finish_run(
     return code
 
 
+def print_results(record: RunRecord, wide: bool = False) -> None:
+    """The sweep's results table on stdout: 100 columns at most (a log gets 100), or
+    every column at full width with ``wide``."""
+    from qatbench.report.summary import NARROW_WIDTH, results_table
+
+    if not record.trials:
+        return
+    if out.is_terminal:
+        width = out.width if wide else min(out.width, NARROW_WIDTH)
+    else:
+        width = 4 * NARROW_WIDTH if wide else NARROW_WIDTH
+    shown = out.width
+    out.width = width  # print(width=) can only narrow the console
+    try:
+        out.print(results_table(record, wide=wide), soft_wrap=False)
+    finally:
+        out.width = shown
+
+
 def _judge_against_baseline(
     record: RunRecord, baseline: str, gates: list[Gate], tracking_uri: str | None
 ) -> int:
@@ -191,11 +224,16 @@ def _judge_against_baseline(
         here = (
             ids.index(record.tracking["sweep"]) if record.tracking.get("sweep") in ids else len(ids)
         )
-        if here == 0:
-            out.print(f"baseline: no sweep of {name!r} before this one; nothing to compare")
+        # A partial sweep (pytest --qatbench -k ...) is no baseline: name it as mlflow:NAME@K.
+        before = [s for s in sweeps[:here] if not s.partial]
+        if not before:
+            out.print(f"baseline: no full sweep of {name!r} before this one; nothing to compare")
             return 0
-        reference = sweep_record(name, uri, experiment_id, sweeps[here - 1])
-        label = f"previous sweep {sweeps[here - 1].id}"
+        reference = sweep_record(name, uri, experiment_id, before[-1])
+        skipped = here - sweeps.index(before[-1]) - 1  # every sweep between is partial
+        label = f"previous sweep {before[-1].id}" + (
+            f" (skipping {skipped} partial)" if skipped else ""
+        )
     else:
         reference = load_record(baseline, tracking_uri)
         label = baseline

@@ -185,6 +185,8 @@ class LocalProcessExecutor:
     def __init__(self, context: WorkerContext | None = None) -> None:
         self._current: Any = None
         self._context = context
+        # Called with (trial id, phase) as the worker enters each lifecycle phase.
+        self.on_phase: Callable[[str, str], None] | None = None
 
     def run(self, trial: TrialSpec, out_dir: Path, timeout_s: float) -> TrialResult:
         out_dir = Path(out_dir).absolute()
@@ -217,6 +219,8 @@ class LocalProcessExecutor:
                         return _died(trial, phase, process)
                     if kind == "phase":
                         phase = payload
+                        if self.on_phase is not None:
+                            self.on_phase(trial.id, phase)
                     else:
                         return TrialResult.from_dict(payload)
                 elif not process.is_alive():
