@@ -363,4 +363,4 @@ def test_an_installed_plugin_runs_end_to_end(plugin_site: Path, tmp_path: Path) 
             experiment_ids=[experiment.experiment_id],
             filter_string=f"source_run_id = '{run.info.run_id}'",
         )
-        assert model.name == "onnx_model"
+        assert model.name == trial_id

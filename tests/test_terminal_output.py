@@ -21,6 +21,7 @@ from qatbench.results import RunRecord, TrialFailure
 from qatbench.sweep.progress import SweepProgress
 
 QATBENCH = Path(sys.executable).with_name("qatbench")
+TIMES = "\u00d7"  # the multiplication sign after a ratio
 
 
 def _render(record: RunRecord, width: int, wide: bool = False) -> list[str]:
@@ -41,7 +42,7 @@ def test_results_table_fits_100_columns_and_names_every_trial(sample_record) -> 
     for header in ("status", "size", "speed-up b1 [95% CI]", "acc %", "Δ fp32"):
         assert header in lines[0], header
     row = next(line for line in lines if "ptq w8a8 · onnxruntime" in line)
-    assert "ok" in row and "2.71× [2.59, 2.83]" in row  # speed-up with its interval
+    assert "ok" in row and f"2.71{TIMES} [2.59, 2.83]" in row  # speed-up with its interval
     assert re.search(r"ptq w4a8 · torch\s+FAILED", text)
     models = {t.model for t in record.trials}
     assert all(any(line.strip() == m for line in lines) for m in models)  # a heading per model
@@ -58,7 +59,7 @@ def test_trial_line_names_status_figures_and_time(sample_record) -> None:
     trial = next(t for t in sample_record.trials if t.id == "mlp-ptq-w8a8-onnxruntime")
     line = trial_line(trial, baseline, elapsed=12.34)
     assert line.startswith("mlp-ptq-w8a8-onnxruntime ok in 12.3 s: size ")
-    assert "speed-up b1 2.71× [2.59, 2.83]" in line and "accuracy " in line and "(Δ " in line
+    assert f"speed-up b1 2.71{TIMES} [2.59, 2.83]" in line and "accuracy " in line and "(Δ " in line
     failed = replace(trial, status="failed", error=TrialFailure("convert", "killed by SIGABRT"))
     assert trial_line(failed, baseline, elapsed=2.0) == (
         "failed mlp-ptq-w8a8-onnxruntime: convert: killed by SIGABRT (after 2.0 s)"
