@@ -284,7 +284,7 @@ def test_an_installed_plugin_is_listed(plugin_site: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "halve" in proc.stdout
     assert "w4 w8" in proc.stdout
-    assert "shrink=1.0" in proc.stdout
+    assert "    shrink: 1.0" in proc.stdout
     assert proc.stderr == ""
     # and not without it: nothing of the plugin leaked into this environment
     assert "halve" not in qatbench("list", "methods").stdout

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from qatbench.cli.output import err, expand_globs, out
+from qatbench.cli.quiet import LOG_NAME, ThirdPartyLog, third_party_to
 from qatbench.cli.report_commands import print_comparison
 from qatbench.errors import ConfigError
 
@@ -36,7 +37,10 @@ def run(
         ),
     ],
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default: the YAML's, else ./mlruns)")
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI (default: the YAML's, else sqlite:///mlruns/mlflow.db)"
+        ),
     ] = None,
     output_dir: Annotated[Path, typer.Option(help="folder for per-run reports")] = Path("reports"),
     resume: Annotated[
@@ -90,6 +94,15 @@ def run(
             "a CI matrix job; combine the reports with qatbench merge"
         ),
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="show what the libraries underneath print (warnings, progress bars, MLflow's "
+            "messages) instead of writing it to qatbench.log in the sweep folder",
+        ),
+    ] = False,
     wide: Annotated[
         bool,
         typer.Option(
@@ -113,19 +126,36 @@ def run(
             _plan(path, output_dir, resume, part) for path in expand_globs(files)
         ]  # check first
         code = 0
-        for path, report in plans:
-            if report is None:
-                outcome = run_experiment(
-                    path,
-                    tracking_uri=tracking_uri,
-                    output_root=output_dir,
-                    executor=pool,
-                    shard=part,
-                )
-            else:
-                outcome = resume_experiment(report, tracking_uri=tracking_uri, executor=pool)
-            code = max(code, _finish_run(outcome, baseline, gates, tracking_uri, wide))
+        with _quiet_unless(verbose, output_dir) as log:
+            for path, report in plans:
+                if report is None:
+                    outcome = run_experiment(
+                        path,
+                        tracking_uri=tracking_uri,
+                        output_root=output_dir,
+                        executor=pool,
+                        shard=part,
+                    )
+                else:
+                    outcome = resume_experiment(report, tracking_uri=tracking_uri, executor=pool)
+                if log is not None and log.path.name != LOG_NAME:
+                    log.move_to(outcome.report_json.parent)
+                code = max(code, _finish_run(outcome, baseline, gates, tracking_uri, wide))
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _quiet_unless(verbose: bool, output_dir: Path) -> Iterator[ThirdPartyLog | None]:
+    """Third-party output to a log (see qatbench.cli.quiet) unless ``verbose``."""
+    if verbose:
+        yield None
+        return
+    log = ThirdPartyLog(output_dir)
+    try:
+        with third_party_to(log):
+            yield log
+    finally:
+        log.close()
 
 
 @contextlib.contextmanager
