@@ -5,8 +5,9 @@ phase it is in (``mlp-ptq-w8a8-torch · calibrate``). Anywhere else (CI, cron, `
 ``> log``) a bar would be printed once, at the end, so it writes lines instead, as things
 happen: one per finished trial with its key figures and elapsed time
 (:func:`~qatbench.report.summary.trial_line`), and one per long phase, written while it
-runs once it has lasted :data:`LONG_PHASE_S` (``mlp-fp32-fp32-torch: pretrain, 5 s so
-far``), so a log never sits silent through a minute of pretraining.
+runs once it has lasted :data:`LONG_PHASE_S` and again every :data:`PHASE_NOTE_EVERY_S`
+(``mlp-fp32-fp32-torch: pretrain, 10 s so far``), so a log never sits silent through a
+minute of pretraining.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from rich.progress import (
 from qatbench.report.summary import trial_line
 from qatbench.results import TrialResult
 
-LONG_PHASE_S = 5.0  # a log names a phase that has lasted this long, while it runs
+LONG_PHASE_S = 10.0  # a log names a phase that has lasted this long, while it runs,
+PHASE_NOTE_EVERY_S = 30.0  # ... and again after each further this many seconds
 
 
 class SweepProgress:
@@ -44,7 +46,9 @@ class SweepProgress:
         self._progress: Progress | None = None
         self._task: TaskID | None = None
         self._timer: threading.Timer | None = None
-        self.long_phase_s = LONG_PHASE_S
+        self._lock = threading.RLock()
+        self._generation = 0  # bumped whenever a phase ends: stale notes stay unwritten
+        self.long_phase_s, self.note_every_s = LONG_PHASE_S, PHASE_NOTE_EVERY_S
 
     @contextmanager
     def shown(self) -> Iterator[SweepProgress]:
@@ -85,8 +89,22 @@ class SweepProgress:
             self._describe(f"{trial_id} \u00b7 {phase}")  # middle dot
             return
         self._cancel_timer()
-        note = f"  {trial_id}: {phase}, {self.long_phase_s:g} s so far"
-        self._timer = threading.Timer(self.long_phase_s, self._line, (note,))
+        with self._lock:
+            self._note_later(trial_id, phase, self.long_phase_s)
+
+    def _note_later(self, trial_id: str, phase: str, at_s: float) -> None:
+        """Name the phase in the log once it has lasted ``at_s``, then every so often."""
+        delay = at_s if at_s == self.long_phase_s else self.note_every_s
+        generation = self._generation
+
+        def note() -> None:
+            with self._lock:
+                if generation != self._generation:  # the phase ended meanwhile
+                    return
+                self._line(f"  {trial_id}: {phase}, {at_s:g} s so far")
+                self._note_later(trial_id, phase, at_s + self.note_every_s)
+
+        self._timer = threading.Timer(delay, note)
         self._timer.daemon = True
         self._timer.start()
 
@@ -102,9 +120,11 @@ class SweepProgress:
             self._line(f"[{self.done}/{self.total}] {trial_line(result, baseline, elapsed)}")
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        with self._lock:
+            self._generation += 1
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     def _describe(self, text: str) -> None:
         if self._progress is not None and self._task is not None:
