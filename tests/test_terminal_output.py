@@ -160,3 +160,44 @@ def test_run_under_nohup_writes_a_line_per_trial_and_a_results_table(tmp_path: P
     assert any("ptq w8a8 · torch" in line and " ok " in line for line in out)
     (log,) = (tmp_path / "reports" / "told").glob("*/qatbench.log")
     assert "mlflow" in log.read_text()  # the store's own messages went to the log
+
+
+LEAKY_WORKER = """\
+import os, signal, sys
+from pathlib import Path
+
+from qatbench.sweep import executor
+
+
+def leak():  # a worker killed with a semaphore it never released
+    import multiprocessing
+
+    held = multiprocessing.get_context("forkserver").Semaphore()
+    os.kill(os.getpid(), signal.SIGKILL)
+    return held
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        executor.start_worker_server(Path(sys.argv[1]))
+    process = executor._context().Process(target=leak)
+    process.start()
+    process.join()
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["verbose", "quiet"])
+def test_the_leaked_semaphore_note_at_exit_goes_to_the_log(tmp_path: Path, quiet: bool) -> None:
+    """Workers are killed, so what they held leaks; multiprocessing's resource tracker says
+    so when the parent exits. Started quietly, it says so in the log, not on stderr."""
+    script, log = tmp_path / "leaky.py", tmp_path / "qatbench.log"
+    script.write_text(LEAKY_WORKER)
+    args = [sys.executable, str(script), *([str(log)] if quiet else [])]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    note = "leaked semaphore objects to clean up at shutdown"
+    if quiet:
+        assert note not in proc.stderr, proc.stderr
+        assert note in log.read_text()
+    else:  # the control: without the log the note is there to catch
+        assert note in proc.stderr
