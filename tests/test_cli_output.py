@@ -98,7 +98,7 @@ def test_baseline_previous_passes_over_partial_sweeps(
         sources, "load_sweeps", lambda *_a, **_k: ("sqlite:///x.db", "1", [partial, here])
     )
     assert run_command._judge_against_baseline(record, "previous", [], None) == 0
-    assert "no full sweep of 'quickstart' before this one" in capsys.readouterr().out
+    assert "no full sweep of 'quickstart' before this one (1 partial" in capsys.readouterr().out
 
 
 def test_the_log_is_moved_into_the_sweep_folder_and_keeps_late_writes(tmp_path: Path) -> None:
@@ -117,3 +117,12 @@ def test_the_log_is_moved_into_the_sweep_folder_and_keeps_late_writes(tmp_path: 
     text = (sweep / LOG_NAME).read_text()
     assert text.splitlines() == ["before the sweep folder existed", "a late line", "after"]
     assert [p.name for p in (tmp_path / "reports").iterdir()] == ["exp"]  # no temporary left
+
+
+def test_a_log_that_never_reached_a_sweep_leaves_nothing(tmp_path: Path) -> None:
+    from qatbench.cli.quiet import ThirdPartyLog
+
+    log = ThirdPartyLog(tmp_path / "reports" / "nested")
+    log.write("the store was unreachable")
+    log.close()
+    assert list(tmp_path.iterdir()) == []

@@ -37,6 +37,8 @@ class ThirdPartyLog:
     """The log file third-party output goes to while ``qatbench run`` runs."""
 
     def __init__(self, folder: Path) -> None:
+        folder = folder.absolute()
+        self._created = [p for p in (folder, *folder.parents) if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=".qatbench-", suffix=".log", dir=folder)
         os.fchmod(fd, 0o666 & ~current_umask())
@@ -69,11 +71,15 @@ class ThirdPartyLog:
         return target
 
     def close(self) -> None:
+        """Close the log; one that never reached a sweep folder (the run stopped before a
+        sweep began: an unreachable store, say) is removed with the folders made for it."""
         self._handler.close()
-        if self.path.name != LOG_NAME:  # never given a sweep folder: nothing to keep if empty
-            with contextlib.suppress(OSError):
-                if self.path.stat().st_size == 0:
-                    self.path.unlink()
+        if self.path.name == LOG_NAME:
+            return
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+            for folder in self._created:  # deepest first; stops at one that is not empty
+                folder.rmdir()
 
 
 def is_own_warning(filename: str) -> bool:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
 
 from qatbench.cli.output import err, expand_globs, out
 from qatbench.cli.quiet import LOG_NAME, ThirdPartyLog, third_party_to
@@ -232,12 +233,15 @@ def print_results(record: RunRecord, wide: bool = False) -> None:
         width = out.width if wide else min(out.width, NARROW_WIDTH)
     else:
         width = 4 * NARROW_WIDTH if wide else NARROW_WIDTH
-    shown = out.width
-    out.width = width  # print(width=) can only narrow the console
-    try:
-        out.print(results_table(record, wide=wide), soft_wrap=False)
-    finally:
-        out.width = shown
+    # A console of its own: print(width=) can only narrow ``out``, and ``out`` stays as it is.
+    console = Console(
+        file=out.file,
+        width=width,
+        force_terminal=out.is_terminal,
+        color_system=out.color_system,  # type: ignore[arg-type]  # None: no colour
+        soft_wrap=False,
+    )
+    console.print(results_table(record, wide=wide))
 
 
 def _judge_against_baseline(
@@ -257,7 +261,11 @@ def _judge_against_baseline(
         # A partial sweep (pytest --qatbench -k ...) is no baseline: name it as mlflow:NAME@K.
         before = [s for s in sweeps[:here] if not s.partial]
         if not before:
-            out.print(f"baseline: no full sweep of {name!r} before this one; nothing to compare")
+            partial = f" ({here} partial, not compared)" if here else ""
+            word = "full sweep" if here else "sweep"
+            out.print(
+                f"baseline: no {word} of {name!r} before this one{partial}; nothing to compare"
+            )
             return 0
         reference = sweep_record(name, uri, experiment_id, before[-1])
         skipped = here - sweeps.index(before[-1]) - 1  # every sweep between is partial
