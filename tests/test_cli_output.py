@@ -126,3 +126,17 @@ def test_a_log_that_never_reached_a_sweep_leaves_nothing(tmp_path: Path) -> None
     log.write("the store was unreachable")
     log.close()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_sweep_gets_a_log_of_its_own(tmp_path: Path) -> None:
+    from qatbench.cli.quiet import ThirdPartyLog
+
+    sweep = tmp_path / "reports" / "exp" / "20250101T000000Z"
+    sweep.mkdir(parents=True)
+    (sweep / "qatbench.log").write_text("the first attempt\n")
+    log = ThirdPartyLog(tmp_path / "reports")
+    log.write("the resume")
+    assert log.move_to(sweep) == sweep / "qatbench.2.log" and log.moved
+    log.close()
+    assert (sweep / "qatbench.log").read_text() == "the first attempt\n"
+    assert (sweep / "qatbench.2.log").read_text() == "the resume\n"

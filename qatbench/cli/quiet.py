@@ -40,12 +40,18 @@ class ThirdPartyLog:
         folder = folder.absolute()
         self._created = [p for p in (folder, *folder.parents) if not p.exists()]
         folder.mkdir(parents=True, exist_ok=True)
+        self._folder = folder
         fd, name = tempfile.mkstemp(prefix=".qatbench-", suffix=".log", dir=folder)
         os.fchmod(fd, 0o666 & ~current_umask())
         os.close(fd)
         self.path = Path(name)
         self._handler = logging.FileHandler(self.path, delay=False)
         self._handler.setFormatter(logging.Formatter(_FORMAT))
+
+    @property
+    def moved(self) -> bool:
+        """Whether the log is in a sweep folder already."""
+        return self.path.parent != self._folder
 
     def write(self, text: str) -> None:
         """Append a line that is not a logging record (a warning) to the log."""
@@ -56,14 +62,13 @@ class ThirdPartyLog:
         stream.flush()
 
     def move_to(self, folder: Path) -> Path:
-        """Move the log into ``folder`` (a sweep's); an existing log there is appended to."""
-        target = folder / LOG_NAME
-        if target.exists():  # a resumed sweep: keep what the earlier attempt logged
-            with target.open("a") as out:
-                out.write(self.path.read_text())
-            self.path.unlink()
-        else:
-            self.path.rename(target)  # open descriptors follow the file
+        """Move the log into ``folder`` (a sweep's): ``qatbench.log``, or for a resumed sweep
+        that has one, ``qatbench.2.log`` and so on. Open descriptors follow the file."""
+        target, attempt = folder / LOG_NAME, 1
+        while target.exists():
+            attempt += 1
+            target = folder / f"qatbench.{attempt}.log"
+        self.path.rename(target)
         self.path = target
         self._handler.close()
         self._handler.baseFilename = str(target)
@@ -74,7 +79,7 @@ class ThirdPartyLog:
         """Close the log; one that never reached a sweep folder (the run stopped before a
         sweep began: an unreachable store, say) is removed with the folders made for it."""
         self._handler.close()
-        if self.path.name == LOG_NAME:
+        if self.moved:  # in a sweep folder: kept
             return
         with contextlib.suppress(OSError):
             self.path.unlink()

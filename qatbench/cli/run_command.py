@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from qatbench.cli.output import err, expand_globs, out
-from qatbench.cli.quiet import LOG_NAME, ThirdPartyLog, third_party_to
+from qatbench.cli.quiet import ThirdPartyLog, third_party_to
 from qatbench.cli.report_commands import print_comparison
 from qatbench.errors import ConfigError
 
@@ -139,7 +139,7 @@ def run(
                     )
                 else:
                     outcome = resume_experiment(report, tracking_uri=tracking_uri, executor=pool)
-                if log is not None and log.path.name != LOG_NAME:
+                if log is not None and not log.moved:
                     log.move_to(outcome.report_json.parent)
                 code = max(code, _finish_run(outcome, baseline, gates, tracking_uri, wide))
     raise typer.Exit(code)
