@@ -201,3 +201,15 @@ def test_the_leaked_semaphore_note_at_exit_goes_to_the_log(tmp_path: Path, quiet
         assert note in log.read_text()
     else:  # the control: without the log the note is there to catch
         assert note in proc.stderr
+
+
+def test_a_language_model_table_shows_next_token_accuracy_without_minus_zero() -> None:
+    from test_report_lm import _lm_record
+
+    lines = _render(_lm_record(), NARROW_WIDTH)
+    assert "next-token acc %" in lines[0] and max(len(line) for line in lines) <= NARROW_WIDTH
+    text = "\n".join(lines)
+    assert "-0.00" not in text  # a change that rounds to nothing is +0.00
+    assert re.search(r"rtn w4 · onnxruntime\s+ok .* 47\.90\s+-0\.10", text)
+    wide = _render(_lm_record(), 400, wide=True)
+    assert "ppl" in wide[0]

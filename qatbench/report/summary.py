@@ -93,10 +93,11 @@ def task_metric(trial: TrialResult, baseline: TrialResult | None) -> TaskMetric 
         recorded = finite_metric(trial, f"{metric}_delta_vs_fp32")
         base = finite_metric(baseline, metric) if baseline is not None else None
         delta = recorded if recorded is not None else None if base is None else value - base
-        is_baseline = baseline is not None and trial.id == baseline.id
-        shown = "" if delta is None or is_baseline else f"{delta:+.2f}"
-        worse = delta is not None and not is_baseline and (delta < 0 if higher else delta > 0)
-        return TaskMetric(name, _format_task(value, kind), shown, worse and abs(delta or 0) > 0)
+        if delta is None or (baseline is not None and trial.id == baseline.id):
+            return TaskMetric(name, _format_task(value, kind), "", False)
+        shown = round(delta, 2) or 0.0  # no "-0.00"
+        worse = shown < 0 if higher else shown > 0
+        return TaskMetric(name, _format_task(value, kind), f"{shown:+.2f}", worse)
     return None
 
 
@@ -139,6 +140,7 @@ def _wide_columns(trials: tuple[TrialResult, ...]) -> list[tuple[str, str, str]]
     )
     columns = [(f"latency_p50_ms_b{n}", f"p50 ms b{n}", "num") for n in batches]
     columns += [
+        ("perplexity", "ppl", "num"),
         ("mse", "mse", "sci"),
         ("sqnr_db", "SQNR dB", "db"),
         ("onnx_parity_max_abs", "ONNX parity", "sci"),
