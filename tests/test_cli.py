@@ -290,7 +290,7 @@ def test_an_installed_plugin_is_listed(plugin_site: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "halve" in proc.stdout
     assert "w4 w8" in proc.stdout
-    assert "shrink=1.0" in proc.stdout
+    assert "    shrink: 1.0" in proc.stdout
     assert proc.stderr == ""
     # and not without it: nothing of the plugin leaked into this environment
     assert "halve" not in qatbench("list", "methods").stdout
@@ -369,4 +369,4 @@ def test_an_installed_plugin_runs_end_to_end(plugin_site: Path, tmp_path: Path) 
             experiment_ids=[experiment.experiment_id],
             filter_string=f"source_run_id = '{run.info.run_id}'",
         )
-        assert model.name == "onnx_model"
+        assert model.name == trial_id

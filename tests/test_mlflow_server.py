@@ -87,6 +87,7 @@ def test_two_shards_at_once_log_each_trial_once_and_merge(server: str, tmp_path:
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, out + err
+        assert "View run" not in out + err  # MLflow's run links: report.html has them
     reports = sorted((tmp_path / "reports" / "shared").glob("*/report.json"))
     assert len(reports) == 2
 

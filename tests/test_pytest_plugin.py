@@ -384,3 +384,50 @@ def test_fixtures_run_a_trial_and_a_benchmark_and_log_both(env: pytest.Pytester)
     assert {"mlp-fp32-fp32-torch.mlflow_run_id", "mlp-fp32-fp32-torch.mse"} <= props
     (report,) = (env.path / "reports" / "test_bench").glob("*/report.json")
     assert [t.id for t in RunRecord.load(report).trials] == ["mlp-fp32-fp32-torch"]
+
+
+# --- partial runs (issue 24) ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_partial_run_is_tagged_partial_and_prints_its_results(env: pytest.Pytester) -> None:
+    """``-k`` runs part of the grid: its runs and report say so, so that ``qatbench run
+    --baseline previous`` does not compare a full sweep with it; the summary has the table."""
+    env.makefile(".yaml", tiny=tiny())
+    result = run_apart(env, "--qatbench", "tiny.yaml", "-k", "fp32")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "speed-up b1 [95% CI]" in out and "fp32 · torch" in out  # the results table
+    assert "(partial: 1 of 2 trials; not a --baseline previous)" in out
+    (report,) = (env.path / "reports" / "tiny").glob("*/report.json")
+    assert RunRecord.load(report).experiment["partial"] == "1 of 2 trials"
+    from qatbench.report.sources import sweeps_from_runs
+    from qatbench.tracking.queries import search_trials
+    from qatbench.tracking.store import default_uri
+
+    runs = search_trials(default_uri(env.path), "tiny")
+    assert [r["tags"].get("qatbench.partial") for r in runs] == ["true"]
+    (sweep,) = sweeps_from_runs(runs)
+    assert sweep.partial
+
+
+@pytest.mark.parametrize(
+    ("selection", "partial"), [((), {}), (("-k", "ptq"), {"tiny": (1, 2)})], ids=["all", "-k"]
+)
+def test_only_a_selection_of_part_of_the_grid_is_partial(
+    env: pytest.Pytester, selection: tuple[str, ...], partial: dict[str, tuple[int, int]]
+) -> None:
+    from qatbench.pytest_plugin.session import SESSION_STATE
+
+    env.makefile(".yaml", tiny=tiny())
+    sessions = []
+
+    class Keep:
+        def pytest_collection_finish(self, session: pytest.Session) -> None:
+            sessions.append(session)
+
+    env.runpytest(
+        "--qatbench", "tiny.yaml", "--collect-only", "-q", *selection, *QUIET, plugins=[Keep()]
+    )
+    (session,) = sessions
+    assert session.config.stash[SESSION_STATE].partial == partial

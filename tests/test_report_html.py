@@ -154,7 +154,7 @@ def test_pareto_sets_per_model(sample_record: RunRecord) -> None:
 
 def test_best_methods_on_size_speed_and_error(sample_record: RunRecord) -> None:
     best = _model(build_view(sample_record), "mlp")["best"]
-    picked = {key: (b["id"], b["text"]) for key, b in best.items()}
+    picked = {key: (b["id"], b["text"]) for key, b in best.items() if key != "quality"}
     assert picked == {
         "size": ("mlp-ptq-w4a8-torch", f"6.42{TIMES}"),
         "speed": ("mlp-ptq-w8a8-onnxruntime", f"2.71{TIMES}"),
@@ -164,22 +164,35 @@ def test_best_methods_on_size_speed_and_error(sample_record: RunRecord) -> None:
     assert best["error"]["label"] == "ptq w8a8 · torch"
 
 
+def _in_percent(record: RunRecord) -> RunRecord:
+    """The record with accuracy in percent, as trials write it (the fixture has fractions)."""
+    scaled = ("accuracy", "accuracy_delta_vs_fp32", "accuracy_fp32")
+    return replace(
+        record,
+        trials=tuple(
+            replace(t, metrics={k: v * 100 if k in scaled else v for k, v in t.metrics.items()})
+            for t in record.trials
+        ),
+    )
+
+
 def test_size_and_accuracy_deltas_against_the_fp32_torch_baseline(sample_record) -> None:
-    mlp = _model(build_view(sample_record), "mlp")
+    mlp = _model(build_view(_in_percent(sample_record)), "mlp")
     assert mlp["baseline"] == "mlp-fp32-fp32-torch"
     assert _row(mlp, "mlp-fp32-fp32-torch")["baseline"]
     assert _cell(mlp, "mlp-ptq-w8a8-torch", "size_bytes")["note"] == "-72.8% vs fp32"
-    assert _cell(mlp, "mlp-ptq-w8a8-torch", "accuracy")["note"] == "Δ -0.0017"
+    assert _cell(mlp, "mlp-ptq-w8a8-torch", "accuracy")["note"] == "Δ -0.17"
+    assert _cell(mlp, "mlp-ptq-w8a8-torch", "accuracy")["text"] == "97.05"  # 2 decimals
     assert _cell(mlp, "mlp-fp32-fp32-torch", "size_bytes")["note"] == ""  # itself
 
 
 def test_accuracy_delta_is_derived_from_the_baseline_when_not_recorded(sample_record) -> None:
     trials = tuple(
         replace(t, metrics={k: v for k, v in t.metrics.items() if k != "accuracy_delta_vs_fp32"})
-        for t in sample_record.trials
+        for t in _in_percent(sample_record).trials
     )
     mlp = _model(build_view(replace(sample_record, trials=trials)), "mlp")
-    assert _cell(mlp, "mlp-ptq-w4a8-torch", "accuracy")["note"] == "Δ -0.0111"
+    assert _cell(mlp, "mlp-ptq-w4a8-torch", "accuracy")["note"] == "Δ -1.11"
 
 
 def test_no_baseline_means_no_deltas(sample_record: RunRecord) -> None:
@@ -192,7 +205,10 @@ def test_no_baseline_means_no_deltas(sample_record: RunRecord) -> None:
 def test_columns_follow_the_metrics_and_batch_sizes_present(sample_record) -> None:
     view = build_view(sample_record)
     mlp = [c["metric"] for c in _model(view, "mlp")["columns"]]
-    assert mlp[:3] == ["size_bytes", "compression_ratio", "weight_bytes"]
+    # task quality and error first, then size, then speed
+    assert mlp[:4] == ["accuracy", "mse", "max_abs_error", "sqnr_db"]
+    assert mlp.index("int_op_fraction") < mlp.index("size_bytes")
+    assert mlp[mlp.index("size_bytes") :][:3] == ["size_bytes", "compression_ratio", "weight_bytes"]
     assert "speedup_vs_fp32_b64" in mlp and "throughput_per_s_b16" not in mlp
     other = [c["metric"] for c in view["models"][1]["columns"]]
     assert "throughput_per_s_b16" in other and "onnx_size_bytes" in other
@@ -440,4 +456,78 @@ def test_thirty_trials_render_small_and_load_fast(browser, tmp_path: Path) -> No
     assert seconds < 2.0
     assert seen["errors"] == [] and page.locator("figure.chart svg .mark circle").count() == 60
     assert page.locator("g.dist").count() == 60 and page.locator("g.layer").count() > 0
+    page.close()
+
+
+# --- what a reader sees first (issue 24) -------------------------------------------------
+
+
+def test_quality_card_names_the_best_quantized_accuracy_and_its_change(sample_record) -> None:
+    quality = _model(build_view(_in_percent(sample_record)), "mlp")["best"]["quality"]
+    accuracies = {
+        t.id: t.metrics["accuracy"] * 100
+        for t in sample_record.trials
+        if t.model == "mlp" and t.method != "fp32" and t.ok and "accuracy" in t.metrics
+    }
+    best = max(accuracies, key=lambda k: accuracies[k])
+    assert quality["id"] == best and quality["title"] == "best accuracy (quantized)"
+    assert quality["text"] == f"{accuracies[best]:.2f}%"
+    assert quality["delta"].startswith("Δ ") and "vs fp32" in quality["delta"]
+
+
+def test_exact_sqnr_is_shown_as_exact_not_its_cap(sample_record) -> None:
+    trials = tuple(
+        replace(t, metrics={**t.metrics, "sqnr_db": 400.0}) if t.method == "fp32" else t
+        for t in sample_record.trials
+    )
+    mlp = _model(build_view(replace(sample_record, trials=trials)), "mlp")
+    cell = _cell(mlp, "mlp-fp32-fp32-torch", "sqnr_db")
+    assert (cell["text"], cell["value"]) == ("exact", "400.0")  # still sorts as the highest
+    assert _cell(mlp, "mlp-ptq-w8a8-torch", "sqnr_db")["text"] != "exact"
+
+
+def test_trials_at_the_same_point_are_spread_apart(sample_record) -> None:
+    source = next(t for t in sample_record.trials if t.id == "mlp-ptq-w8a8-torch")
+    twin = replace(source, id="mlp-ptq-w8a8-twin", runtime="onnxruntime")
+    record = replace(sample_record, trials=(*sample_record.trials, twin))
+    (chart, _) = _model(build_view(record), "mlp")["charts"]
+    marks = {m["anchor"]: m for m in chart["marks"]}
+    page_anchors = {t.id: f"trial-{i}" for i, t in enumerate(record.trials)}
+    a, b = marks[page_anchors[source.id]], marks[page_anchors[twin.id]]
+    assert math.dist((a["cx"], a["cy"]), (b["cx"], b["cy"])) >= 8  # both visible
+    assert "one of 2 trials at the same point" in a["title"]
+    positions = [(m["cx"], m["cy"]) for m in chart["marks"]]
+    assert len(set(positions)) == len(positions)  # no mark sits exactly on another
+
+
+def test_a_linear_axis_has_a_minimum_span() -> None:
+    from qatbench.report.svg import linear_domain
+
+    lo, hi = linear_domain([0.99999, 1.0])
+    assert hi - lo >= 0.02 * 0.99 and lo < 0.99999 and hi > 1.0
+    lo, hi = linear_domain([1.0, 3.0])  # a real spread keeps its tight padding
+    assert (round(lo, 2), round(hi, 2)) == (0.84, 3.16)
+
+
+def test_quality_columns_are_in_view_at_1400_px(browser, sample_record, tmp_path: Path) -> None:
+    """Done-when: at 1400 px each trial's accuracy and error show without scrolling."""
+    path = write_html(_in_percent(sample_record), tmp_path / "report.html")
+    page, seen, _ = _open(browser, path)  # a 1400 x 900 viewport
+    assert seen["errors"] == []
+    for table in ("model-0-table", "model-1-table"):
+        headers = [h.strip() for h in page.locator(f"#{table} thead th").all_inner_texts()]
+        assert len(headers) > 20  # the table is as wide as before: the order makes the point
+        for header in ("accuracy %", "mse", "SQNR dB"):
+            index = headers.index(header)
+            rights = page.eval_on_selector_all(
+                f"#{table} tr",
+                "(rows, i) => rows.map(r => r.cells[i].getBoundingClientRect().right)",
+                index,
+            )
+            assert rights and max(rights) <= 1400, (table, header, max(rights))
+    assert page.evaluate("window.scrollX") == 0
+    page.screenshot(path=str(tmp_path / "report-1400.png"))
+    if artifacts := os.environ.get("QATBENCH_TEST_ARTIFACTS"):
+        Path(artifacts).mkdir(parents=True, exist_ok=True)
+        shutil.copy(tmp_path / "report-1400.png", Path(artifacts) / "report-1400.png")
     page.close()

@@ -145,7 +145,7 @@ def test_lm_cells_are_formatted_with_their_deltas() -> None:
     assert cells["perplexity"]["text"] == "6.6"
     assert cells["perplexity_delta_vs_fp32"]["text"] == "+0.1000"
     assert cells["next_token_accuracy"]["text"] == "47.90"
-    assert cells["next_token_accuracy"]["note"] == "Δ -0.1000"
+    assert cells["next_token_accuracy"]["note"] == "Δ -0.10"  # percent points, 2 decimals
     assert cells["kv_cache_bytes"]["text"] == "192 KiB"
     assert float(cells["decode_tokens_per_s"]["value"]) == 912.0
 

@@ -192,7 +192,7 @@ def test_artifacts_hold_the_onnx_model_and_trial_json(
         experiment_ids=[client.get_run(run_id).info.experiment_id],
         filter_string=f"source_run_id = '{run_id}'",
     )
-    assert model.name == "onnx_model"
+    assert model.name == "mlp-ptq-w8a8-onnxruntime"  # the trial id
     assert model.artifact_location.startswith((root / "mlruns" / "artifacts").as_uri())
     folder = Path(model.artifact_location.removeprefix("file://"))
     onnx.checker.check_model(onnx.load(str(folder / "model.onnx")))

@@ -12,25 +12,57 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Annotated
 
 import typer
 
 from qatbench.cli import (
     experiment_commands,
     mlflow_commands,
+    quiet,
     report_commands,
     run_command,
     selftest_command,
 )
-from qatbench.cli.output import err
+from qatbench.cli.output import err, out
 from qatbench.errors import QatbenchError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: brackets stay literal, flags show no type
     help="Benchmark quantization methods from YAML experiments; results go to MLflow.",
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("qatbench")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            text = "unknown (not installed)"
+        out.print(f"qatbench {text}", markup=False, highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print qatbench's version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Benchmark quantization methods from YAML experiments; results go to MLflow."""
+
+
 app.command()(run_command.run)
 app.command()(experiment_commands.validate)
 app.command("list")(experiment_commands.list_plugins)
@@ -44,9 +76,19 @@ app.command()(report_commands.merge)
 
 
 def _show_warning(
-    message: Warning | str, category: type[Warning], *_args: object, **_kw: object
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    *_args: object,
+    **_kw: object,
 ) -> None:
-    """Warnings as one line each (a broken plugin, an unlogged trial), no source lines."""
+    """Warnings as one line each (a broken plugin, an unlogged trial), no source lines;
+    those of other libraries to the sweep's log while ``run`` is quiet."""
+    log = quiet.active_log()
+    if log is not None and not quiet.is_own_warning(filename):
+        log.write(f"{filename}:{lineno}: {category.__name__}: {message}")
+        return
     err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
 

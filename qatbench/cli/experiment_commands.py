@@ -3,6 +3,7 @@ plugins listed, without building any model."""
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -39,7 +40,7 @@ def list_plugins(
     """List registered methods (with options and capabilities), models or runtimes."""
     if kind is Kind.models:
         for name in registry.models.names():
-            out.print(name)
+            out.print(name, markup=False, highlight=False)
     elif kind is Kind.runtimes:
         runtimes = Table("runtime", "runs", "compiles", "methods", "what it is")
         for name in registry.runtimes.names():
@@ -55,26 +56,50 @@ def list_plugins(
             )
         out.print(runtimes)
     else:
-        table = Table("method", "bits", "calibration", "training", "runtimes", "options")
-        for name in registry.methods.names():
+        for index, name in enumerate(registry.methods.names()):
             cls = registry.methods.get(name)
             caps = cls.capabilities
-            options = ", ".join(
-                f"{key}={field.get_default(call_default_factory=True)!r}"
-                if not field.is_required()
-                else key
-                for key, field in cls.Config.model_fields.items()
-            )
-            table.add_row(
-                name,
-                " ".join(caps.allowed_bits()),
-                _yes(caps.needs_calibration),
-                _yes(caps.needs_training),
-                " ".join(r for r in registry.runtimes.names() if _runs(name, _runtime_caps(r))),
-                options or "-",
-            )
-        out.print(table)
+            needs = [
+                word
+                for word, flag in (
+                    ("calibration", caps.needs_calibration),
+                    ("training", caps.needs_training),
+                )
+                if flag
+            ]
+            out.print(("\n" if index else "") + name, style="bold", markup=False, highlight=False)
+            facts = [
+                ("bits", " ".join(caps.allowed_bits())),
+                (
+                    "runtimes",
+                    " ".join(r for r in registry.runtimes.names() if _runs(name, _runtime_caps(r))),
+                ),
+                ("needs", ", ".join(needs) or "-"),
+            ]
+            for key, value in facts:
+                out.print(f"  {key + ':':<10}{value}", markup=False, highlight=False)
+            options = cls.Config.model_fields
+            if options:
+                out.print("  options:", markup=False, highlight=False)
+            for key, field in options.items():
+                shown = (
+                    "(required)"
+                    if field.is_required()
+                    else option_text(field.get_default(call_default_factory=True))
+                )
+                out.print(f"    {key}: {shown}", markup=False, highlight=False, soft_wrap=False)
     getattr(registry, kind.value).failed()  # loading warns once per broken plugin
+
+
+def option_text(value: object) -> str:
+    """An option's default as it would be written in YAML (flow style), not a Python repr."""
+    from pydantic import BaseModel
+
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    elif isinstance(value, StrEnum):
+        value = value.value
+    return json.dumps(value, default=str) if not isinstance(value, str) else value
 
 
 def _runtime_caps(runtime: str) -> Any:

@@ -22,7 +22,7 @@ _SOURCE_HELP = (
     "a report.json, or an MLflow experiment: mlflow:NAME (its latest sweep), "
     "mlflow:NAME@K (sweep K: 0 the first, -1 the latest, -2 the one before) or a bare NAME"
 )
-_TRACKING_HELP = "MLflow tracking URI for experiment names (default ./mlruns)"
+_TRACKING_HELP = "MLflow tracking URI for experiment names (default sqlite:///mlruns/mlflow.db)"
 
 
 def report(

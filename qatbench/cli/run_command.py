@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
 
 from qatbench.cli.output import err, expand_globs, out
+from qatbench.cli.quiet import ThirdPartyLog, third_party_to
 from qatbench.cli.report_commands import print_comparison
 from qatbench.errors import ConfigError
 
@@ -36,7 +38,10 @@ def run(
         ),
     ],
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default: the YAML's, else ./mlruns)")
+        str | None,
+        typer.Option(
+            help="MLflow tracking URI (default: the YAML's, else sqlite:///mlruns/mlflow.db)"
+        ),
     ] = None,
     output_dir: Annotated[Path, typer.Option(help="folder for per-run reports")] = Path("reports"),
     resume: Annotated[
@@ -52,8 +57,9 @@ def run(
         str | None,
         typer.Option(
             help="after the sweep, compare it with this one: 'previous' (the experiment's "
-            "sweep before this one in MLflow), a report.json, or mlflow:EXPERIMENT[@K]; "
-            "exit 1 when a --gate is breached"
+            "last full sweep before this one in MLflow; partial pytest runs are skipped), a "
+            "report.json, or mlflow:EXPERIMENT[@K] (any sweep, partial ones too); exit 1 "
+            "when a --gate is breached"
         ),
     ] = None,
     gate: Annotated[
@@ -89,6 +95,23 @@ def run(
             "a CI matrix job; combine the reports with qatbench merge"
         ),
     ] = None,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="show what the libraries underneath print (warnings, progress bars, MLflow's "
+            "messages) instead of writing it to qatbench.log in the sweep folder",
+        ),
+    ] = False,
+    wide: Annotated[
+        bool,
+        typer.Option(
+            "--wide",
+            help="results table with every column (each batch size, latency, error, ONNX) at "
+            "full width, instead of the key figures in 100 columns",
+        ),
+    ] = False,
 ) -> None:
     """Run experiments: every model x method x bits x runtime trial, logged and reported."""
     from qatbench.report.compare import parse_gates
@@ -104,19 +127,36 @@ def run(
             _plan(path, output_dir, resume, part) for path in expand_globs(files)
         ]  # check first
         code = 0
-        for path, report in plans:
-            if report is None:
-                outcome = run_experiment(
-                    path,
-                    tracking_uri=tracking_uri,
-                    output_root=output_dir,
-                    executor=pool,
-                    shard=part,
-                )
-            else:
-                outcome = resume_experiment(report, tracking_uri=tracking_uri, executor=pool)
-            code = max(code, _finish_run(outcome, baseline, gates, tracking_uri))
+        with _quiet_unless(verbose, output_dir) as log:
+            for path, report in plans:
+                if report is None:
+                    outcome = run_experiment(
+                        path,
+                        tracking_uri=tracking_uri,
+                        output_root=output_dir,
+                        executor=pool,
+                        shard=part,
+                    )
+                else:
+                    outcome = resume_experiment(report, tracking_uri=tracking_uri, executor=pool)
+                if log is not None and not log.moved:
+                    log.move_to(outcome.report_json.parent)
+                code = max(code, _finish_run(outcome, baseline, gates, tracking_uri, wide))
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _quiet_unless(verbose: bool, output_dir: Path) -> Iterator[ThirdPartyLog | None]:
+    """Third-party output to a log (see qatbench.cli.quiet) unless ``verbose``."""
+    if verbose:
+        yield None
+        return
+    log = ThirdPartyLog(output_dir)
+    try:
+        with third_party_to(log):
+            yield log
+    finally:
+        log.close()
 
 
 @contextlib.contextmanager
@@ -140,7 +180,11 @@ def _executor(kind: ExecutorKind, address: str | None, one_per_node: bool) -> It
 
 
 def _finish_run(
-    outcome: RunOutcome, baseline: str | None, gates: list[Gate], tracking_uri: str | None
+    outcome: RunOutcome,
+    baseline: str | None,
+    gates: list[Gate],
+    tracking_uri: str | None,
+    wide: bool = False,
 ) -> int:
     """Print what one sweep did; its exit code (after the baseline comparison, if any)."""
     if outcome.interrupted:
@@ -155,6 +199,7 @@ def _finish_run(
             soft_wrap=True,
         )
         raise typer.Exit(outcome.exit_code)
+    print_results(outcome.record, wide)
     finished = sum(t.ok for t in outcome.record.trials)
     shard = outcome.record.experiment.get("shard")
     out.print(
@@ -177,6 +222,28 @@ def _finish_run(
     return code
 
 
+def print_results(record: RunRecord, wide: bool = False) -> None:
+    """The sweep's results table on stdout: 100 columns at most (a log gets 100), or
+    every column at full width with ``wide``."""
+    from qatbench.report.summary import NARROW_WIDTH, results_table
+
+    if not record.trials:
+        return
+    if out.is_terminal:
+        width = out.width if wide else min(out.width, NARROW_WIDTH)
+    else:
+        width = 4 * NARROW_WIDTH if wide else NARROW_WIDTH
+    # A console of its own: print(width=) can only narrow ``out``, and ``out`` stays as it is.
+    console = Console(
+        file=out.file,
+        width=width,
+        force_terminal=out.is_terminal,
+        color_system=out.color_system,  # type: ignore[arg-type]  # None: no colour
+        soft_wrap=False,
+    )
+    console.print(results_table(record, wide=wide))
+
+
 def _judge_against_baseline(
     record: RunRecord, baseline: str, gates: list[Gate], tracking_uri: str | None
 ) -> int:
@@ -191,11 +258,20 @@ def _judge_against_baseline(
         here = (
             ids.index(record.tracking["sweep"]) if record.tracking.get("sweep") in ids else len(ids)
         )
-        if here == 0:
-            out.print(f"baseline: no sweep of {name!r} before this one; nothing to compare")
+        # A partial sweep (pytest --qatbench -k ...) is no baseline: name it as mlflow:NAME@K.
+        before = [s for s in sweeps[:here] if not s.partial]
+        if not before:
+            partial = f" ({here} partial, not compared)" if here else ""
+            word = "full sweep" if here else "sweep"
+            out.print(
+                f"baseline: no {word} of {name!r} before this one{partial}; nothing to compare"
+            )
             return 0
-        reference = sweep_record(name, uri, experiment_id, sweeps[here - 1])
-        label = f"previous sweep {sweeps[here - 1].id}"
+        reference = sweep_record(name, uri, experiment_id, before[-1])
+        skipped = here - sweeps.index(before[-1]) - 1  # every sweep between is partial
+        label = f"previous sweep {before[-1].id}" + (
+            f" (skipping {skipped} partial)" if skipped else ""
+        )
     else:
         reference = load_record(baseline, tracking_uri)
         label = baseline

@@ -13,7 +13,7 @@ from qatbench.cli.output import out
 
 def selftest(
     tracking_uri: Annotated[
-        str | None, typer.Option(help="MLflow tracking URI (default ./mlruns)")
+        str | None, typer.Option(help="MLflow tracking URI (default sqlite:///mlruns/mlflow.db)")
     ] = None,
 ) -> None:
     """Check the timer, a workload of known ratio and an A/A comparison; log to MLflow."""

@@ -27,13 +27,14 @@ torch and mlflow load only once a trial runs.
 from __future__ import annotations
 
 import glob
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from qatbench.pytest_plugin.items import MARKER, ExperimentFile
-from qatbench.pytest_plugin.session import INI_TRACKING_URI, SESSION_STATE
+from qatbench.pytest_plugin.session import INI_TRACKING_URI, SESSION_STATE, session_state
 
 INI_EXPERIMENTS = "qatbench_experiments"
 
@@ -153,16 +154,49 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         state.finish()
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Note each experiment file of which only part of the grid was selected (-k, -m, node
+    ids): its sweep is tagged partial, so that ``--baseline previous`` passes over it."""
+    from qatbench.pytest_plugin.items import TrialItem
+
+    selected: dict[str, set[str]] = {}
+    totals: dict[str, int] = {}
+    for item in session.items:
+        if isinstance(item, TrialItem):
+            name = item.spec.tracking.experiment or item.spec.name
+            selected.setdefault(name, set()).add(item.trial.id)
+            totals[name] = len(item.spec.expand())
+    state = session_state(session.config)
+    for name, ids in selected.items():
+        if len(ids) < totals[name]:
+            state.partial[name] = (len(ids), totals[name])
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = config.stash.get(SESSION_STATE, None)
     if state is None or not state.experiments:
         return
+    from rich.console import Console
+
+    from qatbench.report.summary import NARROW_WIDTH, results_table
+
     terminalreporter.section("qatbench")
     for run in state.experiments.values():
         tracking = run.record.tracking
+        if run.record.trials:
+            console = Console(
+                file=io.StringIO(),
+                width=NARROW_WIDTH,
+                force_terminal=terminalreporter.hasmarkup,
+                soft_wrap=False,
+            )
+            console.print(results_table(run.record))
+            terminalreporter.write(console.file.getvalue())  # type: ignore[attr-defined]
+        partial = run.record.experiment.get("partial")
         terminalreporter.write_line(
-            f"{tracking.get('experiment')}: {len(run.record.trials)} trials; "
-            f"mlflow {tracking.get('uri')}"
+            f"{tracking.get('experiment')}: {len(run.record.trials)} trials"
+            + (f" (partial: {partial}; not a --baseline previous)" if partial else "")
+            + f"; mlflow {tracking.get('uri')}"
         )
         terminalreporter.write_line(f"  report.json: {run.report_json}")
         terminalreporter.write_line(f"  report.html: {run.report_html}")

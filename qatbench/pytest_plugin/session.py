@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from qatbench.tracking.tracker import Tracker
 
 INI_TRACKING_URI = "qatbench_tracking_uri"
+PARTIAL_TAG = "qatbench.partial"  # = qatbench.report.sources.PARTIAL_TAG
 
 
 @dataclass
@@ -75,6 +76,9 @@ class SessionState:
     config: pytest.Config
     started: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
     experiments: dict[tuple[str, str], ExperimentRun] = field(default_factory=dict)
+    # Experiments of which only part of the grid was selected (-k, -m, a node id), with
+    # (selected, total) trials: their sweeps are tagged partial, no --baseline previous.
+    partial: dict[str, tuple[int, int]] = field(default_factory=dict)
     _executor: LocalProcessExecutor | None = None
 
     @property
@@ -122,8 +126,14 @@ class SessionState:
 
             tracker = Tracker(uri, name, root=self.root)
             env = fingerprint(threads=threads)
+            experiment: dict[str, Any] = {"name": name, "source": source, "spec": spec}
+            tags = _tags(env)
+            if name in self.partial:
+                selected, total = self.partial[name]
+                experiment["partial"] = f"{selected} of {total} trials"
+                tags[PARTIAL_TAG] = "true"
             record = RunRecord(
-                experiment={"name": name, "source": source, "spec": spec},
+                experiment=experiment,
                 created=self.started.isoformat(timespec="seconds"),
                 env=env,
                 tracking={
@@ -134,7 +144,7 @@ class SessionState:
                 },
             )
             run_dir = folders.new_run_dir(self.output_root, name, self.started)
-            run = ExperimentRun(tracker, record, run_dir, _tags(env))
+            run = ExperimentRun(tracker, record, run_dir, tags)
             run.record.save(run.report_json)
             self.experiments[key] = run
         return self.experiments[key]

@@ -30,6 +30,7 @@ from qatbench.report.html_format import (
     BASELINE_METHOD,
     BASELINE_RUNTIME,
     FORMATS,
+    SQNR_EXACT_DB,
     finite_metric,
     method_label,
     run_link,
@@ -40,7 +41,21 @@ from qatbench.results import RunRecord, TrialResult, write_text_atomic
 TEMPLATES = Path(__file__).parent / "templates"
 _BATCH_METRIC = re.compile(r"^(?:latency_p50_ms|throughput_per_s|speedup_vs_fp32)_b(\d+)$")
 
-# Table columns as (metric, header, format kind); "{n}" stands for a batch size.
+# Table columns as (metric, header, format kind); "{n}" stands for a batch size. The task
+# quality and error columns come first after the trial, so they are in view on any screen.
+_QUALITY_COLUMNS = (
+    ("accuracy", "accuracy %", "acc"),
+    # language models (text data): quality
+    ("perplexity", "perplexity", "num"),
+    ("perplexity_delta_vs_fp32", "Δ ppl", "delta"),
+    ("next_token_accuracy", "next-token acc %", "pct_points"),
+    ("mse", "mse", "sci"),
+    ("max_abs_error", "max |err|", "sci"),
+    ("sqnr_db", "SQNR dB", "db"),
+    ("cosine", "cosine", "cos"),
+    ("onnx_parity_max_abs", "ONNX parity", "sci"),
+    ("int_op_fraction", "int ops", "pct"),
+)
 _HEAD_COLUMNS = (
     ("size_bytes", "size", "bytes"),
     ("compression_ratio", "compression", "ratio"),
@@ -53,21 +68,11 @@ _BATCH_COLUMNS = (
 )
 _TAIL_COLUMNS = (
     ("peak_rss_bytes", "peak RSS", "bytes"),
-    ("mse", "mse", "sci"),
-    ("max_abs_error", "max |err|", "sci"),
-    ("sqnr_db", "SQNR dB", "db"),
-    ("cosine", "cosine", "cos"),
-    ("accuracy", "accuracy", "acc"),
-    # language models (text data): quality, then generation at batch 1
-    ("perplexity", "perplexity", "num"),
-    ("perplexity_delta_vs_fp32", "Δ ppl", "delta"),
-    ("next_token_accuracy", "next-token acc %", "pct_points"),
+    # language models: generation at batch 1
     ("prefill_latency_p50_ms", "prefill ms", "num"),
     ("decode_tokens_per_s", "decode tok/s", "num"),
     ("kv_cache_bytes", "KV cache", "bytes"),
     ("onnx_size_bytes", "ONNX size", "bytes"),
-    ("onnx_parity_max_abs", "ONNX parity", "sci"),
-    ("int_op_fraction", "int ops", "pct"),
 )
 # Cells whose second line is the change against the fp32 baseline.
 _DELTA_NOTES = frozenset({"size_bytes", "accuracy", "next_token_accuracy"})  # ppl: own column
@@ -107,6 +112,38 @@ def best_trial(
     }
 
 
+# The quality card: the first task metric a model's trials report, (metric, title, kind, lowest).
+_QUALITY_CARDS = (
+    ("accuracy", "best accuracy (quantized)", "pct_points", False),
+    ("next_token_accuracy", "best next-token accuracy (quantized)", "pct_points", False),
+    ("perplexity", "lowest perplexity (quantized)", "num", True),
+)
+
+
+def best_quality(trials: list[TrialResult], baseline: TrialResult | None) -> dict[str, Any] | None:
+    """The quantized trial with the best task metric, with its change against fp32."""
+    quantized = [t for t in trials if t.method != BASELINE_METHOD]
+    for metric, title, kind, lowest in _QUALITY_CARDS:
+        best = best_trial(quantized, metric, lowest=lowest, kind=kind)
+        if best is None:
+            continue
+        if kind == "pct_points":
+            best["text"] += "%"
+        trial = next(t for t in quantized if t.id == best["id"])
+        value, base = (
+            finite_metric(trial, metric),
+            finite_metric(baseline, metric) if baseline else None,
+        )
+        best["title"] = title
+        best["delta"] = (
+            f"Δ {value - base:+.2f} vs fp32 ({FORMATS[kind](base)})"
+            if value is not None and base is not None
+            else ""
+        )
+        return best
+    return None
+
+
 def _columns(trials: list[TrialResult]) -> list[dict[str, str]]:
     """The canonical metric columns that at least one of ``trials`` reports, in a fixed order."""
     batched = [
@@ -115,7 +152,7 @@ def _columns(trials: list[TrialResult]) -> list[dict[str, str]]:
     present = {name for t in trials for name in t.metrics}
     return [
         {"metric": m, "header": h, "kind": k}
-        for m, h, k in (*_HEAD_COLUMNS, *batched, *_TAIL_COLUMNS)
+        for m, h, k in (*_QUALITY_COLUMNS, *_HEAD_COLUMNS, *batched, *_TAIL_COLUMNS)
         if m in present
     ]
 
@@ -130,7 +167,7 @@ def _delta_note(trial: TrialResult, metric: str, baseline: TrialResult | None) -
         return f"{value / base - 1:+.1%} vs fp32" if base else ""
     recorded = finite_metric(trial, f"{metric}_delta_vs_fp32")
     delta = recorded if recorded is not None else (value - base if base is not None else None)
-    return "" if delta is None else f"Δ {delta:+.4f}"
+    return "" if delta is None else f"Δ {delta:+.2f}"
 
 
 def _ci_note(trial: TrialResult, metric: str) -> str:
@@ -158,7 +195,8 @@ def _cell(
         note = _delta_note(trial, metric, baseline)
     else:
         note = "mismatch" if flag else ""
-    return {"text": FORMATS[column["kind"]](raw), "value": repr(raw), "note": note, "flag": flag}
+    text = "exact" if metric == "sqnr_db" and raw >= SQNR_EXACT_DB else FORMATS[column["kind"]](raw)
+    return {"text": text, "value": repr(raw), "note": note, "flag": flag}
 
 
 def _tracking_view(tracking: dict[str, Any]) -> dict[str, str]:
@@ -227,6 +265,7 @@ def _model_view(name: str, trials: list[TrialResult], index: int, page: Page) ->
             "error": best_trial(
                 [t for t in trials if t.method != BASELINE_METHOD], "mse", lowest=True, kind="sci"
             ),
+            "quality": best_quality(trials, baseline),
         },
         "pareto": {
             key: [trial_label(t) for t in trials if t.id in ids] for key, ids in fronts.items()

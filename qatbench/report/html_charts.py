@@ -9,6 +9,7 @@ which ``chart.svg.j2`` only draws.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,8 @@ PALETTE = (
 BASELINE_COLOR = "#8c8c8c"
 CHART_W, CHART_H = 460, 280
 CHART_MARGIN = {"left": 60, "right": 16, "top": 14, "bottom": 42}
+OVERLAP_PX = 4.0  # marks closer than this on both axes would hide each other
+SPREAD_PX = 6.0  # ... and are drawn on a ring of this radius around their point
 
 
 def pareto_front(points: Iterable[tuple[str, float, float]]) -> list[str]:
@@ -118,6 +121,35 @@ def _error_bars(
     }
 
 
+def spread_overlaps(marks: list[dict[str, Any]]) -> None:
+    """Move marks that would hide each other (within :data:`OVERLAP_PX`) onto a small ring
+    around their common point, each keeping its own title, which then names the overlap.
+
+    The ring is a drawing aid only: the marks' data stay in their titles and the table."""
+    groups: list[list[dict[str, Any]]] = []
+    for mark in marks:
+        for group in groups:
+            if (
+                abs(group[0]["cx"] - mark["cx"]) < OVERLAP_PX
+                and abs(group[0]["cy"] - mark["cy"]) < OVERLAP_PX
+            ):
+                group.append(mark)
+                break
+        else:
+            groups.append([mark])
+    for group in groups:
+        if len(group) < 2:
+            continue
+        cx, cy = group[0]["cx"], group[0]["cy"]
+        for i, mark in enumerate(group):
+            angle = 2 * math.pi * i / len(group) - math.pi / 2
+            dx, dy = SPREAD_PX * math.cos(angle), SPREAD_PX * math.sin(angle)
+            mark["cx"], mark["cy"] = round(cx + dx, 1), round(cy + dy, 1)
+            if mark["bar"]:
+                mark["bar"] = {k: round(v + dx, 1) for k, v in mark["bar"].items()}
+            mark["title"] += f"\n(one of {len(group)} trials at the same point: spread apart)"
+
+
 def scatter_chart(
     trials: list[TrialResult],
     x_metric: str,
@@ -157,6 +189,7 @@ def scatter_chart(
                 "title": f"{pid}\n{trial_label(t)}\nmse {err:.3g} · {x_label} {x:.3g}{ci_text}",
             }
         )
+    spread_overlaps(marks)
     frontier = sorted((mk for mk in marks if mk["front"]), key=lambda mk: mk["cx"])
     return {
         "title": title,

@@ -24,6 +24,7 @@ from qatbench.errors import ConfigError
 from qatbench.results import RunRecord, TrialFailure, TrialResult
 
 SWEEP_TAG = "qatbench.sweep"  # = qatbench.tracking.tracker.SWEEP_TAG, without importing mlflow
+PARTIAL_TAG = "qatbench.partial"  # "true" on the runs of a sweep of part of a grid (pytest -k)
 _ENDED = ("FINISHED", "FAILED")
 MLFLOW_PREFIX = "mlflow:"
 _T = TypeVar("_T")
@@ -38,6 +39,7 @@ class Sweep:
     started: str  # UTC, ISO 8601: when its first run started
     trials: tuple[TrialResult, ...]
     env: dict[str, Any]  # rebuilt from the runs' ``env.*`` tags
+    partial: bool = False  # a run of part of the grid (pytest -k): no baseline by default
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,7 @@ def _sweep(group: list[dict[str, Any]], ordinal: int) -> Sweep:
         started=_iso(group[0].get("start_time")),
         trials=tuple(trial_from_run(r) for r in group),
         env=_env(group),
+        partial=any(r.get("tags", {}).get(PARTIAL_TAG) == "true" for r in group),
     )
 
 

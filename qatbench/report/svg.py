@@ -70,11 +70,24 @@ class Scale:
         return ticks if len(ticks) >= 2 else self.ticks()
 
 
-def linear_domain(values: Sequence[float]) -> tuple[float, float]:
-    """Padded ``(lo, hi)`` around ``values``; a single value gets a window around it."""
+MIN_RELATIVE_SPAN = 0.02  # a linear axis spans at least 2% of its largest magnitude
+
+
+def linear_domain(
+    values: Sequence[float], min_relative_span: float = MIN_RELATIVE_SPAN
+) -> tuple[float, float]:
+    """Padded ``(lo, hi)`` around ``values``; a single value gets a window around it.
+
+    The axis spans at least ``min_relative_span`` of the largest magnitude, centred on the
+    values, so that 0.99999 against 1.0 does not fill the chart like a real difference."""
     lo, hi = min(values), max(values)
     pad = (hi - lo) * 0.08 or max(abs(lo) * 0.1, 0.5)
-    return lo - pad, hi + pad
+    lo, hi = lo - pad, hi + pad
+    least = min_relative_span * max(abs(lo), abs(hi))
+    if hi - lo < least:
+        middle = (lo + hi) / 2
+        lo, hi = middle - least / 2, middle + least / 2
+    return lo, hi
 
 
 def log_domain(values: Sequence[float]) -> tuple[float, float]:

@@ -48,6 +48,33 @@ def _context() -> Any:
     return _CTX
 
 
+def start_worker_server(output: Path | None = None) -> None:
+    """Start the forkserver that workers fork from (and multiprocessing's resource tracker)
+    now, with their stdout and stderr on the file ``output`` when given, so that whatever
+    libraries print in workers (import-time warnings, progress bars, leak notes at exit)
+    goes there. A no-op for what already runs."""
+    from multiprocessing import forkserver, resource_tracker
+
+    _context()
+    if output is None:
+        forkserver.ensure_running()
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    saved = (os.dup(1), os.dup(2))
+    try:
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        resource_tracker.ensure_running()  # the forkserver shares it
+        forkserver.ensure_running()
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (log, *saved):
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class WorkerContext:
     """What a worker forked from the long-lived forkserver must take from its parent now:
@@ -185,6 +212,8 @@ class LocalProcessExecutor:
     def __init__(self, context: WorkerContext | None = None) -> None:
         self._current: Any = None
         self._context = context
+        # Called with (trial id, phase) as the worker enters each lifecycle phase.
+        self.on_phase: Callable[[str, str], None] | None = None
 
     def run(self, trial: TrialSpec, out_dir: Path, timeout_s: float) -> TrialResult:
         out_dir = Path(out_dir).absolute()
@@ -217,6 +246,8 @@ class LocalProcessExecutor:
                         return _died(trial, phase, process)
                     if kind == "phase":
                         phase = payload
+                        if self.on_phase is not None:
+                            self.on_phase(trial.id, phase)
                     else:
                         return TrialResult.from_dict(payload)
                 elif not process.is_alive():

@@ -20,23 +20,17 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from qatbench.errors import QatbenchError
 from qatbench.measure.passes import pass_specs, pool
 from qatbench.report.html import write_html
+from qatbench.report.summary import baseline_for
 from qatbench.results import RunRecord, TrialResult, write_text_atomic
 from qatbench.spec.schema import ExperimentSpec, TrialSpec
 from qatbench.sweep import folders
 from qatbench.sweep.executor import Executor, Job, LocalProcessExecutor, results_as_completed
 from qatbench.sweep.outcome import RunOutcome, check_expectations
+from qatbench.sweep.progress import SweepProgress
 from qatbench.sweep.signals import shielded, signals_interrupt
 from qatbench.tracking.tags import env_tags, trial_env_tags
 
@@ -77,17 +71,18 @@ class SweepLoop:
             done = {t.id for t in self.record.trials}
             todo = [t for t in self.trials if t.id not in done]
             try:
-                with signals_interrupt(), self._progress(len(todo)) as advance:
+                progress = SweepProgress(self.console, len(todo))
+                with signals_interrupt(), progress.shown(), self._phases_to(progress):
                     pending = []
                     for trial in todo:  # what an interrupted attempt got to, then the rest
                         recovered = self._recover(trial)
                         if recovered is None:
                             pending.append(trial)
                         else:
-                            self._record(recovered, advance)
+                            self._record(recovered, progress)
 
                     def started(job: Job) -> None:
-                        advance(job.trial.id, False)
+                        progress.started(job.trial.id)
 
                     jobs = self._jobs(pending)
                     for trial, result in self._pooled(
@@ -97,7 +92,7 @@ class SweepLoop:
                         write_text_atomic(
                             out_dir / RESULT_FILE, json.dumps(result.to_dict(), indent=2)
                         )
-                        self._record(result.with_run_id(self._log(result)), advance)
+                        self._record(result.with_run_id(self._log(result)), progress)
                     self._log_unlogged(done)
             except KeyboardInterrupt as exc:
                 interrupted = getattr(exc, "signal_name", "SIGINT")
@@ -123,12 +118,12 @@ class SweepLoop:
             )
         return outcome
 
-    def _record(self, result: TrialResult, advance: Callable[[str, bool], None]) -> None:
-        """Add a logged result to report.json, advance the bar, name a failure."""
+    def _record(self, result: TrialResult, progress: SweepProgress) -> None:
+        """Add a logged result to report.json, tell the progress, name a failure."""
         self.record = self.record.with_trial(result)
         self.record.save(self.json_path)
-        advance(result.id, True)
-        if not result.ok and result.error:
+        progress.finished(result, baseline_for(self.record, result))
+        if progress.live and not result.ok and result.error:
             self.console.print(
                 f"[red]failed[/] {escape(result.id)}: "
                 f"{escape(result.error.phase)}: {escape(result.error.reason)}",
@@ -211,22 +206,16 @@ class SweepLoop:
             return None
 
     @contextmanager
-    def _progress(self, total: int) -> Iterator[Callable[[str, bool], None]]:
-        columns = (
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=self.console, transient=False) as progress:
-            task = progress.add_task("starting", total=total)
-
-            def advance(trial_id: str, done: bool) -> None:
-                progress.update(task, description=trial_id, advance=1 if done else 0)
-
-            yield advance
+    def _phases_to(self, progress: SweepProgress) -> Iterator[None]:
+        """Phase reports of the local executor's workers go to ``progress`` in the block."""
+        if not isinstance(self.executor, LocalProcessExecutor):
+            yield
+            return
+        self.executor.on_phase = progress.phase
+        try:
+            yield
+        finally:
+            self.executor.on_phase = None
 
 
 def _read_result(path: Path, trial_id: str) -> TrialResult | None:

@@ -1,7 +1,15 @@
-"""A trial's ONNX graph logged to its run as an MLflow ONNX-flavour model, with a signature."""
+"""A trial's ONNX graph logged to its run as an MLflow ONNX-flavour model, with a signature.
+
+The logged model is named by the trial id (``runs:/<run id>/<trial id>``, characters MLflow
+refuses in model names, such as the ``.`` of a variant's label, written ``_``; the run's page
+in the MLflow UI lists it under "Logged models", the experiment's "Models" tab lists them all)
+and carries the tag ``qatbench.trial_id``. Below :data:`EMBED_LIMIT_BYTES` the weights are
+inside ``model.onnx``, so that the one file downloaded from the UI loads with ``onnx.load``.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +17,15 @@ from mlflow import MlflowClient
 
 from qatbench.tracking.store import no_progress_bars
 
-ONNX_MODEL_NAME = "onnx_model"  # the logged ONNX-flavour model of a trial's run
+TRIAL_TAG = "qatbench.trial_id"  # = qatbench.tracking.tracker.TRIAL_TAG
+# A protobuf message holds at most 2 GiB: larger graphs keep their weights beside model.onnx
+# (download the model's folder whole, or use mlflow.onnx.load_model).
+EMBED_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
+
+
+def model_name(trial_id: str) -> str:
+    """The trial id as an MLflow model name (no ``/ : . % " '``)."""
+    return re.sub(r"[/:.%\"']", "_", trial_id)
 
 
 def log_onnx_model(
@@ -19,12 +35,14 @@ def log_onnx_model(
     run_id: str,
     path: Path,
     example: str | None = None,
+    trial_id: str = "onnx_model",
 ) -> None:
-    """Log the ONNX graph at ``path`` with MLflow's ONNX flavour as ``onnx_model`` of the
-    run: loadable with ``mlflow.onnx.load_model`` or ``mlflow.pyfunc.load_model``
-    (``runs:/<run id>/onnx_model``), with a signature read from the graph (a dynamic
+    """Log the ONNX graph at ``path`` with MLflow's ONNX flavour as the model ``trial_id``
+    of the run: loadable with ``mlflow.onnx.load_model`` or ``mlflow.pyfunc.load_model``
+    (``runs:/<run id>/<trial id>``), with a signature read from the graph (a dynamic
     dimension is -1) and, when the worker saved one (``example``, a ``.npy`` file), an
-    input example. The graph is stored once, in the logged model (``model.onnx``)."""
+    input example. The graph is stored once, in the logged model (``model.onnx``, weights
+    inside below :data:`EMBED_LIMIT_BYTES`)."""
     import mlflow.onnx  # heavy: only runs that have a graph pay for it
     import numpy as np
     import onnx
@@ -36,18 +54,29 @@ def log_onnx_model(
     # would put it in the fluent API's active experiment); log_model, which works on
     # the fluent client, is pointed at this store for the call only. Explicit
     # requirements skip MLflow's dependency inference (a subprocess).
-    logged = client.create_logged_model(experiment_id, name=ONNX_MODEL_NAME, source_run_id=run_id)
+    logged = client.create_logged_model(
+        experiment_id, name=model_name(trial_id), source_run_id=run_id, tags={TRIAL_TAG: trial_id}
+    )
     with _use_tracking_uri(uri), no_progress_bars():
         mlflow.onnx.log_model(
             model,
-            name=ONNX_MODEL_NAME,
+            name=model_name(trial_id),
             input_example=input_example,
             signature=onnx_signature(model),
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),
             onnx_execution_providers=["CPUExecutionProvider"],  # what qatbench measured
             model_id=logged.model_id,
             run_id=run_id,
+            save_as_external_data=not _embeddable(model),
         )
+
+
+def _embeddable(model: Any) -> bool:
+    """Whether the graph with its weights fits one protobuf file."""
+    try:
+        return bool(model.ByteSize() < EMBED_LIMIT_BYTES)
+    except (ValueError, OverflowError):  # protobuf refuses to size a message over 2 GiB
+        return False
 
 
 def onnx_signature(model: Any) -> Any:

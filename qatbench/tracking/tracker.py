@@ -107,7 +107,7 @@ class Tracker:
         with dotted keys; ``tags`` are added to qatbench's own, which take precedence;
         ``sweep`` becomes the tag ``qatbench.sweep``. The ONNX file
         (``result.artifacts["onnx"]``) is logged once, as an MLflow ONNX-flavour model named
-        ``onnx_model`` (:func:`~qatbench.tracking.onnx_model.log_onnx_model`), and the result
+        by the trial id (:func:`~qatbench.tracking.onnx_model.log_onnx_model`), and the result
         itself, with its run id, as ``trial.json``; the run then ends FINISHED, or FAILED for
         a failed trial (the reason is in the tag ``qatbench.error``). A run whose logging
         broke off is left without ``trial.json`` (see :meth:`recover`).
@@ -130,7 +130,9 @@ class Tracker:
             if "onnx" in result.artifacts:
                 example = result.artifacts.get("onnx_input_example")
                 path = Path(result.artifacts["onnx"])
-                log_onnx_model(self._client, self.uri, self.experiment_id, run_id, path, example)
+                log_onnx_model(
+                    self._client, self.uri, self.experiment_id, run_id, path, example, result.id
+                )
             trial = result.with_run_id(run_id).to_dict()
             self._client.log_text(run_id, json.dumps(trial, indent=2), "trial.json")
             self._client.set_terminated(run_id, "FINISHED" if result.ok else "FAILED")
