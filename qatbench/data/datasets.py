@@ -39,7 +39,7 @@ class TaskData:
 def load_data(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
     """The dataset named in ``spec``, split with ``seed``."""
     if spec.dataset == "digits":
-        return _digits(spec, seed)
+        return _digits(spec, example, seed)
     if spec.dataset == "text":
         from qatbench.data.text import load_text
 
@@ -54,13 +54,15 @@ def load_data(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
     return _synthetic(spec, example, seed)
 
 
-def _digits(spec: DataSpec, seed: int) -> TaskData:
+def _digits(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
     from sklearn.datasets import load_digits  # ships the data inside the package
 
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False).squeeze(1)
     x = (x - x.mean()) / x.std()
+    if example[0].numel() == x[0].numel():  # [N, 28, 28] for the MLP, [N, 1, 28, 28] for CNNs
+        x = x.reshape(len(x), *example.shape[1:])
     y = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_eval = min(spec.eval_samples, len(x) // 3)

@@ -69,6 +69,9 @@ ALL_RUNTIMES = frozenset({"torch", "onnxruntime"})
 # converted model whole (qatbench's fbgemm-backed layers cannot be: their quantized
 # tensors have no fake-tensor support, so dynamo would fall back to eager around them).
 COMPILED = frozenset({"torch_compile"})
+# Values of ``Capabilities.layer_types``: the default, and Linear plus 1-d and 2-d convolutions.
+LINEAR_ONLY = frozenset({"Linear"})
+LINEAR_AND_CONV = frozenset({"Linear", "Conv1d", "Conv2d"})
 
 
 class MethodConfig(BaseModel):
@@ -87,6 +90,10 @@ class Capabilities:
     ``runtimes`` names what can execute the converted model: ``torch`` (eager),
     ``torch_compile`` (inductor; opt in with ``ALL_RUNTIMES | COMPILED``) and
     ``onnxruntime`` (the graph ``export`` writes).
+    ``layer_types`` names the ``torch.nn`` layer classes the method quantizes (``Linear``,
+    ``Conv1d``, ``Conv2d``); layers of other types are left as they are, and every trial
+    measures the share of the model's weight bytes that it did quantize
+    (``quantized_weight_fraction``).
     """
 
     weight_bits: frozenset[int] = frozenset()
@@ -95,6 +102,7 @@ class Capabilities:
     needs_calibration: bool = False
     needs_training: bool = False
     runtimes: frozenset[str] = field(default_factory=lambda: ALL_RUNTIMES)
+    layer_types: frozenset[str] = LINEAR_ONLY
 
     @property
     def quantizes(self) -> bool:
@@ -109,6 +117,10 @@ class Capabilities:
             f"w{w}a{a}" for w in sorted(self.weight_bits) for a in sorted(self.activation_bits)
         ]
         return labels
+
+    def layer_classes(self) -> tuple[type[torch.nn.Module], ...]:
+        """The ``torch.nn`` classes named in ``layer_types``."""
+        return tuple(getattr(torch.nn, name) for name in sorted(self.layer_types))
 
     def accepts(self, bits: BitWidth) -> bool:
         if not self.quantizes:

@@ -68,6 +68,7 @@ _TAIL_COLUMNS = (
     ("onnx_size_bytes", "ONNX size", "bytes"),
     ("onnx_parity_max_abs", "ONNX parity", "sci"),
     ("int_op_fraction", "int ops", "pct"),
+    ("quantized_weight_fraction", "quantized weights", "pct"),
 )
 # Cells whose second line is the change against the fp32 baseline.
 _DELTA_NOTES = frozenset({"size_bytes", "accuracy", "next_token_accuracy"})  # ppl: own column

@@ -34,6 +34,7 @@ from qatbench import registry
 from qatbench.data.datasets import TaskData, load_data
 from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError, TrialError
+from qatbench.measure import size
 from qatbench.methods.base import QuantMethod
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.weight_only_linear import kernel_summary
@@ -177,6 +178,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         candidate = _checked(method.convert(candidate), method, "convert").eval()
         state.details.update(kernel_summary(candidate))
         state.details["simulated"] = method.simulated
+        state.metrics["quantized_weight_fraction"] = size.quantized_weight_fraction(fp32, candidate)
 
     onnx_path = out_dir / "model.onnx"
     subjects = Subjects(fp32, candidate, fp32_onnx_metadata=_fp32_metadata())
@@ -184,6 +186,11 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         if "onnxruntime" in caps.runtimes:
             sample = data.eval_x[:1] if data.eval_x.shape[1:] == example[0].shape[1:] else None
             subjects.session = _export(trial, method, candidate, example, onnx_path, state, sample)
+            if subjects.session is not None and "torch" not in caps.runtimes:
+                # quantized while exporting: the torch model is fp32, the graph is not
+                state.metrics["quantized_weight_fraction"] = size.onnx_quantized_weight_fraction(
+                    fp32, onnx_path
+                )
         else:
             state.warnings.append(f"{method.name} runs in torch only: no ONNX export")
 
