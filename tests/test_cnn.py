@@ -245,3 +245,19 @@ class _ConvToucher(QuantMethod):
 def test_contract_catches_a_linear_only_method_that_changes_convs() -> None:
     with pytest.raises(AssertionError, match="names no Conv2d, but Conv2d"):
         check_method(_ConvToucher, "w8", model="cnn")
+
+
+def test_ort_static_quantizes_conv_by_default_when_the_graph_holds_conv(tmp_path: Path) -> None:
+    method_cls = registry.methods.get("ort_static")
+    model, (example,) = build_resnet_tiny()
+    model.eval()
+    x = torch.randn(8, *example.shape[1:])
+    method = method_cls(method_cls.Config(), BitWidth.parse("w8a8"))
+    method.calibrate(model, lambda m: m(x))
+    path = method.export(model, (example,), tmp_path / "model.onnx")
+    integer, floating = ortrt.kernel_counts(path, 1)
+    assert floating == 0 and integer >= 9  # every conv (and the classifier) runs integer
+    only_matmul = method_cls(method_cls.Config(op_types=["MatMul"]), BitWidth.parse("w8a8"))
+    only_matmul.calibrate(model, lambda m: m(x))
+    path = only_matmul.export(model, (example,), tmp_path / "matmul.onnx")
+    assert ortrt.kernel_counts(path, 1)[1] >= 9  # asked for MatMul only: convs stay float
