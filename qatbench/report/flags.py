@@ -7,6 +7,8 @@
 - ``partial``: the trial's bits are integer but under half of the model's weight bytes
   sit in layers it quantized (``quantized_weight_fraction`` < 0.5), whatever the method
   claims: e.g. a Linear-only method on a CNN.
+- ``degenerate``: the candidate's outputs are all zero, NaN or Inf, or the fp32 outputs
+  are too small to compare (``output_degenerate`` 1): no quality figure means anything.
 - ``parity``: onnxruntime disagrees with the torch model beyond the export check's
   tolerance (``onnx_parity_ok`` 0); the ONNX parity cell is marked too.
 """
@@ -97,7 +99,24 @@ def partial_flag(trial: TrialResult) -> Flag | None:
     )
 
 
+def degenerate_flag(trial: TrialResult) -> Flag | None:
+    """The ``degenerate`` badge: outputs that no quality metric can judge."""
+    if not trial.ok or _finite(trial, "output_degenerate") != 1.0:
+        return None
+    why = trial.details.get("output_degenerate", "degenerate outputs")
+    return Flag(
+        "degenerate",
+        "outputs degenerate",
+        f"{why}: cosine, SQNR and accuracy of this trial compare nothing, whatever they show",
+    )
+
+
 def trial_flags(trial: TrialResult) -> list[Flag]:
     """Every flag of ``trial``, in a fixed order."""
-    found = (parity_flag(trial), simulated_flag(trial), partial_flag(trial))
+    found = (
+        degenerate_flag(trial),
+        parity_flag(trial),
+        simulated_flag(trial),
+        partial_flag(trial),
+    )
     return [f for f in found if f is not None]

@@ -126,6 +126,11 @@ def measure(
 
     outputs = predict(run, data.eval_x, trial.data.batch_size)
     m.update(err.output_error(reference_out, outputs))
+    degenerate = err.degenerate_outputs(reference_out, outputs)
+    m["output_degenerate"] = float(degenerate is not None)
+    if degenerate is not None:
+        state.details["output_degenerate"] = degenerate
+        state.warnings.append(f"quality figures meaningless: {degenerate}")
     if session is not None and torch_runs:  # ort-only methods: no torch model to agree with
         _parity(trial, state, candidate, session, data)
     if data.eval_y is not None:  # accuracy, or perplexity and next-token accuracy
