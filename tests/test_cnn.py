@@ -261,3 +261,28 @@ def test_ort_static_quantizes_conv_by_default_when_the_graph_holds_conv(tmp_path
     only_matmul.calibrate(model, lambda m: m(x))
     path = only_matmul.export(model, (example,), tmp_path / "matmul.onnx")
     assert ortrt.kernel_counts(path, 1)[1] >= 9  # asked for MatMul only: convs stay float
+
+
+def test_qat_trains_folded_convs_and_converts_them_to_integer_convs() -> None:
+    from qatbench.data.datasets import TaskData
+    from qatbench.data.training import train_loop
+
+    model, (example,) = build_resnet_tiny(width=4)
+    _randomize_bn(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, *example.shape[1:], generator=gen)
+    y = torch.randint(0, 10, (32,), generator=gen)
+    data = TaskData("t", x, y, x[:16], x[:8], y[:8], 10)
+    method_cls = registry.methods.get("qat")
+    method = method_cls(method_cls.Config(steps=3), BitWidth.parse("w4a8"))
+    candidate = method.prepare(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in candidate.modules())
+    candidate = method.calibrate(candidate, lambda m: m(x[:16]))
+    stem_before = candidate.get_submodule("stem.0").linear.weight.detach().clone()
+    candidate = method.train(candidate, train_loop(data, 8, 0))
+    assert not torch.equal(candidate.get_submodule("stem.0").linear.weight, stem_before)
+    converted = method.convert(candidate).eval()
+    assert sum(isinstance(m, QuantizedConv) for m in converted.modules()) == 9
+    assert quantized_weight_fraction(model, converted) == 1.0
+    assert converted.get_submodule("stem.0").weight_bits == 4
