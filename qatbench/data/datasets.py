@@ -49,7 +49,8 @@ def load_data(spec: DataSpec, example: Batch, seed: int) -> TaskData:
     if problem:  # also checked at validate; a factory may build differently here
         raise ConfigError(problem)
     if spec.dataset == "digits":
-        return _digits(spec, seed)
+        assert isinstance(example, torch.Tensor)  # input_problem said so
+        return _digits(spec, example, seed)
     if spec.dataset == "text":
         from qatbench.data.text import load_text
 
@@ -85,11 +86,11 @@ def input_problem(spec: DataSpec, example: Batch) -> str | None:
         if (
             isinstance(example, torch.Tensor)
             and example.dtype.is_floating_point
-            and tuple(example.shape[1:]) == DIGITS_SAMPLE
+            and example[0].numel() == DIGITS_SAMPLE[0] * DIGITS_SAMPLE[1]
         ):
-            return None
+            return None  # [batch, 28, 28] for an MLP, [batch, 1, 28, 28] for a CNN
         return (
-            f"data.dataset 'digits' gives float inputs [batch, 28, 28]; this model's example "
+            f"data.dataset 'digits' gives 28x28 float images; this model's example "
             f"input is {describe(example)}"
         )
     if spec.dataset == "sentences":
@@ -140,13 +141,15 @@ def _structure_problem(batch: Batch, example: Batch) -> str | None:
     return None
 
 
-def _digits(spec: DataSpec, seed: int) -> TaskData:
+def _digits(spec: DataSpec, example: torch.Tensor, seed: int) -> TaskData:
     from sklearn.datasets import load_digits  # ships the data inside the package
 
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(images, size=(28, 28), mode="bilinear", align_corners=False).squeeze(1)
     x = (x - x.mean()) / x.std()
+    if example[0].numel() == x[0].numel():  # [N, 28, 28] for the MLP, [N, 1, 28, 28] for CNNs
+        x = x.reshape(len(x), *example.shape[1:])
     y = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     n_eval = min(spec.eval_samples, len(x) // 3)

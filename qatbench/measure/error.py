@@ -27,6 +27,26 @@ def output_error(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, flo
     }
 
 
+# fp32 outputs whose root-mean-square is below this carry no signal to compare against
+# (a randomly initialised MobileNetV3 in eval mode gives about 1e-9).
+TINY_REFERENCE_RMS = 1e-6
+
+
+def degenerate_outputs(reference: torch.Tensor, actual: torch.Tensor) -> str | None:
+    """Why no quality figure of ``actual`` against ``reference`` can be trusted, or None:
+    the candidate's outputs hold NaN or Inf or are all zero, or the fp32 outputs are too
+    small to compare (root-mean-square under :data:`TINY_REFERENCE_RMS`)."""
+    out = actual.detach().double()
+    if not bool(torch.isfinite(out).all()):
+        return "the outputs hold NaN or Inf"
+    if not bool(out.any()):
+        return "the outputs are all zero"
+    ref_rms = float(reference.detach().double().pow(2).mean().sqrt())
+    if not ref_rms >= TINY_REFERENCE_RMS:
+        return f"the fp32 outputs are too small to compare (rms {ref_rms:.2g})"
+    return None
+
+
 def accuracy_percent(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((logits.argmax(dim=-1) == labels).double().mean())
 

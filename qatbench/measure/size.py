@@ -31,3 +31,64 @@ def onnx_weight_bytes(path: Path) -> int:
         else:
             total += onnx.numpy_helper.to_array(init).nbytes
     return total
+
+
+def _layer_weight_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """``module name -> bytes`` of each module's own weight matrices and kernels (its
+    parameters of two or more dimensions: Linear, Conv, Embedding weights)."""
+    sizes: dict[str, int] = {}
+    for name, module in model.named_modules():
+        own = [p for p in module.parameters(recurse=False) if p.dim() >= 2]
+        if own:
+            sizes[name] = sum(p.numel() * p.element_size() for p in own)
+    return sizes
+
+
+def _still_float(before: torch.nn.Module, after: torch.nn.Module | None) -> bool:
+    if after is None or type(after) is not type(before):
+        return after is None
+    weight = getattr(after, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    plain = type(weight) in (torch.Tensor, torch.nn.Parameter) and not weight.is_quantized
+    return plain and weight.is_floating_point()
+
+
+def quantized_weight_fraction(fp32: torch.nn.Module, candidate: torch.nn.Module) -> float:
+    """Share of ``fp32``'s weight bytes (matrices and kernels) whose layer the candidate
+    replaced or stores in another format: 0 when it left every layer as it was.
+
+    A layer counts as quantized when the candidate's module of the same name is of another
+    class (an integer or fake-quant replacement) or holds its weight as integers or as a
+    tensor subclass (torchao). Missing from the candidate counts as not quantized. Casts
+    to bf16/fp16 keep the class and a floating weight, so they count as not quantized.
+    """
+    sizes = _layer_weight_bytes(fp32)
+    total = sum(sizes.values())
+    if not total:
+        return 0.0
+    quantized = 0
+    for name, nbytes in sizes.items():
+        try:
+            after: torch.nn.Module | None = candidate.get_submodule(name)
+        except AttributeError:
+            after = None
+        if not _still_float(fp32.get_submodule(name), after):
+            quantized += nbytes
+    return quantized / total
+
+
+def onnx_quantized_weight_fraction(fp32: torch.nn.Module, path: Path) -> float:
+    """The same share read from an exported graph (for methods that quantize while
+    exporting): one minus the bytes of floating-point initializers of two or more
+    dimensions left in the graph, over ``fp32``'s weight bytes."""
+    total = sum(_layer_weight_bytes(fp32).values())
+    if not total:
+        return 0.0
+    model = onnx.load(str(path))
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    left = 0
+    for init in model.graph.initializer:
+        if init.data_type in floating and len(init.dims) >= 2:
+            left += onnx.numpy_helper.to_array(init).astype("float32").nbytes
+    return max(0.0, 1.0 - left / total)

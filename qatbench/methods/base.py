@@ -80,6 +80,9 @@ ALL_RUNTIMES = frozenset({TORCH_MODULE, ONNX_GRAPH})
 COMPILED = frozenset({COMPILABLE})
 TORCH_ONLY = frozenset({TORCH_MODULE, COMPILABLE})  # no ONNX export
 GRAPH_ONLY = frozenset({ONNX_GRAPH})  # only the exported graph runs (other toolkits' quantizers)
+# Values of ``Capabilities.layer_types``: the default, and Linear plus 1-d and 2-d convolutions.
+LINEAR_ONLY = frozenset({"Linear"})
+LINEAR_AND_CONV = frozenset({"Linear", "Conv1d", "Conv2d"})
 
 
 class MethodConfig(BaseModel):
@@ -101,6 +104,10 @@ class Capabilities:
     method when it runs one of these artifacts (:mod:`qatbench.runtimes.base`), so a new
     runtime of ONNX graphs runs every exporting method. ``runtimes=`` with runtime names
     (``torch``, ``onnxruntime``, ``torch_compile``) is still accepted and translated.
+    ``layer_types`` names the ``torch.nn`` layer classes the method quantizes (``Linear``,
+    ``Conv1d``, ``Conv2d``); layers of other types are left as they are, and every trial
+    measures the share of the model's weight bytes that it did quantize
+    (``quantized_weight_fraction``).
     """
 
     weight_bits: frozenset[int] = frozenset()
@@ -109,6 +116,7 @@ class Capabilities:
     needs_calibration: bool = False
     needs_training: bool = False
     artifacts: frozenset[str] = field(default_factory=lambda: ALL_RUNTIMES)
+    layer_types: frozenset[str] = LINEAR_ONLY
     runtimes: InitVar[frozenset[str] | None] = None
 
     def __post_init__(self, runtimes: frozenset[str] | None) -> None:
@@ -140,6 +148,10 @@ class Capabilities:
             f"w{w}a{a}" for w in sorted(self.weight_bits) for a in sorted(self.activation_bits)
         ]
         return labels
+
+    def layer_classes(self) -> tuple[type[torch.nn.Module], ...]:
+        """The ``torch.nn`` classes named in ``layer_types``."""
+        return tuple(getattr(torch.nn, name) for name in sorted(self.layer_types))
 
     def accepts(self, bits: BitWidth) -> bool:
         if not self.quantizes:

@@ -17,7 +17,13 @@ from typing import ClassVar
 
 import torch
 
-from qatbench.methods.base import ALL_RUNTIMES, COMPILED, Capabilities, QuantMethod
+from qatbench.methods.base import (
+    ALL_RUNTIMES,
+    COMPILED,
+    LINEAR_AND_CONV,
+    Capabilities,
+    QuantMethod,
+)
 
 HALF_BITS = frozenset({16})
 
@@ -56,6 +62,7 @@ class Bf16Method(_CastMethod):
         weight_bits=HALF_BITS,
         activation_bits=HALF_BITS,
         runtimes=frozenset({"torch", "torch_compile"}),
+        layer_types=LINEAR_AND_CONV,  # the cast covers every layer
     )
 
 
@@ -65,5 +72,8 @@ class Fp16Method(_CastMethod):
     name = "fp16"
     dtype = torch.float16
     capabilities = Capabilities(
-        weight_bits=HALF_BITS, activation_bits=HALF_BITS, runtimes=ALL_RUNTIMES | COMPILED
+        weight_bits=HALF_BITS,
+        activation_bits=HALF_BITS,
+        runtimes=ALL_RUNTIMES | COMPILED,
+        layer_types=LINEAR_AND_CONV,  # the cast covers every layer
     )

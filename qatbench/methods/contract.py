@@ -29,6 +29,12 @@ what was wrong. What is checked, on a tiny seeded MLP (784-32-10) and seeded dat
 - the converted model's ``state_dict`` serializes with ``torch.save`` and loads back with
   ``torch.load(weights_only=True)``.
 
+``check_method(cls, bits, model="cnn")`` runs the same checks on a tiny ``resnet_tiny``
+(Conv2d, BatchNorm, a depthwise conv, a Linear classifier) and also checks that a method
+whose ``capabilities.layer_types`` does not name ``Conv2d`` leaves every convolution and
+BatchNorm as it was: the same class and dtype, and the same values unless the method
+trains (fine-tuning moves every weight, quantized or not).
+
 It takes well under five seconds per bit-width and leaves the global RNG state untouched.
 """
 
@@ -59,14 +65,20 @@ _SIDE = 28
 _CLASSES = 10
 _TRAIN, _CALIB, _BATCH = 64, 32, 8
 _UNKNOWN_KEY = "__qatbench_contract_unknown_key__"
+_CNN_WIDTH = 4
+MODELS = frozenset({"mlp", "cnn"})
 
 
-def check_method(method_cls: type[QuantMethod], bits: str | None = None) -> None:
+def check_method(
+    method_cls: type[QuantMethod], bits: str | None = None, model: str = "mlp"
+) -> None:
     """Check ``method_cls`` against the method contract; raise ``AssertionError`` if broken.
 
     ``bits`` is one label of ``capabilities.allowed_bits()`` (``"w8a8"``, ``"fp32"``, ...);
-    ``None`` checks every allowed label in turn.
+    ``None`` checks every allowed label in turn. ``model`` is ``"mlp"`` or ``"cnn"``.
     """
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
     _check_class(method_cls)
     labels = method_cls.capabilities.allowed_bits()
     if bits is not None:
@@ -82,7 +94,7 @@ def check_method(method_cls: type[QuantMethod], bits: str | None = None) -> None
         with torch.random.fork_rng(devices=[]):
             for label in labels:
                 torch.manual_seed(_SEED)
-                _check_lifecycle(method_cls, label)
+                _check_lifecycle(method_cls, label, model)
     finally:
         torch.set_num_threads(threads)
 
@@ -168,13 +180,37 @@ def _check_config(method_cls: Any) -> None:
         break  # one field shows it
 
 
-def _tiny_data() -> tuple[Any, torch.Tensor]:
+def _tiny_model(model: str) -> torch.nn.Module:
+    if model == "cnn":
+        from qatbench.models.cnn import ResNetTiny, ResNetTinyConfig
+
+        cnn = ResNetTiny(ResNetTinyConfig(width=_CNN_WIDTH))
+        _randomize_batchnorm(cnn)
+        return cnn.eval()
+    from qatbench.models.mlp import Mlp, MlpConfig
+
+    return Mlp(MlpConfig(hidden=_HIDDEN)).eval()
+
+
+def _randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Statistics and affine terms away from identity, so folding them is not a no-op."""
+    with torch.no_grad():
+        for bn in model.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                bn.running_mean.uniform_(-0.5, 0.5)  # type: ignore[union-attr]
+                bn.running_var.uniform_(0.5, 2.0)  # type: ignore[union-attr]
+                bn.weight.uniform_(0.5, 1.5)
+                bn.bias.uniform_(-0.2, 0.2)
+
+
+def _tiny_data(model: str = "mlp") -> tuple[Any, torch.Tensor]:
     from qatbench.data.datasets import TaskData
 
     gen = torch.Generator().manual_seed(_SEED)
-    train_x = torch.randn((_TRAIN, _SIDE, _SIDE), generator=gen)
+    shape = (1, _SIDE, _SIDE) if model == "cnn" else (_SIDE, _SIDE)
+    train_x = torch.randn((_TRAIN, *shape), generator=gen)
     train_y = torch.randint(0, _CLASSES, (_TRAIN,), generator=gen)
-    eval_x = torch.randn((max(BATCH_SIZES), _SIDE, _SIDE), generator=gen)
+    eval_x = torch.randn((max(BATCH_SIZES), *shape), generator=gen)
     data = TaskData(
         name="contract",
         train_x=train_x,
@@ -204,12 +240,11 @@ def _steps(method_cls: Any, bits: str) -> Step:
     return step
 
 
-def _check_lifecycle(method_cls: Any, bits: str) -> None:
+def _check_lifecycle(method_cls: Any, bits: str, model_name: str = "mlp") -> None:
     from qatbench.data.training import forward_loop, train_loop
-    from qatbench.models.mlp import Mlp, MlpConfig
 
-    fp32 = Mlp(MlpConfig(hidden=_HIDDEN)).eval()
-    data, eval_x = _tiny_data()
+    fp32 = _tiny_model(model_name)
+    data, eval_x = _tiny_data(model_name)
     with torch.inference_mode():
         reference = {n: fp32(eval_x[:n]) for n in BATCH_SIZES}
 
@@ -258,6 +293,36 @@ def _check_lifecycle(method_cls: Any, bits: str) -> None:
     if ONNX_GRAPH in caps.artifacts:
         _check_export(method, converted, eval_x, outputs, bits)
     _check_state_dict(method_cls, converted, bits)
+    if "Conv2d" not in caps.layer_types:
+        _check_untouched_convs(method_cls, fp32, converted, bits)
+
+
+_CONV_AND_NORM = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+
+
+def _check_untouched_convs(
+    method_cls: Any, fp32: torch.nn.Module, converted: torch.nn.Module, bits: str
+) -> None:
+    """A method that does not declare convolutions leaves them and their BatchNorm as is."""
+    for name, layer in fp32.named_modules():
+        if not isinstance(layer, _CONV_AND_NORM):
+            continue
+        try:
+            after = converted.get_submodule(name)
+        except AttributeError:
+            after = None
+        trains = method_cls.capabilities.needs_training
+        same = type(after) is type(layer) and all(
+            a.dtype == b.dtype and (trains or torch.equal(a, b))
+            for a, b in zip(layer.state_dict().values(), after.state_dict().values(), strict=True)
+        )
+        _require(
+            same,
+            method_cls,
+            f"capabilities.layer_types {sorted(method_cls.capabilities.layer_types)} names no "
+            f"Conv2d, but {type(layer).__name__} {name!r} was changed",
+            bits,
+        )
 
 
 def _check_export(

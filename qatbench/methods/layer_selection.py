@@ -88,7 +88,20 @@ def select_linears(
     model: torch.nn.Module, config: LayerSelection, default_bits: int, skip: tuple[str, ...] = ()
 ) -> dict[str, int]:
     """``name -> bits`` of the Linear layers to quantize (fp32 and ``skip`` layers left out)."""
-    names = linear_names(model)
+    return select_layers(model, config, default_bits, (torch.nn.Linear,), skip)
+
+
+def select_layers(
+    model: torch.nn.Module,
+    config: LayerSelection,
+    default_bits: int,
+    types: tuple[type[torch.nn.Module], ...],
+    skip: tuple[str, ...] = (),
+) -> dict[str, int]:
+    """``name -> bits`` of the layers of ``types`` to quantize, in module order; ``<first>``
+    and ``<last>`` then name the first and last of those layers (a CNN's stem conv and its
+    classifier)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, types)]
     plan = layer_bits(names, config, default_bits)
     return {n: b for n, b in plan.items() if b is not None and n not in skip}
 

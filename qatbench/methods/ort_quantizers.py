@@ -10,10 +10,12 @@ look at ``MatMul``.
 - ``ort_dynamic``: ``quantize_dynamic``, int8 weights, uint8 activations quantized per
   call (runs as ``DynamicQuantizeMatMul``).
 - ``ort_static``: ``quantize_static`` in QDQ format with the runner's calibration batches
-  (recorded during ``calibrate`` and replayed through a ``CalibrationDataReader``); only
-  ``MatMul``/``Gemm`` are quantized by default, since QDQ around every op can wreck the
-  accuracy of normalisation and softmax. ``quantize_static`` leaves temporary files in
-  the working directory, so it runs in a temporary one.
+  (recorded during ``calibrate`` and replayed through a ``CalibrationDataReader``). By
+  default it quantizes ``MatMul``/``Gemm`` and, when the graph holds any, ``Conv`` (as
+  ``quantize_static`` would, fused to ``QLinearConv``); not every op, since QDQ around
+  every op can wreck the accuracy of normalisation and softmax in transformers.
+  ``quantize_static`` leaves temporary files in the working directory, so it runs in a
+  temporary one.
 - ``ort_int4``: the ``MatMulNBits`` quantizer, block-wise 4-bit weights, activations in
   floating point (``accuracy_level`` 4 computes with int8 activations instead).
 
@@ -37,7 +39,13 @@ from onnx import numpy_helper
 from pydantic import Field
 
 from qatbench.errors import PluginError
-from qatbench.methods.base import Capabilities, ForwardLoop, MethodConfig, QuantMethod
+from qatbench.methods.base import (
+    LINEAR_AND_CONV,
+    Capabilities,
+    ForwardLoop,
+    MethodConfig,
+    QuantMethod,
+)
 from qatbench.runtimes.onnx_export import export_onnx
 
 ORT_ONLY = frozenset({"onnxruntime"})
@@ -107,12 +115,34 @@ def _quiet_ort_logging() -> Iterator[None]:
 
 
 def _fp32_graph(model: torch.nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> Path:
-    """Export ``model`` in fp32 to ``path`` with Gemm nodes rewritten as MatMul + Add."""
+    """Export ``model`` in fp32 to ``path`` with Gemm nodes rewritten as MatMul + Add and
+    shared initializers given back to each user (see :func:`_unshare_initializers`)."""
     export_onnx(model, example, path)
     proto = onnx.load(str(path))
-    if gemm_to_matmul(proto):
+    rewritten = gemm_to_matmul(proto)
+    if _unshare_initializers(proto) or rewritten:
         onnx.save(proto, str(path))
     return path
+
+
+def _unshare_initializers(proto: onnx.ModelProto) -> int:
+    """Replace ``Identity`` nodes over initializers by copies of the initializer.
+
+    The TorchScript exporter deduplicates equal constants (e.g. the all-zero biases of
+    convolutions with BatchNorm folded in) and reads the copies through ``Identity``;
+    ``quantize_static`` then cannot quantize those biases and onnxruntime does not fuse the
+    conv to ``QLinearConv``. Returns how many nodes were replaced.
+    """
+    graph = proto.graph
+    inits = {init.name: init for init in graph.initializer}
+    replaced = [n for n in graph.node if n.op_type == "Identity" and n.input[0] in inits]
+    for node in replaced:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[node.input[0]])
+        copy.name = node.output[0]
+        graph.initializer.append(copy)
+        graph.node.remove(node)
+    return len(replaced)
 
 
 class _OrtQuantizer(QuantMethod):
@@ -199,10 +229,19 @@ class OrtStaticMethod(_OrtQuantizer):
 
     name = "ort_static"
     capabilities = Capabilities(
-        weight_bits=INT8, activation_bits=INT8, needs_calibration=True, runtimes=ORT_ONLY
+        weight_bits=INT8,
+        activation_bits=INT8,
+        needs_calibration=True,
+        runtimes=ORT_ONLY,
+        layer_types=LINEAR_AND_CONV,
     )
 
     class Config(_Int8Options):
+        op_types: list[str] | None = Field(  # type: ignore[assignment]  # None: by graph
+            None,
+            description="ONNX op types to quantize; default MatMul, plus Conv where the "
+            "graph holds Conv (Gemm nodes are rewritten as MatMul first)",
+        )
         calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
             "minmax", description="how onnxruntime turns calibration data into ranges"
         )
@@ -235,12 +274,16 @@ class OrtStaticMethod(_OrtQuantizer):
             "percentile": CalibrationMethod.Percentile,
         }
         cfg = self.config
+        op_types = cfg.op_types
+        if op_types is None:
+            held = {node.op_type for node in onnx.load(str(fp32)).graph.node}
+            op_types = ["MatMul", *(["Conv"] if "Conv" in held else [])]
         quantize_static(
             fp32,
             out,
             _Replay(names, self._batches),  # type: ignore[arg-type]  # duck-typed reader
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(cfg.op_types),
+            op_types_to_quantize=list(op_types),
             per_channel=cfg.per_channel,
             reduce_range=cfg.reduce_range,
             activation_type=QuantType.QUInt8,

@@ -1,11 +1,13 @@
 """Quantization-aware training from the fp32 weights, converted to real integers.
 
-``prepare`` wraps every ``nn.Linear`` in a fake-quant layer (see
-:mod:`qatbench.quant.fake_quant`); ``calibrate`` initialises the activation ranges with the
-runner's forward loop; ``train`` fine-tunes weights (and, with ``estimator: lsq``, every
+``prepare`` folds BatchNorm into the convolution before it and wraps every ``nn.Linear``,
+``nn.Conv1d`` and ``nn.Conv2d`` in a fake-quant layer (see
+:mod:`qatbench.quant.fake_quant`); ``calibrate`` initialises the activation ranges with
+the runner's forward loop; ``train`` fine-tunes weights (and, with ``estimator: lsq``, every
 quantizer's scale) through ``train_loop(model, optimizer, steps)``, the runner's
 cross-entropy loop; ``convert`` replaces each layer with a
-:class:`~qatbench.quant.quantized_linear.QuantizedLinear` holding the very integers and
+:class:`~qatbench.quant.quantized_linear.QuantizedLinear` (or
+:class:`~qatbench.quant.quantized_conv.QuantizedConv`) holding the very integers and
 scales the training saw, so torch runs fbgemm's integer GEMM and the exported QDQ graph
 runs onnxruntime's integer kernels.
 
@@ -24,7 +26,7 @@ import torch
 from pydantic import Field
 
 from qatbench.errors import PluginError
-from qatbench.methods.base import Capabilities, TrainLoop
+from qatbench.methods.base import LINEAR_AND_CONV, Capabilities, TrainLoop
 from qatbench.methods.fake_quant import (
     FAKE_ACTIVATION_BITS,
     FAKE_WEIGHT_BITS,
@@ -32,6 +34,7 @@ from qatbench.methods.fake_quant import (
     FakeQuantMethod,
 )
 from qatbench.quant.fake_quant import FakeQuantLinear, fake_quant_layers
+from qatbench.quant.quantized_conv import QuantizedConv
 from qatbench.quant.quantized_linear import QuantizedLinear
 
 
@@ -45,6 +48,7 @@ class QatMethod(FakeQuantMethod):
         activation_bits=FAKE_ACTIVATION_BITS,
         needs_calibration=True,
         needs_training=True,
+        layer_types=LINEAR_AND_CONV,
     )
 
     class Config(FakeQuantConfig):
@@ -101,13 +105,23 @@ class QatMethod(FakeQuantMethod):
         return model.eval()
 
 
-def to_integer(layer: FakeQuantLinear) -> QuantizedLinear:
+def to_integer(layer: FakeQuantLinear) -> QuantizedLinear | QuantizedConv:
     """The integer layer computing what the trained fake-quant ``layer`` simulates."""
     if layer.input_quant is None or layer.output_quant is None:
         raise PluginError("qat: weight-only fake quantization has no integer conversion")
     if layer.input_quant.observing:
         raise PluginError("qat: activation ranges were never calibrated")
     q, scale = layer.weight_quant.quantize(layer.linear.weight)
+    if isinstance(layer.linear, torch.nn.Conv1d | torch.nn.Conv2d):
+        return QuantizedConv.from_quantized(
+            layer.linear,
+            q,
+            scale,
+            layer.weight_bits,
+            layer.input_quant.qparams(),
+            layer.output_quant.qparams(),
+            activation_bits=layer.input_quant.bits,
+        )
     return QuantizedLinear.from_quantized(
         q,
         scale,

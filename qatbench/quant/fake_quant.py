@@ -175,7 +175,8 @@ class WeightFakeQuant(torch.nn.Module):
         """The integers (int8 holding ``bits``-bit values) and per-channel scales."""
         with torch.no_grad():
             scale = self.current_scale(weight).detach().float().clamp(min=EPS)
-            q = torch.clamp(torch.round(weight / scale[:, None]), -self.qmax, self.qmax)
+            per_channel = scale.reshape(-1, *([1] * (weight.dim() - 1)))
+            q = torch.clamp(torch.round(weight / per_channel), -self.qmax, self.qmax)
         return q.to(torch.int8), scale.clone()
 
     def extra_repr(self) -> str:
@@ -255,11 +256,13 @@ class FakeQuantLinear(torch.nn.Module):
 
     ``activation_bits=None`` quantizes the weights only. ``output_bits`` matches the 8-bit
     requantization of the integer layer; ``None`` leaves the output in floating point.
+    ``linear`` may also be an ``nn.Conv1d``/``nn.Conv2d`` (BatchNorm folded into it first):
+    the same quantizers, per output channel, around the convolution.
     """
 
     def __init__(
         self,
-        linear: torch.nn.Linear,
+        linear: torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d,
         weight_bits: int,
         activation_bits: int | None,
         estimator: Estimator = "ste",
@@ -270,7 +273,7 @@ class FakeQuantLinear(torch.nn.Module):
         self.linear = linear
         self.weight_bits, self.activation_bits = weight_bits, activation_bits
         self.weight_quant = WeightFakeQuant(
-            linear.out_features, weight_bits, estimator, clip=weight_clip
+            linear.weight.shape[0], weight_bits, estimator, clip=weight_clip
         )
         self.input_quant = (
             ActFakeQuant(activation_bits, estimator) if activation_bits is not None else None
@@ -287,7 +290,11 @@ class FakeQuantLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is not None:
             x = self.input_quant(x)
-        y = F.linear(x, self.weight_quant(self.linear.weight), self.linear.bias)
+        weight = self.weight_quant(self.linear.weight)
+        if isinstance(self.linear, torch.nn.Conv1d | torch.nn.Conv2d):
+            y = self.linear._conv_forward(x, weight, self.linear.bias)
+        else:
+            y = F.linear(x, weight, self.linear.bias)
         if self.output_quant is not None:
             y = self.output_quant(y)
         return y
@@ -300,11 +307,11 @@ def wrap_linears(
     estimator: Estimator = "ste",
     weight_clip: str = "absmax",
 ) -> torch.nn.Module:
-    """Replace each ``nn.Linear`` named in ``plan`` (name -> weight bits) with a
-    FakeQuantLinear of those weight bits."""
+    """Replace each ``nn.Linear`` (or ``nn.Conv1d``/``nn.Conv2d``) named in ``plan``
+    (name -> weight bits) with a FakeQuantLinear of those weight bits."""
     for name, bits in plan.items():
         linear = model.get_submodule(name)
-        assert isinstance(linear, torch.nn.Linear)
+        assert isinstance(linear, torch.nn.Linear | torch.nn.Conv1d | torch.nn.Conv2d)
         model.set_submodule(
             name,
             FakeQuantLinear(linear, bits, activation_bits, estimator, weight_clip=weight_clip),

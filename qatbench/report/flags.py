@@ -4,6 +4,11 @@
   integer inference. Either the trial says so (``details["simulated"]`` true: fake-quant,
   or ``naive_int8`` dequantizing on every call), or its bits are integer (8 or fewer weight bits)
   while its exported graph runs no integer kernel (``int_op_fraction`` 0).
+- ``partial``: the trial's bits are integer but under half of the model's weight bytes
+  sit in layers it quantized (``quantized_weight_fraction`` < 0.5), whatever the method
+  claims: e.g. a Linear-only method on a CNN.
+- ``degenerate``: the candidate's outputs are all zero, NaN or Inf, or the fp32 outputs
+  are too small to compare (``output_degenerate`` 1): no quality figure means anything.
 - ``parity``: onnxruntime disagrees with the torch model beyond the export check's
   tolerance (``onnx_parity_ok`` 0); the ONNX parity cell is marked too.
 """
@@ -17,6 +22,7 @@ from qatbench.quant.bitwidth import BitWidth
 from qatbench.results import TrialResult
 
 INTEGER_MAX_BITS = 8  # wider "bits" (w16a16 casts, fp32) are floating point by design
+PARTIAL_BELOW = 0.5  # quantized_weight_fraction under which a trial is flagged partial
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,40 @@ def parity_flag(trial: TrialResult) -> Flag | None:
     )
 
 
+def partial_flag(trial: TrialResult) -> Flag | None:
+    """The ``partial`` badge: integer bits on under half of the model's weight bytes."""
+    fraction = _finite(trial, "quantized_weight_fraction")
+    if not trial.ok or fraction is None or fraction >= PARTIAL_BELOW:
+        return None
+    if not integer_bits(trial.bits):
+        return None
+    return Flag(
+        "partial",
+        f"quantized {fraction:.0%}",
+        f"{trial.method} quantized layers holding only {fraction:.0%} of the model's weight "
+        "bytes (the rest stayed floating point, e.g. convolutions under a Linear-only "
+        "method): this is not a quantized model",
+    )
+
+
+def degenerate_flag(trial: TrialResult) -> Flag | None:
+    """The ``degenerate`` badge: outputs that no quality metric can judge."""
+    if not trial.ok or _finite(trial, "output_degenerate") != 1.0:
+        return None
+    why = trial.details.get("output_degenerate", "degenerate outputs")
+    return Flag(
+        "degenerate",
+        "outputs degenerate",
+        f"{why}: cosine, SQNR and accuracy of this trial compare nothing, whatever they show",
+    )
+
+
 def trial_flags(trial: TrialResult) -> list[Flag]:
     """Every flag of ``trial``, in a fixed order."""
-    return [f for f in (parity_flag(trial), simulated_flag(trial)) if f is not None]
+    found = (
+        degenerate_flag(trial),
+        parity_flag(trial),
+        simulated_flag(trial),
+        partial_flag(trial),
+    )
+    return [f for f in found if f is not None]

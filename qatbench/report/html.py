@@ -55,6 +55,7 @@ _QUALITY_COLUMNS = (
     ("cosine", "cosine", "cos"),
     ("onnx_parity_max_abs", "ONNX parity", "sci"),
     ("int_op_fraction", "int ops", "pct"),
+    ("quantized_weight_fraction", "quantized weights", "pct"),
 )
 _HEAD_COLUMNS = (
     ("size_bytes", "size", "bytes"),

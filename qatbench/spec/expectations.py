@@ -18,6 +18,25 @@ _NEGATION = {"<=": ">", ">=": "<", "<": ">=", ">": "<=", "==": "!="}
 _PATTERN = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(<=|>=|==|<|>)\s*([-+]?[\d.]+(?:[eE][-+]?\d+)?)\s*$")
 
 
+# Metrics that compare the candidate's outputs with fp32's (or the labels): a trial whose
+# outputs are degenerate (``output_degenerate`` 1: all zero, NaN/Inf, or fp32 outputs too
+# small to compare) fails every expectation on them, whatever their values.
+QUALITY_METRICS = frozenset(
+    {
+        "mse",
+        "max_abs_error",
+        "sqnr_db",
+        "cosine",
+        "accuracy",
+        "accuracy_delta_vs_fp32",
+        "perplexity",
+        "perplexity_delta_vs_fp32",
+        "next_token_accuracy",
+        "worst_layer_sqnr_db",
+    }
+)
+
+
 @dataclass(frozen=True)
 class Expectation:
     metric: str
@@ -29,6 +48,8 @@ class Expectation:
         if self.metric not in metrics:
             return None
         actual = metrics[self.metric]
+        if self.metric in QUALITY_METRICS and metrics.get("output_degenerate") == 1.0:
+            return f"{self} cannot hold: the outputs are degenerate ({trial_id})"
         if _OPS[self.op](actual, self.value):
             return None
         return f"{self.metric} {actual:.4g} {_NEGATION[self.op]} {self.value:g} ({trial_id})"

@@ -34,6 +34,7 @@ from qatbench.data.datasets import TaskData, load_data
 from qatbench.data.inputs import Batch, as_batch, batch_of, from_example, tensors_of
 from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError, TrialError
+from qatbench.measure import size
 from qatbench.methods.base import QuantMethod
 from qatbench.methods.lifecycle import quantize_copy
 from qatbench.models.adapters import adapt
@@ -191,6 +192,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     )
     state.details.update(kernel_summary(candidate))
     state.details["simulated"] = method.simulated
+    state.metrics["quantized_weight_fraction"] = size.quantized_weight_fraction(fp32, candidate)
 
     runtime = runtime_for(trial)
     onnx_path = out_dir / "model.onnx"
@@ -206,6 +208,11 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
             subjects.graph = _export(
                 trial, method, candidate, example, onnx_path, state, graph_runtime, sample
             )
+            if subjects.graph is not None and TORCH_MODULE not in caps.artifacts:
+                # quantized while exporting: the torch model is fp32, the graph is not
+                state.metrics["quantized_weight_fraction"] = size.onnx_quantized_weight_fraction(
+                    fp32, onnx_path
+                )
         else:
             state.warnings.append(f"{method.name} runs in torch only: no ONNX export")
     if runtime.capabilities.artifact == ONNX_GRAPH:

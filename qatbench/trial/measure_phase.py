@@ -142,6 +142,11 @@ def measure(
 
     outputs = predict(run, data.eval_x, trial.data.batch_size)
     m.update(err.output_error(reference_out, outputs))
+    degenerate = err.degenerate_outputs(reference_out, outputs)
+    m["output_degenerate"] = float(degenerate is not None)
+    if degenerate is not None:
+        state.details["output_degenerate"] = degenerate
+        state.warnings.append(f"quality figures meaningless: {degenerate}")
     if subjects.graph is not None and torch_runs:  # graph-only methods: no torch model
         _parity(trial, state, candidate, subjects.graph, data)
     # the quality task: the experiment's, else the dataset's (accuracy, perplexity)
