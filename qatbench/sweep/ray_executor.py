@@ -176,7 +176,9 @@ class RayExecutor:
                     cause = NODE_LOST if slot.node_id not in known else lost.cause
                     if slot.node_id in known:
                         free.append(slot)
-                    attempt.lost.append(f"{cause} on {slot.host}: {lost.detail}")
+                    attempt.lost.append(
+                        f"{cause} on {slot.host} (node {slot.node_id}): {lost.detail}"
+                    )
                     if len(attempt.lost) <= self.retries:
                         queue.appendleft(attempt)  # first in line for the next free slot
                         continue
@@ -280,7 +282,7 @@ class RayExecutor:
             path.write_bytes(data)
         result = TrialResult.from_dict(payload["result"])
         artifacts = {name: str(out_dir / rel) for name, rel in result.artifacts.items()}
-        details = {**result.details, **_retry_details(attempt)}
+        details = {**result.details, **_retry_details(attempt, len(attempt.lost))}
         return _replaced(result, artifacts=artifacts, details=details)
 
 
@@ -288,18 +290,20 @@ def _fits(job: Job, slot: Slot) -> bool:
     return job.trial.measure.threads <= slot.width
 
 
-def _retry_details(attempt: _Attempt) -> dict[str, Any]:
-    return {"retries": len(attempt.lost), **({"lost": list(attempt.lost)} if attempt.lost else {})}
+def _retry_details(attempt: _Attempt, retries: int) -> dict[str, Any]:
+    """How often the job was run again (``retries``) and why each attempt was lost."""
+    return {"retries": retries, **({"lost": list(attempt.lost)} if attempt.lost else {})}
 
 
 def _lost_result(attempt: _Attempt, cause: str, detail: str) -> TrialResult:
     """The failed result of a job the cluster lost (or could not place) for good."""
     slot = attempt.slot
-    retried = f" (after {len(attempt.lost) - 1} retries)" if len(attempt.lost) > 1 else ""
+    retries = max(len(attempt.lost) - 1, 0)  # the last loss was not run again
+    retried = f" (after {retries} retries)" if retries else ""
     where = f" on {slot.host}" if slot else ""
     result = failed_result(attempt.job.trial, cause, f"{cause}{where}{retried}: {detail}")
     env = {"hostname": slot.host, "node_id": slot.node_id} if slot else {}
-    return _replaced(result, details={"env": env, **_retry_details(attempt)})
+    return _replaced(result, details={"env": env, **_retry_details(attempt, retries)})
 
 
 def _slot_cores(index: int, width: int, threads: int) -> list[int]:
