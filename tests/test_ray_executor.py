@@ -107,7 +107,7 @@ def test_the_quickstart_grid_on_ray_matches_the_local_executor(
     local = run_experiment(
         exp, tracking_uri=server, output_root=reports, executor=LocalProcessExecutor()
     )
-    executor = RayExecutor()
+    executor = RayExecutor(per_node=2)  # the results, not their latency, are compared here
     remote = run_experiment(exp, tracking_uri=server, output_root=reports, executor=executor)
     executor.close()
     assert ray_local.is_initialized()  # a Ray it did not start is left alone
@@ -134,7 +134,7 @@ def test_the_quickstart_grid_on_ray_matches_the_local_executor(
         env = trial.details["env"]
         assert env["hostname"] == socket.gethostname()
         assert env["node_id"] == ray_local.get_runtime_context().get_node_id()
-        assert env["cores"] == str(sorted(os.sched_getaffinity(0))[0])  # 1 thread, 1 core
+        assert int(env["cores"]) in os.sched_getaffinity(0)  # 1 thread, pinned to 1 core
         assert trial.details["retries"] == 0
 
 
