@@ -15,10 +15,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,15 +128,16 @@ def connect(ray: Any, address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Ins
         handler.addFilter(_not_connecting)
     ray_logger.addHandler(messages)
     try:
-        thread = threading.Thread(target=init, name=_CONNECT_THREAD, daemon=True)
-        thread.start()
-        thread.join(timeout_s)
+        with _captured_stderr() as native:  # Ray's C++ core writes its warnings to fd 2
+            thread = threading.Thread(target=init, name=_CONNECT_THREAD, daemon=True)
+            thread.start()
+            thread.join(timeout_s)
     finally:
         ray_logger.removeHandler(messages)
         for handler in quiet:
             handler.removeFilter(_not_connecting)
     if thread.is_alive():
-        said = messages.last or "no answer"
+        said = messages.last or _last_native_line(native) or "no answer"
         raise ConfigError(
             f"--ray-address {address}: cannot connect within {timeout_s:g} s "
             f"(--ray-connect-timeout); Ray said: {said}"
@@ -142,6 +146,36 @@ def connect(ray: Any, address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Ins
     if error is not None:
         raise ConfigError(f"--ray-address {address}: cannot connect: {one_line(error)}")
     return Instance(ray, address, started=False)
+
+
+@contextlib.contextmanager
+def _captured_stderr() -> Iterator[Path]:
+    """File descriptor 2 written to a temporary file while in the block (whose path is
+    yielded, for reading after it), so Ray's native warnings do not reach the terminal."""
+    with tempfile.TemporaryDirectory(prefix="qatbench-ray-connect-") as folder:
+        path = Path(folder) / "stderr"
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with path.open("wb") as sink:
+                os.dup2(sink.fileno(), 2)
+                try:
+                    yield path
+                finally:
+                    os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+
+
+def _last_native_line(path: Path) -> str:
+    """The last line Ray's core wrote, without its ``[time level pid tid] file:line:``."""
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [line for line in lines if line]
+    return re.sub(r"^\[[^\]]*\]\s*(?:[\w.]+:\d+:\s*)?", "", lines[-1]) if lines else ""
 
 
 def _not_connecting(record: logging.LogRecord) -> bool:
@@ -178,10 +212,15 @@ def _check_reachable(address: str, timeout_s: float) -> None:
         ) from None
 
 
-def _set_cluster_mode(enabled: bool) -> bool:
-    """Set Ray's cluster mode in this process; the previous setting."""
-    from ray._private import ray_constants  # read by services.get_node_ip_address at each call
-
+def _set_cluster_mode(enabled: bool) -> bool | None:
+    """Set Ray's cluster mode in this process; the previous setting (None where this Ray
+    has no such setting, and only the environment variable, read at import, counts)."""
+    try:  # read by services.get_node_ip_address at each call
+        from ray._private import ray_constants
+    except ImportError:
+        return None
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        return None
     before = bool(ray_constants.ENABLE_RAY_CLUSTER)
     ray_constants.ENABLE_RAY_CLUSTER = enabled
     return before
