@@ -300,14 +300,14 @@ def test_a_head_that_never_answers_exits_2_within_the_connect_timeout(tmp_path: 
         start = time.monotonic()
         proc = qatbench(
             "run", exp, "--executor", "ray", "--ray-address", f"127.0.0.1:{port}",
-            "--ray-connect-timeout", "3", cwd=tmp_path, timeout=120,
+            "--ray-connect-timeout", "5", cwd=tmp_path, timeout=120,
         )  # fmt: skip
         took = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr
     line = proc.stderr.strip()
     assert "\n" not in line and "Traceback" not in line, line
     assert line.startswith(f"error: --ray-address 127.0.0.1:{port}: cannot connect"), line
-    assert took < 60  # the 3 s limit plus starting Python and importing Ray
+    assert took < 60  # the 5 s limit plus starting Python and importing Ray
     assert not (tmp_path / "reports").exists()
     assert not (tmp_path / "mlruns").exists()
 

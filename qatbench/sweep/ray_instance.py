@@ -17,7 +17,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -102,9 +104,12 @@ def connect(ray: Any, address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Ins
 
     A ``host:port`` where nothing listens fails at once; a head that answers but whose
     nodes cannot be reached (they advertise another interface's address) makes
-    ``ray.init`` wait, and that wait is cut off at ``timeout_s``.
+    ``ray.init`` wait, and that wait is cut off at ``timeout_s``. The first try is made
+    in a child process (:func:`_probe`), which can be killed: a ``ray.init`` abandoned
+    half-way in this process can crash it at exit.
     """
     _check_reachable(address, timeout_s)
+    _probe(address, timeout_s)
     answer: dict[str, BaseException | None] = {}
     messages = _Collect()
 
@@ -148,6 +153,49 @@ def connect(ray: Any, address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> Ins
     return Instance(ray, address, started=False)
 
 
+_PROBE = (
+    "import sys, ray; ray.init(address=sys.argv[1], include_dashboard=False, "
+    "log_to_driver=False, logging_level='WARNING'); ray.shutdown()"
+)
+
+
+def _probe(address: str, timeout_s: float) -> None:
+    """Connect to ``address`` from a child process (its own process group, killed as a
+    whole at ``timeout_s``); a one-line ConfigError with Ray's last words if it cannot."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, address],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
+    try:
+        _, stderr = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.pid, signal.SIGKILL)
+        _, stderr = child.communicate()
+        raise ConfigError(
+            f"--ray-address {address}: cannot connect within {timeout_s:g} s "
+            f"(--ray-connect-timeout); Ray said: {_last_line(stderr) or 'no answer'}"
+        ) from None
+    if child.returncode != 0:
+        said = _last_line(stderr) or f"exit status {child.returncode}"
+        raise ConfigError(f"--ray-address {address}: cannot connect: {said}")
+
+
+def _last_line(text: str) -> str:
+    """The last line Ray wrote, without its ``[time level pid tid] file:line:`` prefix or
+    its logging prefix."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    line = re.sub(r"^\[[^\]]*\]\s*(?:[\w.]+:\d+:\s*)?", "", lines[-1])
+    return re.sub(r"^\S+ \S+\s+(?:WARNING|ERROR|INFO)\s+\S+:\d+ -- ", "", line)
+
+
 @contextlib.contextmanager
 def _captured_stderr() -> Iterator[Path]:
     """File descriptor 2 written to a temporary file while in the block (whose path is
@@ -169,13 +217,11 @@ def _captured_stderr() -> Iterator[Path]:
 
 
 def _last_native_line(path: Path) -> str:
-    """The last line Ray's core wrote, without its ``[time level pid tid] file:line:``."""
+    """The last line Ray's core wrote to the captured file descriptor 2."""
     try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines()]
+        return _last_line(path.read_text(errors="replace"))
     except OSError:
         return ""
-    lines = [line for line in lines if line]
-    return re.sub(r"^\[[^\]]*\]\s*(?:[\w.]+:\d+:\s*)?", "", lines[-1]) if lines else ""
 
 
 def _not_connecting(record: logging.LogRecord) -> bool:
