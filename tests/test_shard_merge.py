@@ -173,3 +173,46 @@ def test_merge_warns_about_trials_of_the_grid_in_no_report(store: str, tmp_path:
         f"warning: {len(missing)} trial(s) of the grid are in no report: "
         + ", ".join(t.id for t in load_experiment(exp).expand() if t.id in missing)
     )
+
+
+def test_shards_of_one_run_key_are_one_sweep_for_history_and_merge(
+    store: str, tmp_path: Path
+) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", "nightly_shards", store, models=MODELS)
+    reports = tmp_path / "reports"
+    first_night = [
+        run_experiment(exp, output_root=reports, executor=FakeExecutor(), shard=s, run_key="n1")
+        for s in (Shard(1, 2), Shard(2, 2))
+    ]
+    second_night = run_experiment(
+        exp, output_root=reports, executor=FakeExecutor(), shard=Shard(1, 2), run_key="n2"
+    )
+    sweeps = {s.record.tracking["sweep"] for s in first_night}
+    assert sweeps == {"nightly_shards-n1"}
+    assert second_night.record.tracking["sweep"] == "nightly_shards-n2"
+
+    proc = qatbench(
+        "history", "nightly_shards", "--metric", "size_bytes", "--tracking-uri", store,
+        "-o", tmp_path / "history.html", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    grid = len(load_experiment(exp).expand())
+    assert f"2 sweeps, {grid} trials" in proc.stdout  # the first night whole, then shard 1
+
+    out = tmp_path / "merged"
+    merged = qatbench("merge", *(s.report_json for s in first_night), "-o", out, cwd=tmp_path)
+    assert merged.returncode == 0, merged.stderr
+    record = RunRecord.load(out / "report.json")
+    assert record.tracking["sweep"] == "nightly_shards-n1" and "shards" not in record.tracking
+    assert len(record.trials) == grid
+
+
+def test_sweep_id_options_are_checked_before_anything_runs(store: str, tmp_path: Path) -> None:
+    exp = write_experiment(tmp_path / "exp.yaml", "sweep_ids", store)
+    bad = qatbench("run", exp, "--sweep-id", "no spaces", cwd=tmp_path)
+    _one_line(bad, "--sweep-id 'no spaces'", "malformed")
+    both = qatbench("run", exp, "--sweep-id", "a", "--run-key", "b", cwd=tmp_path)
+    _one_line(both, "--sweep-id", "not both")
+    resumed = qatbench("run", exp, "--resume", "--run-key", "n1", cwd=tmp_path)
+    _one_line(resumed, "--run-key", "keeps its own sweep id")
+    assert not (tmp_path / "reports").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -76,17 +77,27 @@ def run(
     ray_address: Annotated[
         str | None,
         typer.Option(
-            help="Ray cluster address for --executor ray (default: RAY_ADDRESS, else a local "
-            "Ray instance)"
+            help="Ray cluster address for --executor ray (default: RAY_ADDRESS, else a fresh "
+            "local Ray instance on 127.0.0.1, stopped at the end)"
+        ),
+    ] = None,
+    ray_connect_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="seconds to wait for --ray-address to accept this driver before exiting 2 "
+            "[default: 30]"
+        ),
+    ] = None,
+    ray_trials_per_node: Annotated[
+        int | None,
+        typer.Option(
+            help="trials (timing passes) a Ray node runs at once, each on cores of its own "
+            "[default: 1, so a measurement has its node to itself]"
         ),
     ] = None,
     ray_one_per_node: Annotated[
         bool,
-        typer.Option(
-            "--ray-one-per-node",
-            help="at most one trial per node at a time (latency-critical runs); each node "
-            "must offer the custom resource qatbench_node: 1",
-        ),
+        typer.Option("--ray-one-per-node", hidden=True, help="the default; kept for old scripts"),
     ] = False,
     shard: Annotated[
         str | None,
@@ -112,9 +123,24 @@ def run(
             "full width, instead of the key figures in 100 columns",
         ),
     ] = False,
+    sweep_id: Annotated[
+        str | None,
+        typer.Option(
+            help="the MLflow sweep id to log under (default: derived from --run-key, else "
+            "new); shards given the same one are one sweep to compare, history and merge"
+        ),
+    ] = None,
+    run_key: Annotated[
+        str | None,
+        typer.Option(
+            help="a key naming this run of the experiment, e.g. a CI pipeline id: the sweep "
+            "id is EXPERIMENT-KEY, the same for every shard of it"
+        ),
+    ] = None,
 ) -> None:
     """Run experiments: every model x method x bits x runtime trial, logged and reported."""
     from qatbench.report.compare import parse_gates
+    from qatbench.sweep import folders
     from qatbench.sweep.folders import Shard
     from qatbench.sweep.runner import resume_experiment, run_experiment
 
@@ -122,10 +148,17 @@ def run(
     if gates and baseline is None:
         raise ConfigError("--gate: needs --baseline to compare against")
     part = Shard.parse(shard) if shard is not None else None
-    with _executor(executor, ray_address, ray_one_per_node) as pool:
-        plans = [
-            _plan(path, output_dir, resume, part) for path in expand_globs(files)
-        ]  # check first
+    if sweep_id is not None and run_key is not None:
+        raise ConfigError("--sweep-id: give either --sweep-id or --run-key, not both")
+    if resume and (sweep_id is not None or run_key is not None):
+        option = "--sweep-id" if sweep_id is not None else "--run-key"
+        raise ConfigError(f"{option}: a resumed sweep keeps its own sweep id")
+    folders.sweep_id("experiment", sweep_id, run_key)  # a malformed one fails before any run
+    ray_options = RayOptions(ray_address, ray_connect_timeout, ray_trials_per_node)
+    if executor is ExecutorKind.local:
+        ray_options.refuse_without_ray(ray_one_per_node)
+    plans = [_plan(path, output_dir, resume, part) for path in expand_globs(files)]  # check first
+    with _executor(executor, ray_options) as pool:
         code = 0
         with _quiet_unless(verbose, output_dir) as log:
             for path, report in plans:
@@ -136,6 +169,8 @@ def run(
                         output_root=output_dir,
                         executor=pool,
                         shard=part,
+                        sweep_id=sweep_id,
+                        run_key=run_key,
                     )
                 else:
                     outcome = resume_experiment(report, tracking_uri=tracking_uri, executor=pool)
@@ -143,6 +178,27 @@ def run(
                     log.move_to(outcome.report_json.parent)
                 code = max(code, _finish_run(outcome, baseline, gates, tracking_uri, wide))
     raise typer.Exit(code)
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """The ``--ray-*`` options of ``run``, None where not given."""
+
+    address: str | None
+    connect_timeout_s: float | None
+    trials_per_node: int | None
+
+    def refuse_without_ray(self, one_per_node: bool) -> None:
+        """A one-line error for any ``--ray-*`` option given with the local executor."""
+        given = {
+            "--ray-address": self.address is not None,
+            "--ray-connect-timeout": self.connect_timeout_s is not None,
+            "--ray-trials-per-node": self.trials_per_node is not None,
+            "--ray-one-per-node": one_per_node,
+        }
+        for option, present in given.items():
+            if present:
+                raise ConfigError(f"{option}: only with --executor ray")
 
 
 @contextlib.contextmanager
@@ -160,20 +216,25 @@ def _quiet_unless(verbose: bool, output_dir: Path) -> Iterator[ThirdPartyLog | N
 
 
 @contextlib.contextmanager
-def _executor(kind: ExecutorKind, address: str | None, one_per_node: bool) -> Iterator[Executor]:
-    """The executor ``run`` hands trials to, closed (a Ray instance it started) at the end."""
+def _executor(kind: ExecutorKind, ray: RayOptions) -> Iterator[Executor]:
+    """The executor ``run`` hands trials to, connected before any sweep folder is made,
+    and closed (a Ray instance it started) at the end."""
     from qatbench.sweep.executor import LocalProcessExecutor
 
     if kind is ExecutorKind.local:
-        if address is not None or one_per_node:
-            option = "--ray-address" if address is not None else "--ray-one-per-node"
-            raise ConfigError(f"{option}: only with --executor ray")
         yield LocalProcessExecutor()
         return
-    from qatbench.sweep.ray_executor import RayExecutor
+    from qatbench.sweep.ray_executor import CONNECT_TIMEOUT_S, RayExecutor
 
-    pool = RayExecutor(address, one_per_node=one_per_node)
+    pool = RayExecutor(
+        ray.address,
+        connect_timeout_s=(
+            CONNECT_TIMEOUT_S if ray.connect_timeout_s is None else ray.connect_timeout_s
+        ),
+        per_node=1 if ray.trials_per_node is None else ray.trials_per_node,
+    )
     try:
+        pool.connect()  # a wrong address fails here, before a report exists
         yield pool
     finally:
         pool.close()

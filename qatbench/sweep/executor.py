@@ -79,13 +79,15 @@ def start_worker_server(output: Path | None = None) -> None:
 class WorkerContext:
     """What a worker forked from the long-lived forkserver must take from its parent now:
     the import path, the working directory (relative paths, the default data cache),
-    qatbench's environment variables and directly registered plugins."""
+    qatbench's environment variables and directly registered plugins; and the ``cores``
+    it is pinned to, if any (the Ray executor gives each trial cores of its own)."""
 
     sys_path: tuple[str, ...]
     env: dict[str, str]
     methods: dict[str, str]
     models: dict[str, str]
     cwd: str = ""
+    cores: tuple[int, ...] = ()
 
     @classmethod
     def capture(cls) -> WorkerContext:
@@ -106,6 +108,8 @@ class WorkerContext:
         if self.cwd and os.path.isdir(self.cwd):  # another node of a cluster may lack it
             os.chdir(self.cwd)
         os.environ.update(self.env)
+        if self.cores:
+            os.sched_setaffinity(0, self.cores)
         registry.methods.register_from(self.methods)
         registry.models.register_from(self.models)
 
@@ -198,6 +202,7 @@ def with_node_env(result: TrialResult, trial: TrialSpec) -> TrialResult:
     from qatbench.measure.env import fingerprint
 
     env = fingerprint(threads=trial.measure.threads)
+    env["cores"] = ",".join(map(str, sorted(os.sched_getaffinity(0))))
     return replace(result, details={**result.details, "env": env})
 
 

@@ -56,6 +56,23 @@ class Shard:
         return frozenset(t.id for t in self.take(spec.expand()))
 
 
+SWEEP_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"  # as tracking.tracker checks it
+
+
+def sweep_id(experiment: str, given: str | None, run_key: str | None) -> str | None:
+    """The sweep id a run was given (``--sweep-id``), or the one its ``--run-key`` derives
+    (``<experiment>-<key>``, the same on every shard); None for a new one."""
+    option, value = ("--sweep-id", given) if given is not None else ("--run-key", run_key)
+    if value is None:
+        return None
+    candidate = value if given is not None else f"{experiment}-{value}"
+    if not re.fullmatch(SWEEP_ID_PATTERN, candidate):
+        raise ConfigError(
+            f"{option} {value!r}: sweep id {candidate!r} is malformed; allowed: {SWEEP_ID_PATTERN}"
+        )
+    return candidate
+
+
 def inside(base: Path, name: str, what: str) -> Path:
     """``base / name`` after checking that ``name`` is one plain path component that
     resolves inside ``base`` (no separators, no ``..``, no absolute path)."""

@@ -1,16 +1,25 @@
 """Run a sweep's trials as Ray tasks on a cluster (``qatbench run --executor ray``).
 
-Each trial is one Ray task reserving ``num_cpus`` = the trial's ``measure.threads``, so
-trials placed on the same node never share cores; with ``one_per_node`` it also takes the
-node's single unit of the custom resource :data:`NODE_RESOURCE`, so a latency-critical
-trial has its node to itself. Inside the task the trial runs exactly as it does locally,
-in an isolated worker process of a :class:`~qatbench.sweep.executor.LocalProcessExecutor`, so a
-crash or timeout is a failed result naming its phase. The task returns the result and the
-bytes of the trial's files (model.onnx, model.pt, ...), which the driver writes under its
-own trial folder: no storage needs to be shared between the nodes.
+Where a trial runs is the driver's choice, not Ray's. Each alive node gets ``per_node``
+slots (1 by default: at most one timing pass per node at a time), each owning a disjoint
+range of the node's cores. A job goes to a free slot as a task pinned to that node (hard
+node affinity) that reserves ``measure.threads`` CPUs; inside it, the trial runs exactly as
+it does locally, in an isolated worker of a
+:class:`~qatbench.sweep.executor.LocalProcessExecutor` whose process is pinned
+(``sched_setaffinity``) to the first ``measure.threads`` cores of the slot, so a crash or
+timeout is a failed result naming its phase. ``details.env`` of every result names the
+node (``node_id``, ``hostname``) and the ``cores`` the trial ran on.
+
+A task lost with its Ray worker or node (killed, out of memory, the machine gone) is run
+again on a free slot, ``retries`` times (1 by default); the result says how often
+(``details.retries``) and why (``details.lost``). A trial lost more often fails with the
+cause as its phase (``node lost``, ``worker killed``). The task returns the result and
+the bytes of the trial's files (model.onnx, ...), which the driver writes under its own
+trial folder: no storage needs to be shared between the nodes.
 
 Results come back as they finish (:meth:`RayExecutor.run_many`); the runner logs and
-reports each at once. Ray is an optional extra, imported only here.
+reports each at once. Ray is an optional extra, imported only here and in
+:mod:`qatbench.sweep.ray_instance` (which starts or connects to the instance).
 """
 
 from __future__ import annotations
@@ -20,19 +29,23 @@ import dataclasses
 import os
 import socket
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qatbench.errors import ConfigError
 from qatbench.results import TrialResult
 from qatbench.spec.schema import TrialSpec
+from qatbench.sweep import ray_instance
 from qatbench.sweep.executor import Job, LocalProcessExecutor, WorkerContext, failed_result
+from qatbench.sweep.ray_instance import CONNECT_TIMEOUT_S, Instance, one_line
 
-NODE_RESOURCE = "qatbench_node"  # one unit per node: `ray start --resources='{"qatbench_node": 1}'`
 MAX_RETURN_BYTES = 256 * 1024 * 1024  # artifact bytes one task hands back; more stays behind
 INSTALL_HINT = "pip install 'qatbench[ray]'"
-CONNECT_TIMEOUT_S = 5.0
+LOST_TASK_RETRIES = 1  # a lost worker or node, never a failing trial (that is a result)
+NODE_LOST, WORKER_KILLED, TASK_ERROR = "node lost", "worker killed", "ray task"
 _WAIT_S = 0.5  # ray.wait in slices, so Ctrl-C and SIGTERM are handled promptly
 
 
@@ -47,23 +60,78 @@ def import_ray() -> Any:
     return ray
 
 
-class RayExecutor:
-    """Runs trials as Ray tasks, several at once; see the module doc.
+@dataclass(frozen=True)
+class Slot:
+    """Place ``index`` of a node: cores ``[index * width, (index + 1) * width)`` of it."""
 
-    ``address`` is a Ray cluster's address (default: ``RAY_ADDRESS``, else a local Ray
-    instance is started, and shut down by :meth:`close`). An already initialised Ray (a
-    test, a notebook) is used as it is.
+    node_id: str
+    host: str
+    index: int
+    width: int
+
+
+@dataclass
+class _Attempt:
+    """A job on its way through the cluster: where it runs now and what it lost so far."""
+
+    job: Job
+    slot: Slot | None = None
+    lost: list[str] = field(default_factory=list)
+
+
+class _Lost(Exception):
+    """A task that ended without a result: its cause (NODE_LOST, ...) and Ray's words."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.cause, self.detail = cause, detail
+
+
+class RayExecutor:
+    """Runs trials as Ray tasks, several at once, placed by node; see the module doc.
+
+    ``address`` is a Ray cluster's address (default: ``RAY_ADDRESS``); without one a
+    fresh local instance is started on 127.0.0.1 (see :mod:`qatbench.sweep.ray_instance`)
+    and shut down by :meth:`close`. Connecting gives up after ``connect_timeout_s``. An
+    already initialised Ray (a test, a notebook) is used as it is and left running.
+    ``per_node`` is how many trials a node runs at once, each on cores of its own.
     """
 
-    def __init__(self, address: str | None = None, *, one_per_node: bool = False) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
+        per_node: int = 1,
+        retries: int = LOST_TASK_RETRIES,
+        num_cpus: int | None = None,
+    ) -> None:
+        if per_node < 1:
+            raise ConfigError(f"--ray-trials-per-node {per_node}: must be at least 1")
+        if connect_timeout_s <= 0:
+            raise ConfigError(f"--ray-connect-timeout {connect_timeout_s:g}: must be positive")
         self._ray = import_ray()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
-        if self.address:
-            _check_reachable(self.address)  # before the sweep starts, not at its first trial
-        self.one_per_node = one_per_node
-        self._started_ray = False
-        self._pending: dict[Any, Job] = {}
+        self.connect_timeout_s = connect_timeout_s
+        self.per_node = per_node
+        self.retries = retries
+        self.num_cpus = num_cpus
+        self.instance: Instance | None = None
+        self._running: dict[Any, _Attempt] = {}
         self._remote: Any = None
+
+    def connect(self) -> Instance:
+        """Start or reach the Ray instance (once); a one-line ConfigError when that fails."""
+        if self.instance is None:
+            ray = self._ray
+            if ray.is_initialized():
+                self.instance = ray_instance.attached(ray)
+            elif self.address:
+                self.instance = ray_instance.connect(ray, self.address, self.connect_timeout_s)
+            else:
+                self.instance = ray_instance.start_local(ray, num_cpus=self.num_cpus)
+            self._remote = ray.remote(_ray_task)
+        return self.instance
 
     def run(self, trial: TrialSpec, out_dir: Path, timeout_s: float) -> TrialResult:
         """Run one trial on the cluster and wait for it."""
@@ -72,86 +140,138 @@ class RayExecutor:
         raise AssertionError("run_many returned no result")  # pragma: no cover
 
     def run_many(self, jobs: list[Job]) -> Iterator[tuple[Job, TrialResult]]:
-        """Submit every job as a task, then yield each with its result as it finishes."""
+        """Place every job on a free slot as one frees up; yield each with its result as it
+        finishes, after its retries (see the module doc)."""
         if not jobs:
             return
-        ray = self._connect(jobs)
+        self.connect()
+        known: dict[str, list[Slot]] = {}
+        free = self._refresh(known, [])
+        self._check_capacity(jobs, known)
         context = WorkerContext.capture()
-        for job in jobs:
-            options: dict[str, Any] = {
-                "num_cpus": job.trial.measure.threads,
-                "name": f"qatbench:{job.trial.id}",
-                "max_retries": 1,  # a lost node or worker, never a failing trial (a result)
-            }
-            if self.one_per_node:
-                options["resources"] = {NODE_RESOURCE: 1}
-            ref = self._remote.options(**options).remote(job.trial, job.timeout_s, context)
-            self._pending[ref] = job
-        while self._pending:
-            ready, _ = ray.wait(list(self._pending), num_returns=1, timeout=_WAIT_S)
+        queue: deque[_Attempt] = deque(_Attempt(job) for job in jobs)
+        while queue or self._running:
+            queue = self._place(queue, free, context)
+            if queue and not self._running:
+                free = self._refresh(known, free)
+                if not any(_fits(a.job, s) for a in queue for s in free):
+                    for attempt in queue:
+                        yield (
+                            attempt.job,
+                            _lost_result(
+                                attempt, NODE_LOST, "no alive node of the Ray cluster can take it"
+                            ),
+                        )
+                    queue.clear()
+                continue
+            ready, _ = self._ray.wait(list(self._running), num_returns=1, timeout=_WAIT_S)
             for ref in ready:
-                job = self._pending.pop(ref)
-                yield job, self._land(job, ref)
+                attempt = self._running.pop(ref)
+                slot = attempt.slot
+                assert slot is not None
+                try:
+                    result = self._land(attempt, ref)
+                except _Lost as lost:
+                    free = self._refresh(known, free)
+                    cause = NODE_LOST if slot.node_id not in known else lost.cause
+                    if slot.node_id in known:
+                        free.append(slot)
+                    attempt.lost.append(
+                        f"{cause} on {slot.host} (node {slot.node_id}): {lost.detail}"
+                    )
+                    if len(attempt.lost) <= self.retries:
+                        queue.appendleft(attempt)  # first in line for the next free slot
+                        continue
+                    yield attempt.job, _lost_result(attempt, cause, lost.detail)
+                    continue
+                free.append(slot)
+                if queue:
+                    free = self._refresh(known, free)  # nodes that joined meanwhile
+                yield attempt.job, result
 
     def stop(self) -> None:
         """Cancel every task still queued or running (their trial workers die with them)."""
-        pending, self._pending = self._pending, {}
-        for ref in pending:
+        running, self._running = self._running, {}
+        for ref in running:
             with contextlib.suppress(Exception):  # already finished or its node is gone
                 self._ray.cancel(ref, force=True)
 
     def close(self) -> None:
         """Stop, and shut down the Ray instance this executor started, if it did."""
         self.stop()
-        if self._started_ray:
-            self._ray.shutdown()
-            self._started_ray = False
+        if self.instance is not None and self.instance.started:
+            self.instance.close()
+        self.instance = None
+        self._remote = None
 
-    def _connect(self, jobs: list[Job]) -> Any:
-        ray = self._ray
-        if not ray.is_initialized():
-            where = self.address or "a local Ray instance"
-            try:
-                ray.init(
-                    address=self.address,
-                    include_dashboard=False,
-                    logging_level="WARNING",
-                    # a local instance of our own listens on loopback only
-                    **({} if self.address else {"_node_ip_address": "127.0.0.1"}),
-                )
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise ConfigError(
-                    f"--ray-address {where}: cannot connect: {_one_line(exc)}"
-                ) from None
-            self._started_ray = self.address is None
-        if self._remote is None:
-            self._remote = ray.remote(_ray_task)
-        self._check_capacity(jobs)
-        return ray
+    def _place(
+        self, queue: deque[_Attempt], free: list[Slot], context: WorkerContext
+    ) -> deque[_Attempt]:
+        """Submit what fits on the free slots, first come first served; the rest waits."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    def _check_capacity(self, jobs: list[Job]) -> None:
-        """Refuse trials no node can ever take, which Ray would queue forever."""
-        nodes = [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
-        if self.one_per_node and not any(r.get(NODE_RESOURCE) for r in nodes):
-            raise ConfigError(
-                f"--ray-one-per-node: no node of the Ray cluster offers the resource "
-                f"{NODE_RESOURCE!r}; start each node with: ray start ... "
-                f"--resources='{{\"{NODE_RESOURCE}\": 1}}'"
-            )
-        most = max((r.get("CPU", 0) for r in nodes), default=0)
+        waiting: deque[_Attempt] = deque()
+        for attempt in queue:
+            slot = next((s for s in free if _fits(attempt.job, s)), None)
+            if slot is None:
+                waiting.append(attempt)
+                continue
+            free.remove(slot)
+            attempt.slot = slot
+            job = attempt.job
+            ref = self._remote.options(
+                num_cpus=job.trial.measure.threads,
+                name=f"qatbench:{job.trial.id}",
+                max_retries=0,  # retried here, where the count is kept
+                retry_exceptions=False,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(slot.node_id, soft=False),
+            ).remote(job.trial, job.timeout_s, context, slot.index, slot.width)
+            self._running[ref] = attempt
+        return waiting
+
+    def _refresh(self, known: dict[str, list[Slot]], free: list[Slot]) -> list[Slot]:
+        """Update ``known`` (alive node -> its slots) from the cluster: slots of new nodes
+        become free, those of dead nodes are dropped. Returns the free slots, spread so
+        that consecutive jobs go to different nodes."""
+        alive = {}
+        for node in self._ray.nodes():
+            cpus = int(node.get("Resources", {}).get("CPU", 0))
+            if node.get("Alive") and cpus >= 1:
+                alive[node["NodeID"]] = (node.get("NodeManagerHostname") or "?", cpus)
+        for node_id in list(known):
+            if node_id not in alive:
+                del known[node_id]
+        kept = [s for s in free if s.node_id in known]
+        for node_id, (host, cpus) in alive.items():
+            if node_id not in known:
+                count = min(self.per_node, cpus)
+                known[node_id] = [Slot(node_id, host, i, cpus // count) for i in range(count)]
+                kept.extend(known[node_id])
+        return sorted(kept, key=lambda s: s.index)
+
+    def _check_capacity(self, jobs: list[Job], known: dict[str, list[Slot]]) -> None:
+        """Refuse trials no slot can ever take, which would wait forever."""
+        widest = max((s.width for slots in known.values() for s in slots), default=0)
         threads = max(j.trial.measure.threads for j in jobs)
-        if threads > most:
+        if threads > widest:
+            per = f" with {self.per_node} trials per node" if self.per_node > 1 else ""
             raise ConfigError(
-                f"measure.threads {threads}: no node of the Ray cluster has that many CPUs "
-                f"(the largest has {most:g})"
+                f"measure.threads {threads}: no node of the Ray cluster has that many CPUs"
+                f"{per} (the largest slot has {widest:g})"
             )
 
-    def _land(self, job: Job, ref: Any) -> TrialResult:
-        """The task's result, its files written under ``job.out_dir`` and named there."""
+    def _land(self, attempt: _Attempt, ref: Any) -> TrialResult:
+        """The task's result, its files written under the job's folder and named there;
+        :class:`_Lost` when the task ended without one."""
+        ray, job = self._ray, attempt.job
         try:
-            payload = self._ray.get(ref)
-        except Exception as exc:  # a lost node, a killed Ray worker, a cancelled task
-            return failed_result(job.trial, "start", f"Ray task failed: {_one_line(exc)}")
+            payload = ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:  # the task's own code raised (disk full, ...)
+            return _lost_result(attempt, TASK_ERROR, one_line(exc))
+        except (ray.exceptions.NodeDiedError, ray.exceptions.TaskUnschedulableError) as exc:
+            raise _Lost(NODE_LOST, one_line(exc)) from None
+        except ray.exceptions.RayError as exc:  # a killed worker, a lost object, ...
+            raise _Lost(WORKER_KILLED, one_line(exc)) from None
         out_dir = Path(job.out_dir).absolute()
         out_dir.mkdir(parents=True, exist_ok=True)
         for rel, data in payload["files"].items():
@@ -162,27 +282,48 @@ class RayExecutor:
             path.write_bytes(data)
         result = TrialResult.from_dict(payload["result"])
         artifacts = {name: str(out_dir / rel) for name, rel in result.artifacts.items()}
-        return _replaced(result, artifacts=artifacts)
+        details = {**result.details, **_retry_details(attempt, len(attempt.lost))}
+        return _replaced(result, artifacts=artifacts, details=details)
 
 
-def _check_reachable(address: str) -> None:
-    """Fail in seconds on a ``host:port`` where no Ray head listens (``ray.init`` would wait
-    for minutes); other forms (``auto``, ``ray://``) are left to Ray."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or "://" in address:
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        raise ConfigError(
-            f"--ray-address {address}: no Ray head answers there ({_one_line(exc)}); "
-            "start one with: ray start --head"
-        ) from None
+def _fits(job: Job, slot: Slot) -> bool:
+    return job.trial.measure.threads <= slot.width
 
 
-def _ray_task(trial: TrialSpec, timeout_s: float, context: WorkerContext) -> dict[str, Any]:
-    """Body of the Ray task: run ``trial`` in an isolated worker on this node and return
-    its result with the bytes of the files it wrote (relative path -> bytes)."""
+def _retry_details(attempt: _Attempt, retries: int) -> dict[str, Any]:
+    """How often the job was run again (``retries``) and why each attempt was lost."""
+    return {"retries": retries, **({"lost": list(attempt.lost)} if attempt.lost else {})}
+
+
+def _lost_result(attempt: _Attempt, cause: str, detail: str) -> TrialResult:
+    """The failed result of a job the cluster lost (or could not place) for good."""
+    slot = attempt.slot
+    retries = max(len(attempt.lost) - 1, 0)  # the last loss was not run again
+    retried = f" (after {retries} retries)" if retries else ""
+    where = f" on {slot.host}" if slot else ""
+    result = failed_result(attempt.job.trial, cause, f"{cause}{where}{retried}: {detail}")
+    env = {"hostname": slot.host, "node_id": slot.node_id} if slot else {}
+    return _replaced(result, details={"env": env, **_retry_details(attempt, retries)})
+
+
+def _slot_cores(index: int, width: int, threads: int) -> list[int]:
+    """The cores of slot ``index`` a trial of ``threads`` threads is pinned to: the first
+    ``threads`` of the slot's range of this process's allowed cores (none if the node
+    claims more CPUs than it has)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[index * width : (index + 1) * width][:threads]
+
+
+def _ray_task(
+    trial: TrialSpec, timeout_s: float, context: WorkerContext, slot: int, width: int
+) -> dict[str, Any]:
+    """Body of the Ray task: run ``trial`` in an isolated worker pinned to its slot's cores
+    on this node, and return its result with the bytes of the files it wrote (relative
+    path -> bytes)."""
+    import ray
+
+    cores = _slot_cores(slot, width, trial.measure.threads)
+    context = dataclasses.replace(context, cores=tuple(cores))
     with tempfile.TemporaryDirectory(prefix="qatbench-ray-") as tmp:
         out_dir = Path(tmp) / trial.id
         result = LocalProcessExecutor(context).run(trial, out_dir, timeout_s)
@@ -194,6 +335,12 @@ def _ray_task(trial: TrialSpec, timeout_s: float, context: WorkerContext) -> dic
             if rel in files:
                 artifacts[name] = rel
         details = dict(result.details)
+        details["env"] = {
+            **details.get("env", {}),
+            "hostname": socket.gethostname(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "cores": ",".join(map(str, cores)) or "any",
+        }
         if left:
             details["warnings"] = [
                 *details.get("warnings", []),
@@ -231,8 +378,3 @@ def _read_files(out_dir: Path) -> tuple[dict[str, bytes], list[str]]:
         files[rel] = path.read_bytes()
         total += size
     return files, left
-
-
-def _one_line(error: object) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__

@@ -46,12 +46,19 @@ def run_experiment(
     select: Callable[[TrialSpec], bool] | None = None,
     executor: Executor | None = None,
     shard: folders.Shard | None = None,
+    sweep_id: str | None = None,
+    run_key: str | None = None,
 ) -> RunOutcome:
     """Run every trial of the experiment file at ``path`` (of its ``shard`` of the grid, if
-    given; the report names it) as a new sweep; see RunOutcome."""
+    given; the report names it) as a new sweep; see RunOutcome.
+
+    The sweep's MLflow id is ``sweep_id`` if given, else ``<experiment>-<run_key>`` with a
+    ``run_key``, else a new one: shards run with the same id (or key) log one sweep, which
+    ``compare``, ``history`` and ``--baseline previous`` see whole."""
     from qatbench.tracking.tracker import Tracker  # the only package importing mlflow
 
     spec = load_experiment(path)
+    given_id = folders.sweep_id(spec.name, sweep_id, run_key)  # checked before anything is made
     tracker = Tracker(tracking_uri or spec.tracking.uri, spec.tracking.experiment or spec.name)
     created = dt.datetime.now(dt.UTC)
     run_dir = folders.new_run_dir(output_root, spec.name, created)
@@ -66,7 +73,7 @@ def run_experiment(
             "uri": tracker.uri,
             "experiment_id": tracker.experiment_id,
             "experiment": tracker.experiment_name,
-            "sweep": new_sweep_id(created),
+            "sweep": given_id or new_sweep_id(created),
         },
     )
     select = _in_shard(spec, shard, select)

@@ -46,7 +46,26 @@ class SleepInConvert(QuantMethod):
         return model
 
 
-METHODS: tuple[type[QuantMethod], ...] = (AbortInConvert, SleepInConvert)
+class SleepOnceInConvert(QuantMethod):
+    """Hangs the first time (writing its pid to the file named by QATBENCH_SLEEP_ONCE, so
+    a test can kill what runs it), and converts at once when run again."""
+
+    name = "sleep_once_in_convert"
+    capabilities = _CAPS
+
+    def convert(self, model: torch.nn.Module) -> torch.nn.Module:
+        marker = os.environ["QATBENCH_SLEEP_ONCE"]
+        try:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            return model
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        time.sleep(120)
+        return model
+
+
+METHODS: tuple[type[QuantMethod], ...] = (AbortInConvert, SleepInConvert, SleepOnceInConvert)
 
 
 def register() -> None:
