@@ -24,6 +24,9 @@ class Task:
     """The loss a model is trained with and the metrics its outputs are judged by."""
 
     name: ClassVar[str]
+    # +1 where a higher value of the metric is better, -1 where lower is: read by quality
+    # budgets and the pick (qatbench/measure/directions.py); a task plugin declares its own.
+    directions: ClassVar[dict[str, int]] = {}
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -47,6 +50,7 @@ class Task:
 
 class Classification(Task):
     name = "classification"
+    directions: ClassVar[dict[str, int]] = {"accuracy": 1}
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets)
@@ -58,6 +62,11 @@ class Classification(Task):
 
 class LanguageModelling(Task):
     name = "language_modelling"
+    directions: ClassVar[dict[str, int]] = {
+        "perplexity": -1,
+        "next_token_accuracy": 1,
+        "bits_per_token": -1,
+    }
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs.flatten(0, -2), targets.flatten())
@@ -80,3 +89,11 @@ TASKS: dict[str, Task] = {t.name: t for t in (Classification(), LanguageModellin
 def task_for(data: TaskData) -> Task:
     """The task of a dataset (``TaskData.task``)."""
     return TASKS[data.task]
+
+
+def task_directions() -> dict[str, int]:
+    """The declared direction of every metric of every task (see ``Task.directions``)."""
+    out: dict[str, int] = {}
+    for task in TASKS.values():
+        out.update(task.directions)
+    return out

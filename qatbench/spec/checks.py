@@ -11,6 +11,7 @@ line parses. Each failure is one :class:`ConfigError` naming the file and the ke
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -71,6 +72,7 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 f"allowed: {', '.join(sorted(caps.runtimes))}"
             )
     _check_top_level_bits(spec, source)
+    _check_budget(spec.budget, source)
     _check_tracking_uri(spec.tracking.uri, source)
     _check_models_fit_data(spec, source)
     axes: dict[str, list[str]] = {
@@ -94,6 +96,23 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 parse_expectation(text)
             except ValueError as exc:
                 raise ConfigError(f"{source}: {where}[{j}]: {exc}") from None
+
+
+def _check_budget(budget: dict[str, float], source: str) -> None:
+    """Every key of ``budget`` is a quality metric whose direction is known, every bound a
+    finite number."""
+    from qatbench.data.tasks import task_directions
+    from qatbench.measure.directions import quality_metrics
+
+    known = quality_metrics(task_directions())
+    for key, bound in budget.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: budget.{key}: not a quality metric a budget can bound; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        if not math.isfinite(bound):
+            raise ConfigError(f"{source}: budget.{key}: {bound!r} is not a finite number")
 
 
 def _check_top_level_bits(spec: ExperimentSpec, source: str) -> None:

@@ -46,6 +46,9 @@ def _default_runtimes() -> list[Runtime]:
 
 
 ExpectList = list[str]
+# What the pick maximises (speed-up against fp32, per batch size) or minimises (size, memory);
+# see qatbench/report/pick.py.
+PickBy = Literal["speedup", "size", "peak_memory"]
 
 
 class ModelEntry(_Strict):
@@ -144,6 +147,10 @@ class ExperimentSpec(_Strict):
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     timeout_s: float = Field(900, gt=0, le=86_400)
     expect: ExpectList = Field(default_factory=list)
+    # quality metric -> the worst value accepted, read in the metric's own direction
+    # (docs/pick.md); the pick and ``keep_fp32: auto`` read it.
+    budget: dict[str, float] = Field(default_factory=dict)
+    pick_by: PickBy = "speedup"
 
     @field_validator("models", "methods", mode="before")
     @classmethod
