@@ -221,3 +221,18 @@ def test_pick_command_prints_picks_and_exits_1_naming_the_closest(tmp_path: Path
     bad = _pick_cli(str(path), "--budget", "acuracy:1")
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "--budget acuracy" in bad.stderr
+
+
+def test_report_html_shows_the_picks_first(tmp_path: Path) -> None:
+    from qatbench.report.html import write_html
+
+    trials = [
+        trial("fp32", "fp32", speedup=1.0),
+        trial("ptq", "w8a8", speedup=2.0),
+        trial("ptq", "w3a8", speedup=2.0, acc_delta=-3, runtime="onnxruntime"),
+    ]
+    rec = with_picks(record(trials, {"accuracy_delta_vs_fp32": -1.0}))
+    html = write_html(rec, tmp_path / "report.html").read_text()
+    card = html[html.index('id="picks"') : html.index('class="model"')]
+    assert "mlp-ptq-w8a8-torch" in card
+    assert "none within budget" in card and "closest: mlp-ptq-w3a8-onnxruntime" in card

@@ -153,6 +153,15 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         state.finish()
 
 
+def pick_line(pick: dict[str, Any]) -> str:
+    """One pick of report.json as a plain line."""
+    where = f"{pick['model']} on {pick['runtime']}"
+    where += f" at batch {pick['batch_size']}" if pick.get("batch_size") else ""
+    if pick.get("trial_id"):
+        return f"pick {where}: {pick['trial_id']}: {pick.get('why', '')}"
+    return f"no pick {where}: {pick.get('why', '')}"
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = config.stash.get(SESSION_STATE, None)
     if state is None or not state.experiments:
@@ -164,5 +173,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             f"{tracking.get('experiment')}: {len(run.record.trials)} trials; "
             f"mlflow {tracking.get('uri')}"
         )
+        for pick in run.record.picks:  # the answer first (qatbench/report/pick.py)
+            terminalreporter.write_line(f"  {pick_line(pick)}")
         terminalreporter.write_line(f"  report.json: {run.report_json}")
         terminalreporter.write_line(f"  report.html: {run.report_html}")
