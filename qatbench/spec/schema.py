@@ -148,7 +148,7 @@ class ExperimentSpec(_Strict):
     timeout_s: float = Field(900, gt=0, le=86_400)
     expect: ExpectList = Field(default_factory=list)
     # quality metric -> the worst value accepted, read in the metric's own direction
-    # (docs/pick.md); the pick and ``keep_fp32: auto`` read it.
+    # (docs/pick.md); the pick (qatbench/report/pick.py) reads it.
     budget: dict[str, float] = Field(default_factory=dict)
     pick_by: PickBy = "speedup"
 
