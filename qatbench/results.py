@@ -87,6 +87,9 @@ class RunRecord:
     env: dict[str, Any]
     trials: tuple[TrialResult, ...] = ()
     tracking: dict[str, Any] = field(default_factory=dict)  # uri, experiment id
+    # the best trial within the quality budget per model x runtime x batch size, as plain
+    # data (qatbench/report/pick.py); recomputed when the run ends
+    picks: tuple[dict[str, Any], ...] = ()
     schema_version: int = SCHEMA_VERSION
 
     def with_trial(self, result: TrialResult) -> RunRecord:
@@ -95,7 +98,7 @@ class RunRecord:
         return replace(self, trials=(*kept, result))
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "schema_version": self.schema_version,
             "experiment": self.experiment,
             "created": self.created,
@@ -103,6 +106,9 @@ class RunRecord:
             "tracking": self.tracking,
             "trials": [t.to_dict() for t in self.trials],
         }
+        if self.picks:
+            out["picks"] = [dict(p) for p in self.picks]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "report") -> RunRecord:
@@ -118,6 +124,7 @@ class RunRecord:
             env=data.get("env", {}),
             tracking=data.get("tracking", {}),
             trials=tuple(TrialResult.from_dict(t) for t in data.get("trials", [])),
+            picks=tuple(dict(p) for p in data.get("picks", [])),
         )
 
     def save(self, path: Path) -> None:

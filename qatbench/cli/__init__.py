@@ -19,6 +19,7 @@ import typer
 from qatbench.cli import (
     experiment_commands,
     mlflow_commands,
+    pick_command,
     quiet,
     report_commands,
     run_command,
@@ -73,6 +74,7 @@ app.command()(selftest_command.selftest)
 app.command()(mlflow_commands.ui)
 app.command()(mlflow_commands.sync)
 app.command()(report_commands.merge)
+app.command()(pick_command.pick)
 
 
 def _show_warning(

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from qatbench.cli.output import err, expand_globs, out
+from qatbench.cli.pick_command import print_picks
 from qatbench.cli.quiet import ThirdPartyLog, third_party_to
 from qatbench.cli.report_commands import print_comparison
 from qatbench.errors import ConfigError
@@ -268,6 +269,7 @@ def _finish_run(
         f"{f' shard {shard}' if shard else ''}: {finished} finished, "
         f"{len(outcome.failed)} failed"
     )
+    print_picks(outcome.record.picks)  # the answer first (issue 25)
     for breach in outcome.breaches:
         out.print(f"[red]expectation breached[/] {breach}")
     out.print(f"report.json: {outcome.report_json}")

@@ -47,7 +47,9 @@ class Task:
     """The loss a model is trained with and the metrics its outputs are judged by."""
 
     name: ClassVar[str]
-    directions: ClassVar[dict[str, str]] = {}  # metric -> "higher" or "lower" is better
+    # metric -> "higher" or "lower" is better: read by the report, quality budgets and the
+    # pick (qatbench/measure/directions.py); a task plugin declares its own.
+    directions: ClassVar[dict[str, str]] = {}
     needs_targets: ClassVar[bool] = True  # False: judged against the fp32 outputs alone
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -165,4 +167,13 @@ def checked_quality(
                 f"task {task.name!r}: metric {key!r} is {type(value).__name__}, not a number"
             )
         out[key] = float(value)
+    return out
+
+
+def task_directions(*tasks: Task) -> dict[str, int]:
+    """The declared direction of every metric of the built-in tasks and of ``tasks``, as +1
+    (higher is better) or -1 (lower is)."""
+    out: dict[str, int] = {}
+    for task in (*TASKS.values(), *tasks):
+        out.update({k: 1 if v == "higher" else -1 for k, v in task.directions.items()})
     return out

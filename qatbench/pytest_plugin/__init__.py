@@ -172,6 +172,15 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             state.partial[name] = (len(ids), totals[name])
 
 
+def pick_line(pick: dict[str, Any]) -> str:
+    """One pick of report.json as a plain line."""
+    where = f"{pick['model']} on {pick['runtime']}"
+    where += f" at batch {pick['batch_size']}" if pick.get("batch_size") else ""
+    if pick.get("trial_id"):
+        return f"pick {where}: {pick['trial_id']}: {pick.get('why', '')}"
+    return f"no pick {where}: {pick.get('why', '')}"
+
+
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     state = config.stash.get(SESSION_STATE, None)
     if state is None or not state.experiments:
@@ -198,5 +207,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
             + (f" (partial: {partial}; not a --baseline previous)" if partial else "")
             + f"; mlflow {tracking.get('uri')}"
         )
+        for pick in run.record.picks:  # the answer first (qatbench/report/pick.py)
+            terminalreporter.write_line(f"  {pick_line(pick)}")
         terminalreporter.write_line(f"  report.json: {run.report_json}")
         terminalreporter.write_line(f"  report.html: {run.report_html}")

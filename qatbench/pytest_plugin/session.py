@@ -151,10 +151,12 @@ class SessionState:
 
     def finish(self) -> None:
         from qatbench.report.html import write_html
+        from qatbench.report.pick import with_picks
 
         if self._executor is not None:
             self._executor.stop()
         for run in self.experiments.values():
+            run.record = with_picks(run.record)
             run.record.save(run.report_json)
             write_html(run.record, run.report_html)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from qatbench.errors import ConfigError
+from qatbench.measure.directions import better_direction as better_direction  # re-exported
 from qatbench.measure.stats import ShiftTest, mann_whitney
 from qatbench.report.compare_samples import (
     GENERATION_METRIC,
@@ -55,19 +56,6 @@ _GATE = re.compile(
     r"^(?P<metric>[^:]+):(?P<sign>[+-])(?P<number>[0-9]*\.?[0-9]+(?:e-?[0-9]+)?)(?P<pct>%?)$"
 )
 _BATCH_SUFFIX = re.compile(r"_b\d+$")
-_HIGHER_BETTER = re.compile(
-    r"^(?:throughput_|speedup_|accuracy|sqnr|cosine|compression_ratio|int_op_fraction|"
-    r"worst_layer_sqnr|onnx_export_ok|onnx_parity_ok|next_token_accuracy|"
-    r"(?:fp32_|recompute_)?(?:prefill|decode)_tokens_per_s|(?:prefill|decode)_speedup|"
-    r"greedy_prefix_match)"
-)
-_LOWER_BETTER = re.compile(
-    r"^(?:latency_|fp32_latency_|mse|max_abs_error|size_bytes|weight_bytes|peak_rss|model_rss|"
-    r"perplexity|bits_per_token|onnx_parity_max_abs|onnx_size|prefill_latency|"
-    r"(?:recompute_)?decode_latency|"
-    r"kv_cache_bytes|weights_plus_kv_cache_bytes)"
-)
-
 Verdict = Literal["breach", "noise", "held", "missing", "info"]
 
 
@@ -137,14 +125,6 @@ def relative_change(a: float, b: float) -> float:
     if a != 0.0:
         return (b - a) / abs(a)
     return 0.0 if b == 0.0 else math.copysign(math.inf, b)
-
-
-def better_direction(metric: str) -> int:
-    """+1 when a higher value is better (speed-up, accuracy), -1 when lower is (latency,
-    error, size), 0 when the name does not say."""
-    if _LOWER_BETTER.match(metric) and not SPREAD_METRIC.match(metric):
-        return -1
-    return 1 if _HIGHER_BETTER.match(metric) else 0
 
 
 def is_timing(metric: str) -> bool:

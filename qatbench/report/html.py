@@ -330,6 +330,7 @@ def build_view(record: RunRecord) -> dict[str, Any]:
             "failed": len(failed),
         },
         "tracking": _tracking_view(record.tracking),
+        "picks": [dict(p) for p in record.picks],  # the top card (report/pick.py)
         "models": [
             _model_view(name, trials, i, page) for i, (name, trials) in enumerate(models.items())
         ],

@@ -10,6 +10,7 @@ line parses. Each failure is one :class:`ConfigError` naming the file and the ke
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -77,12 +78,12 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 f"allowed: {', '.join(able)}"
             )
     _check_top_level_bits(spec, source)
+    own_task = resolve_task(spec.task, f"{source}: task") if spec.task is not None else None
+    _check_budget(spec.budget, source, own_task)
     _check_tracking_uri(spec.tracking.uri, source)
     if spec.data.factory:
         resolve_factory(spec.data.factory, f"{source}: data.factory")
     _check_models_fit_data(spec, source)
-    if spec.task is not None:
-        resolve_task(spec.task, f"{source}: task")
     axes: dict[str, list[str]] = {
         "model": sorted({n for m in spec.models for n in (m.name, m.key)}),
         "method": sorted({n for m in spec.methods for v in m.variants() for n in (v.name, v.key)}),
@@ -108,6 +109,23 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
 
 def _caps_of(runtime: str) -> Any:
     return registry.runtimes.get(runtime).capabilities
+
+
+def _check_budget(budget: dict[str, float], source: str, own_task: Any = None) -> None:
+    """Every key of ``budget`` is a quality metric whose direction is known, every bound a
+    finite number."""
+    from qatbench.data.tasks import task_directions
+    from qatbench.measure.directions import quality_metrics
+
+    known = quality_metrics(task_directions(*([own_task] if own_task is not None else [])))
+    for key, bound in budget.items():
+        if key not in known:
+            raise ConfigError(
+                f"{source}: budget.{key}: not a quality metric a budget can bound; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        if not math.isfinite(bound):
+            raise ConfigError(f"{source}: budget.{key}: {bound!r} is not a finite number")
 
 
 def _check_top_level_bits(spec: ExperimentSpec, source: str) -> None:

@@ -55,6 +55,9 @@ def _default_runtimes() -> list[Runtime]:
 
 
 ExpectList = list[str]
+# What the pick maximises (speed-up against fp32, per batch size) or minimises (size, memory);
+# see qatbench/report/pick.py.
+PickBy = Literal["speedup", "size", "peak_memory"]
 
 
 class ModelEntry(_Strict):
@@ -239,6 +242,11 @@ class ExperimentSpec(_Strict):
     @classmethod
     def _task_name(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    # quality metric -> the worst value accepted, read in the metric's own direction
+    # (docs/pick.md); the pick (qatbench/report/pick.py) reads it.
+    budget: dict[str, float] = Field(default_factory=dict)
+    pick_by: PickBy = "speedup"
 
     @field_validator("models", "methods", mode="before")
     @classmethod

@@ -24,6 +24,7 @@ from rich.markup import escape
 from qatbench.errors import QatbenchError
 from qatbench.measure.passes import pass_specs, pool
 from qatbench.report.html import write_html
+from qatbench.report.pick import with_picks
 from qatbench.report.summary import baseline_for
 from qatbench.results import RunRecord, TrialResult, write_text_atomic
 from qatbench.spec.schema import ExperimentSpec, TrialSpec
@@ -99,7 +100,9 @@ class SweepLoop:
             finally:
                 with shielded():  # a second Ctrl-C must not cut the report short
                     self.executor.stop()
+                    self.record = with_picks(self.record)
                     self.record.save(self.json_path)
+                    self._tag_picks()
                     write_html(self.record, self.html_path)
         recorded = {t.id for t in self.record.trials}
         outcome = RunOutcome(
@@ -188,6 +191,13 @@ class SweepLoop:
                 if run_id is not None:
                     self.record = self.record.with_trial(result.with_run_id(run_id))
                     self.record.save(self.json_path)
+
+    def _tag_picks(self) -> None:
+        """The picks as MLflow tags on the picked runs; an outage only warns."""
+        try:
+            self.tracker.tag_picks(self.record.picks)
+        except QatbenchError as exc:
+            self.console.print(f"[yellow]warning[/] picks not tagged in MLflow: {escape(str(exc))}")
 
     def _log(self, result: TrialResult) -> str | None:
         try:

@@ -244,6 +244,18 @@ class Tracker:
             raise TrackingError(f"tracking uri {self.uri}: {one_line(exc)}") from exc
         return bool(run.info.lifecycle_stage == "active")
 
+    def tag_picks(self, picks: tuple[dict[str, Any], ...]) -> None:
+        """Tag each picked trial's run ``qatbench.pick.b{N}`` (or ``qatbench.pick``) with why
+        it was picked (report.json ``picks``; qatbench/report/pick.py)."""
+        try:
+            for pick in picks:
+                if pick.get("run_id") and pick.get("trial_id"):
+                    n = pick.get("batch_size")
+                    key = f"qatbench.pick.b{n}" if n else "qatbench.pick"
+                    self._client.set_tag(pick["run_id"], key, str(pick.get("why", ""))[:5000])
+        except Exception as exc:  # any backend's failure: an outage to report
+            raise TrackingError(f"tracking uri {self.uri}: {one_line(exc)}") from exc
+
     def delete_run(self, run_id: str) -> None:
         """Delete a run (MLflow keeps it restorable until garbage collection)."""
         try:
