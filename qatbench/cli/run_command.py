@@ -181,9 +181,11 @@ def _judge_against_baseline(
     record: RunRecord, baseline: str, gates: list[Gate], tracking_uri: str | None
 ) -> int:
     """Compare a finished sweep with its baseline, print the result; 1 on a breach."""
+    from qatbench.cli.auto_gates import thresholds_for
     from qatbench.report import compare as cmp
-    from qatbench.report.sources import load_record, load_sweeps, sweep_record
+    from qatbench.report.sources import Sweep, load_record, load_sweeps, sweep_record
 
+    history: list[Sweep] | None = None  # the sweeps before this one, for METRIC:auto gates
     if baseline == "previous":
         name = record.tracking["experiment"]
         uri, experiment_id, sweeps = load_sweeps(name, tracking_uri or record.tracking["uri"])
@@ -194,12 +196,16 @@ def _judge_against_baseline(
         if here == 0:
             out.print(f"baseline: no sweep of {name!r} before this one; nothing to compare")
             return 0
+        history = sweeps[:here]
         reference = sweep_record(name, uri, experiment_id, sweeps[here - 1])
         label = f"previous sweep {sweeps[here - 1].id}"
     else:
         reference = load_record(baseline, tracking_uri)
         label = baseline
-    result = cmp.compare(reference, record, gates, labels=(label, "this sweep"))
+    thresholds = thresholds_for(record, gates, history, tracking_uri)
+    result = cmp.compare(
+        reference, record, gates, labels=(label, "this sweep"), thresholds=thresholds
+    )
     return print_comparison(result)
 
 
