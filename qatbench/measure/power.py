@@ -93,7 +93,7 @@ class Power:
         return (
             f"this machine {seen}; {self.false_alarms} of {self.pairs} false alarms; "
             f"a real {self.slowdown:.0%} slowdown detected in {self.detections} of {self.pairs} "
-            f"(between-process sd {self.between_process_sd:.1%}, {self.processes} processes)"
+            f"(between-process sd {self.between_process_sd:.2%}, {self.processes} processes)"
         )
 
 
