@@ -119,3 +119,19 @@ def test_history_marks_the_step_in_its_json() -> None:
     (step,) = data["series"][0]["steps"]
     assert step["sweep"] == "s5" and step["sweep_index"] == 5
     assert math.isclose(step["after"], 5.6025)
+
+
+def test_without_history_the_latest_selftest_of_the_store_sets_the_threshold(
+    tmp_path,
+) -> None:
+    from qatbench.cli.auto_gates import SELFTEST_EXPERIMENT, SELFTEST_METRIC, selftest_fallback
+    from qatbench.tracking.tracker import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert "no selftest" in selftest_fallback(uri).source  # no such experiment yet
+    tracker = Tracker(uri, SELFTEST_EXPERIMENT)
+    tracker.log_run("selftest", metrics={SELFTEST_METRIC: 0.12})
+    found = selftest_fallback(uri)
+    assert found.limit == pytest.approx(0.12)
+    assert "selftest run" in found.source and "12.0%" in found.source
+    assert selftest_fallback(None).limit == DEFAULT_LIMIT  # two report.json files: no store

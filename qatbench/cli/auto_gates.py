@@ -22,11 +22,14 @@ SELFTEST_METRIC = "selftest_min_detectable_slowdown"
 
 
 def selftest_fallback(uri: str | None) -> Threshold:
-    """The latest self-test's smallest detectable slowdown in ``uri``, else the default."""
-    from qatbench.tracking import queries, store
+    """The latest self-test's smallest detectable slowdown in ``uri``, else the default
+    (also without a store: comparing two report.json files creates none)."""
+    from qatbench.tracking import queries
 
+    if not uri:
+        return fallback_threshold(None)
     try:
-        runs = queries.search_trials(uri or store.default_uri(), SELFTEST_EXPERIMENT)
+        runs = queries.search_trials(uri, SELFTEST_EXPERIMENT)
     except TrackingError:
         runs = []
     for run in runs:  # newest first
