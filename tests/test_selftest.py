@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,7 @@ def test_the_cli_prints_and_logs_every_check(tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     proc = subprocess.run(
-        [str(QATBENCH), "selftest", "--tracking-uri", uri],
+        [str(QATBENCH), "selftest", "--tracking-uri", uri, "--processes", "3"],
         capture_output=True,
         text=True,
         env=env,
@@ -50,6 +51,12 @@ def test_the_cli_prints_and_logs_every_check(tmp_path: Path) -> None:
     assert metrics["selftest_passed"] == (1.0 if proc.returncode == 0 else 0.0)
     assert 0 < metrics["selftest_timer_resolution_ns"] <= 1e6
     assert 0.2 < metrics["selftest_known_ratio"] < 1.0
+    # detection power over 3 fresh processes: 3 pairs, printed as one line and logged
+    assert re.search(r"this machine (detects a slowdown of \d+%|cannot)", proc.stdout)
+    assert metrics["selftest_pairs"] == 3.0
+    assert 0 <= metrics["selftest_aa_false_alarms"] <= 3
+    assert 0 <= metrics["selftest_detections"] <= 3
+    assert "selftest_min_detectable_slowdown" in metrics
     local = mlflow.artifacts.download_artifacts(run_id=runs[0].info.run_id, dst_path=str(tmp_path))
     checks = json.loads((Path(local) / "selftest.json").read_text())["checks"]
     assert [c["name"] for c in checks] == [

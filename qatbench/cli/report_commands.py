@@ -72,7 +72,8 @@ def compare(
             "-g",
             help="METRIC:CHANGE, repeatable: latency_p50_ms:+5% (a rise of more than 5% "
             "breaches; no _bN suffix = every batch size), throughput_per_s:-5%, "
-            "accuracy:-0.5 (an absolute drop of more than 0.5)",
+            "accuracy:-0.5 (an absolute drop of more than 0.5), speedup_vs_fp32:auto (each "
+            "trial's threshold from its spread over B's experiment's previous sweeps)",
         ),
     ] = None,
     tracking_uri: Annotated[str | None, typer.Option(help=_TRACKING_HELP)] = None,
@@ -88,18 +89,21 @@ def compare(
     (one per repeat when both runs have them) also differ significantly (Mann-Whitney U);
     other metrics on the threshold.
     """
+    from qatbench.cli.auto_gates import thresholds_for
     from qatbench.report import compare as cmp
     from qatbench.report.sources import load_record, parse_source
 
     gates = cmp.parse_gates(gate or [])
     labels = (parse_source(a).label, parse_source(b).label)
+    record_b = load_record(b, tracking_uri)
     result = cmp.compare(
         load_record(a, tracking_uri),
-        load_record(b, tracking_uri),
+        record_b,
         gates,
         alpha=alpha,
         min_effect=min_effect,
         labels=labels,
+        thresholds=thresholds_for(record_b, gates, None, tracking_uri),
     )
     code = print_comparison(result)
     if output is not None:
@@ -122,8 +126,13 @@ def history(
     output: Annotated[Path, typer.Option("-o", "--output", help="HTML path")] = Path(
         "history.html"
     ),
+    json_output: Annotated[
+        Path | None,
+        typer.Option("--json", help="also write the points and steps as JSON, for a job"),
+    ] = None,
 ) -> None:
-    """Chart a metric over the sweeps of an MLflow experiment, significant changes marked."""
+    """Chart a metric over the sweeps of an MLflow experiment, significant changes and the
+    sweeps where a trial's level stepped marked."""
     from qatbench.report import history as hist
     from qatbench.report import text
     from qatbench.report.compare import is_timing
@@ -148,12 +157,29 @@ def history(
     changes = sum(len(s.changes) for s in result.series)
     if changes:
         out.print(text.history_table(result))
+    for series in result.series:
+        for step, at in zip(series.steps, series.step_sweeps(), strict=True):
+            out.print(
+                f"step: {series.trial}: {metric} {step.before:.4g} -> {step.after:.4g} "
+                f"({step.change:+.1%}) from sweep {result.sweeps[at][0]} (#{at})",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
+    steps = sum(len(s.steps) for s in result.series)
     out.print(
         f"{len(result.sweeps)} sweeps, {len(result.series)} trials, {changes} significant "
-        f"changes of {metric}",
+        f"changes of {metric}; {steps} steps (change points over the whole series)",
         markup=False,
         highlight=False,
     )
+    if json_output is not None:
+        import json
+
+        from qatbench.results import write_text_atomic
+
+        write_text_atomic(json_output, json.dumps(hist.history_json(result), indent=2))
+        out.print(f"history.json: {json_output}")
     path = write_history_html(result, output, {"uri": uri, "experiment_id": experiment_id})
     out.print(f"history.html: {path}")
 

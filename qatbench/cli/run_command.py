@@ -311,9 +311,11 @@ def _judge_against_baseline(
     record: RunRecord, baseline: str, gates: list[Gate], tracking_uri: str | None
 ) -> int:
     """Compare a finished sweep with its baseline, print the result; 1 on a breach."""
+    from qatbench.cli.auto_gates import thresholds_for
     from qatbench.report import compare as cmp
-    from qatbench.report.sources import load_record, load_sweeps, sweep_record
+    from qatbench.report.sources import Sweep, load_record, load_sweeps, sweep_record
 
+    history: list[Sweep] | None = None  # the sweeps before this one, for METRIC:auto gates
     if baseline == "previous":
         name = record.tracking["experiment"]
         uri, experiment_id, sweeps = load_sweeps(name, tracking_uri or record.tracking["uri"])
@@ -330,6 +332,7 @@ def _judge_against_baseline(
                 f"baseline: no {word} of {name!r} before this one{partial}; nothing to compare"
             )
             return 0
+        history = sweeps[:here]
         reference = sweep_record(name, uri, experiment_id, before[-1])
         skipped = here - sweeps.index(before[-1]) - 1  # every sweep between is partial
         label = f"previous sweep {before[-1].id}" + (
@@ -338,7 +341,10 @@ def _judge_against_baseline(
     else:
         reference = load_record(baseline, tracking_uri)
         label = baseline
-    result = cmp.compare(reference, record, gates, labels=(label, "this sweep"))
+    thresholds = thresholds_for(record, gates, history, tracking_uri)
+    result = cmp.compare(
+        reference, record, gates, labels=(label, "this sweep"), thresholds=thresholds
+    )
     return print_comparison(result)
 
 

@@ -10,6 +10,10 @@ Three checks, each a pass/fail with the measured value:
   in REPEATS blocks, not flagged by the rank test ``qatbench compare`` uses on them (one
   median per block; see :func:`qatbench.report.compare_samples.comparable_samples`).
 
+Then the detection power across fresh processes (:mod:`qatbench.measure.power`): the A/A
+false alarms, the detections of a real 10% slowdown and the smallest slowdown this machine
+detects in 19 of 20 nightlies, which ``--gate METRIC:auto`` takes for trials without history.
+
 Nightly jobs run it first: a failing self-test means the night's timings are not to be
 trusted, whatever they show.
 """
@@ -20,6 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
+from qatbench.measure.power import Power
 from qatbench.measure.stats import mann_whitney
 from qatbench.measure.timing import (
     TimingSettings,
@@ -101,3 +106,15 @@ def as_metrics(checks: list[Check]) -> dict[str, float]:
 
 def as_rows(checks: list[Check]) -> list[dict[str, object]]:
     return [asdict(c) for c in checks]
+
+
+def power_metrics(power: Power) -> dict[str, float]:
+    """The detection power as MLflow metrics (min_detectable is -1 when nothing was seen)."""
+    seen = power.min_detectable if math.isfinite(power.min_detectable) else -1.0
+    return {
+        "selftest_min_detectable_slowdown": seen,
+        "selftest_aa_false_alarms": float(power.false_alarms),
+        "selftest_detections": float(power.detections),
+        "selftest_pairs": float(power.pairs),
+        "selftest_between_process_sd": power.between_process_sd,
+    }

@@ -5,7 +5,10 @@ A gate ``METRIC:CHANGE`` names a metric and the change that breaches it:
 - ``latency_p50_ms_b1:+5%`` an increase of more than 5% relative to A;
 - ``throughput_per_s:-5%`` a decrease of more than 5% (a name without ``_bN`` covers every
   batch size; ``*`` and ``?`` glob, e.g. ``latency_p9?_ms_b*:+10%``);
-- ``accuracy:-0.5`` an absolute drop of more than 0.5 (in the metric's own unit).
+- ``accuracy:-0.5`` an absolute drop of more than 0.5 (in the metric's own unit);
+- ``speedup_vs_fp32:auto`` a change for the worse beyond each trial's own threshold, taken
+  from its spread over the experiment's last sweeps (:mod:`qatbench.report.auto_gate`); the
+  breach line names the threshold and where it came from.
 
 Timing metrics (``latency_*``, ``fp32_latency_*``, ``throughput_*``, ``speedup_*``) are not
 judged on a bare percentage: a gate on one is breached only when the recorded value moves
@@ -26,7 +29,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from qatbench.errors import ConfigError
 from qatbench.measure.directions import better_direction as better_direction  # re-exported
@@ -38,6 +41,9 @@ from qatbench.report.compare_samples import (
     comparable_samples,
 )
 from qatbench.results import RunRecord, TrialResult
+
+if TYPE_CHECKING:
+    from qatbench.report.auto_gate import AutoThresholds
 
 DEFAULT_ALPHA = 0.01
 DEFAULT_MIN_EFFECT = 0.05
@@ -64,7 +70,8 @@ class Gate:
     """A limit on the change of every metric it matches, from A to B.
 
     ``sign`` +1: a rise beyond ``limit`` breaches, -1: a fall; ``relative``: ``limit`` is a
-    fraction of A's value (``+5%`` is 0.05), else in the metric's unit.
+    fraction of A's value (``+5%`` is 0.05), else in the metric's unit. ``auto``: the limit
+    is set per trial by :meth:`resolved` (``METRIC:auto``); until then it is NaN.
     """
 
     metric: str
@@ -72,6 +79,16 @@ class Gate:
     limit: float
     relative: bool
     text: str
+    auto: bool = False
+
+    def resolved(self, limit: float, source: str) -> Gate:
+        """This auto gate with a concrete relative limit, its text saying where it came from."""
+        return replace(
+            self,
+            limit=limit,
+            auto=False,
+            text=f"{self.text} (threshold {self.sign * limit:+.1%}: {source})",
+        )
 
     def matches(self, metric: str) -> bool:
         """The exact name, the name plus a batch suffix ``_bN``, or a glob pattern."""
@@ -92,7 +109,11 @@ class Gate:
 
 
 def parse_gate(text: str) -> Gate:
-    """``METRIC:+5%``, ``METRIC:-1%``, ``METRIC:+0.5`` or ``METRIC:-0.5``; else a ConfigError."""
+    """``METRIC:+5%``, ``METRIC:-1%``, ``METRIC:+0.5``, ``METRIC:-0.5`` or ``METRIC:auto``
+    (the direction for the worse, the limit from history); else a ConfigError."""
+    metric, _, rest = text.strip().rpartition(":")
+    if rest.strip().lower() == "auto":
+        return _auto_gate(text, metric.strip())
     match = _GATE.match(text.strip())
     if match is None:
         raise ConfigError(
@@ -114,6 +135,19 @@ def parse_gate(text: str) -> Gate:
         relative=relative,
         text=text.strip(),
     )
+
+
+def _auto_gate(text: str, metric: str) -> Gate:
+    if not metric or any(c.isspace() for c in metric):
+        raise ConfigError(f"--gate {text!r}: the metric name is empty or contains spaces")
+    better = better_direction(metric.replace("*", "").replace("?", ""))
+    if better == 0:
+        raise ConfigError(
+            f"--gate {text!r}: auto needs a metric whose better direction is known "
+            "(latency_*, throughput_*, speedup_*, accuracy, mse, size_bytes, ...); "
+            f"give a signed change instead, e.g. {metric}:+5%"
+        )
+    return Gate(metric, -better, math.nan, True, text.strip(), auto=True)
 
 
 def parse_gates(texts: Iterable[str]) -> list[Gate]:
@@ -288,12 +322,19 @@ def compare(
     min_effect: float = DEFAULT_MIN_EFFECT,
     labels: tuple[str, str] = ("A", "B"),
     metrics: Sequence[str] = DEFAULT_METRICS,
+    thresholds: AutoThresholds | None = None,
 ) -> CompareResult:
     """Pair the trials of ``a`` and ``b`` by id and judge every gate on every paired trial.
 
     ``metrics`` are glob patterns of what to show besides the gated metrics. A gate that
     matches no metric of either run is a :class:`ConfigError` (most likely a typo).
+    ``thresholds`` set the limit of ``METRIC:auto`` gates per trial (without them, each
+    trial's auto gates take :data:`qatbench.report.auto_gate.DEFAULT_LIMIT`).
     """
+    if thresholds is None and any(g.auto for g in gates):
+        from qatbench.report.auto_gate import AutoThresholds, fallback_threshold
+
+        thresholds = AutoThresholds({}, fallback_threshold(None))
     if not 0.0 < alpha < 1.0:
         raise ConfigError(f"--alpha {alpha}: must lie strictly between 0 and 1")
     if min_effect < 0.0:
@@ -320,7 +361,7 @@ def compare(
             continue
         shown = _shown(_metrics_of([ta, tb]), gates, metrics)
         changes = tuple(
-            _judge(ta, tb, m, tuple(g for g in gates if g.matches(m)), alpha, min_effect)
+            _judge(ta, tb, m, _gates_for(ta.id, m, gates, thresholds), alpha, min_effect)
             for m in shown
         )
         error_b = f"{tb.error.phase}: {tb.error.reason}" if tb.error else ""
@@ -336,6 +377,21 @@ def compare(
         only_b=tuple(t.id for t in b.trials if t.id not in ids_a),
         notes=_notes(paired),
     )
+
+
+def _gates_for(
+    trial: str, metric: str, gates: Sequence[Gate], thresholds: AutoThresholds | None
+) -> tuple[Gate, ...]:
+    """The gates on one metric of one trial, auto ones with the trial's own limit."""
+    matching = []
+    for gate in gates:
+        if not gate.matches(metric):
+            continue
+        if gate.auto and thresholds is not None:
+            threshold = thresholds.get(trial, metric)
+            gate = gate.resolved(threshold.limit, threshold.source)
+        matching.append(gate)
+    return tuple(matching)
 
 
 def _notes(paired: Sequence[TrialChange]) -> tuple[str, ...]:

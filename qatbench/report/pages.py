@@ -109,8 +109,18 @@ def _series_chart(
 ) -> dict[str, Any]:
     m = HIST_MARGIN
     sx = Scale(-0.5, len(hist.sweeps) - 0.5, m["left"], HIST_W - m["right"])
-    sy = auto_scale([p.value for p in series.points], HIST_H - m["bottom"], m["top"])
+    sy = _shared_y(hist)
     good = better_direction(hist.metric)
+    steps = [
+        {
+            "x": sx(at - 0.5),
+            "label": f"step {step.change:+.1%}",
+            "tone": "good" if good and (step.change > 0) == (good > 0) else "bad" if good else "",
+            "title": f"{series.trial}: level {step.before:.4g} -> {step.after:.4g} "
+            f"({step.change:+.1%}) from sweep {hist.sweeps[at][0]}",
+        }
+        for step, at in zip(series.steps, series.step_sweeps(), strict=True)
+    ]
     marks = []
     for p in series.points:
         tone = "" if not p.direction else "good" if p.direction == good else "bad" if good else ""
@@ -118,6 +128,8 @@ def _series_chart(
             {
                 "cx": sx(p.sweep),
                 "cy": sy(p.value),
+                "y_low": None if p.low is None else sy(p.low),
+                "y_high": None if p.high is None else sy(p.high),
                 "changed": bool(p.direction),
                 "up": p.direction > 0,
                 "tone": tone,
@@ -136,8 +148,23 @@ def _series_chart(
         "y_label": hist.metric + (" (log)" if sy.log else ""),
         "line": " ".join(f"{mk['cx']},{mk['cy']}" for mk in marks),
         "marks": marks,
+        "steps": steps,
         "changes": sum(mk["changed"] for mk in marks),
     }
+
+
+def _shared_y(hist: History) -> Scale:
+    """One y scale for every trial's chart of the metric (values and intervals), so that
+    levels compare across charts at a glance."""
+    m = HIST_MARGIN
+    values = [
+        v
+        for s in hist.series
+        for p in s.points
+        for v in (p.value, p.low, p.high)
+        if v is not None and math.isfinite(v)
+    ]
+    return auto_scale(values, HIST_H - m["bottom"], m["top"])
 
 
 def history_view(hist: History, tracking: dict[str, Any]) -> dict[str, Any]:

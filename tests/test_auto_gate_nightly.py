@@ -1,0 +1,47 @@
+"""``--gate METRIC:auto`` in the nightly recipe, across separate processes.
+
+Each ``qatbench run`` is a fresh process tree (every trial in its own worker), as nightlies
+are. Two unchanged sweeps pass under the auto gates; a third with a known slowdown injected
+into one method's kernel (``QATBENCH_TEST_DELAY_MS``, a busy-wait per forward call) breaches,
+on that trial only, and the breach line says which threshold was used and where it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_nightly_gate import SLOW_TRIAL, _run
+
+pytestmark = pytest.mark.slow
+
+AUTO = ["--gate", "speedup_vs_fp32:auto", "--gate", "latency_p50_ms:auto"]
+
+
+@pytest.fixture
+def slowable() -> object:
+    from data.slowable_method import SlowableMethod
+
+    from qatbench import registry
+
+    registry.methods.register("slowable", SlowableMethod)
+    yield SlowableMethod
+    registry.methods.unregister("slowable")
+
+
+def test_auto_gate_passes_an_unchanged_rerun_and_catches_an_injected_slowdown(
+    tmp_path: Path, slowable: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in range(2):
+        code, output = _run(tmp_path, "--baseline", "previous", *AUTO)
+        assert code == 0, output
+        assert "breach" not in output
+
+    monkeypatch.setenv("QATBENCH_TEST_DELAY_MS", "3")
+    code, output = _run(tmp_path, "--baseline", "previous", *AUTO)
+    assert code == 1, output
+    breaches = [line for line in output.splitlines() if line.startswith("breach:")]
+    assert breaches and all(SLOW_TRIAL in line for line in breaches), output
+    assert any("speedup_vs_fp32:auto (threshold -" in line for line in breaches), breaches
+    assert all("no history" in line for line in breaches), breaches  # 2 sweeps: no spread yet
