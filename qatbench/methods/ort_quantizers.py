@@ -211,7 +211,7 @@ class _Replay:
         return next(self._feeds, None)
 
 
-class _Recorder(torch.nn.Module):
+class InputRecorder(torch.nn.Module):
     """Runs ``model`` and keeps a copy of every input batch."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -251,7 +251,7 @@ class OrtStaticMethod(_OrtQuantizer):
         self._batches: list[tuple[np.ndarray, ...]] = []
 
     def calibrate(self, model: torch.nn.Module, forward_loop: ForwardLoop) -> torch.nn.Module:
-        recorder = _Recorder(model)
+        recorder = InputRecorder(model)
         with torch.no_grad():
             forward_loop(recorder)
         self._batches = recorder.batches

@@ -61,6 +61,8 @@ ONNX_GRAPH: Final = "onnx_graph"  # the graph written by the method's export()
 COMPILABLE: Final = "compilable"  # a method's module that a compiling runtime may compile
 
 Artifact = Literal["torch_module", "onnx_graph"]
+# The key of Loaded.details that holds the settings a runtime ran with (also MLflow params).
+RUNTIME_SETTINGS: Final = "runtime_settings"
 # The runtime that checks every exported graph (parity with torch, integer kernels) in
 # trials whose own runtime runs the torch module.
 REFERENCE_GRAPH_RUNTIME = "onnxruntime"
@@ -80,6 +82,9 @@ class RuntimeCapabilities:
     artifact: Artifact
     compiles: bool = False  # compiles the module in load(); the trial times it as a phase
     decodes: bool = True  # language-model generation (prefill, decode) is measured on it
+    # The precision its floating-point layers compute in ("fp32", "bf16"): the contract kit
+    # allows that precision's rounding when it compares the runtime with torch.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def runs(self, artifacts: frozenset[str]) -> bool:
         """Whether a method producing ``artifacts`` can run here."""
@@ -96,7 +101,9 @@ class Loaded:
     several outputs). ``bind(*inputs)`` is the zero-argument call the timer repeats:
     ``fn`` on the inputs, or ``binder(*inputs)`` where the runtime converts the inputs
     once, outside timing. ``metrics``, ``details`` and
-    ``warnings`` are what loading measured (a compile time, the precision used)."""
+    ``warnings`` are what loading measured (a compile time, the precision used); the trial
+    records them. ``details[RUNTIME_SETTINGS]`` (a flat dict: the precision used, threads)
+    is also logged as the trial's MLflow params ``runtime_settings.*``."""
 
     fn: Callable[..., Any]
     binder: Callable[..., Callable[[], object]] | None = None

@@ -2,7 +2,8 @@
 
 :func:`check_names_and_capabilities` runs after the schema has validated: every model is
 registered or has an importable factory, every method is registered and its options pass
-its own ``Config``, per-method bit-widths and the top-level ``bits`` and ``runtimes`` are
+its own ``Config``, every method and runtime can run here (its optional extra is
+installed), per-method bit-widths and the top-level ``bits`` and ``runtimes`` are
 ones each method can do, ``exclude`` rules name values of the grid, and every ``expect``
 line parses. Each failure is one :class:`ConfigError` naming the file and the key.
 :func:`resolve_model_factory` gives the callable that builds a model entry's model.
@@ -40,9 +41,20 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
         name: registry.runtimes.get(name, where=f"{source}: runtimes[{i}]")
         for i, name in enumerate(spec.runtimes)
     }
+    for i, (name, runtime) in enumerate(runtimes.items()):
+        reason = runtime.unavailable_reason()
+        if reason:  # an optional extra that is not installed: known before anything runs
+            raise ConfigError(
+                f"{source}: runtimes[{i}]: runtime {name!r} cannot run here: {reason}"
+            )
     for i, method in enumerate(spec.methods):
         where = f"{source}: methods[{i}]"
         cls = registry.methods.get(method.name, where=f"{where}.name")
+        unavailable = getattr(cls, "unavailable_reason", None)
+        if unavailable is not None and unavailable():
+            raise ConfigError(
+                f"{where}.name: method {method.name!r} cannot run here: {unavailable()}"
+            )
         for variant in method.variants():
             try:
                 cls.Config.model_validate(variant.options)

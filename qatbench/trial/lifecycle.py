@@ -44,6 +44,7 @@ from qatbench.results import TrialFailure, TrialResult
 from qatbench.runtimes.base import (
     ONNX_GRAPH,
     REFERENCE_GRAPH_RUNTIME,
+    RUNTIME_SETTINGS,
     TORCH_MODULE,
     Loaded,
     Runtime,
@@ -90,6 +91,8 @@ def run_trial(trial: TrialSpec, out_dir: Path, report: PhaseReporter | None = No
         state.details["traceback"] = traceback.format_exc(limit=20)
     if state.warnings:
         state.details["warnings"] = state.warnings
+    if RUNTIME_SETTINGS in state.details:  # as the runtime reported them: MLflow params too
+        params[RUNTIME_SETTINGS] = state.details[RUNTIME_SETTINGS]
     return TrialResult(
         id=trial.id,
         model=trial.model.key,
@@ -217,6 +220,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
             state.warnings.append(f"{method.name} runs in torch only: no ONNX export")
     if runtime.capabilities.artifact == ONNX_GRAPH:
         subjects.artifact, subjects.loaded = onnx_path, subjects.graph
+        if subjects.graph is not None:  # what loading measured (the precision used)
+            _record_load(state, subjects.graph)
 
     if runtime.capabilities.compiles:
         with step("compile"):
@@ -326,12 +331,16 @@ def _compile(
     shapes += [batch_of(data.eval_x, n) for n in trial.measure.batch_sizes]
     loaded = runtime.load(subjects.candidate, shapes)
     subjects.artifact, subjects.loaded = subjects.candidate, loaded
-    state.metrics.update(loaded.metrics)
-    state.details.update(loaded.details)
-    state.warnings.extend(loaded.warnings)
+    _record_load(state, loaded)
     fp32 = runtime.load(subjects.fp32, shapes)
     subjects.fp32_loaded = fp32
     state.metrics.update({f"fp32_{k}": v for k, v in fp32.metrics.items() if "time" in k})
+
+
+def _record_load(state: _State, loaded: Loaded) -> None:
+    state.metrics.update(loaded.metrics)
+    state.details.update(loaded.details)
+    state.warnings.extend(loaded.warnings)
 
 
 def _fp32_metadata() -> dict[str, str]:

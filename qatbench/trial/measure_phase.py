@@ -34,7 +34,7 @@ from qatbench.measure.timing import Pair, PairedTiming, TimingSettings, time_pai
 from qatbench.methods.base import QuantMethod
 from qatbench.quant.weight_only_linear import fp32_kernels
 from qatbench.runtimes import parity
-from qatbench.runtimes.base import ONNX_GRAPH, Loaded, Runtime
+from qatbench.runtimes.base import ONNX_GRAPH, REFERENCE_GRAPH_RUNTIME, Loaded, Runtime
 from qatbench.runtimes.onnx_export import export_onnx, graph_bytes, write_metadata
 from qatbench.spec.checks import resolve_task
 from qatbench.spec.schema import TrialSpec
@@ -148,7 +148,10 @@ def measure(
         state.details["output_degenerate"] = degenerate
         state.warnings.append(f"quality figures meaningless: {degenerate}")
     if subjects.graph is not None and torch_runs:  # graph-only methods: no torch model
-        _parity(trial, state, candidate, subjects.graph, data)
+        on = (
+            runtime.name if runtime.capabilities.artifact == ONNX_GRAPH else REFERENCE_GRAPH_RUNTIME
+        )
+        _parity(trial, state, candidate, subjects.graph, data, on)
     # the quality task: the experiment's, else the dataset's (accuracy, perplexity)
     task = task_for(data, resolve_task(trial.task) if trial.task else None)
     if task is not None and (data.eval_y is not None or not task.needs_targets):
@@ -164,7 +167,12 @@ def measure(
 
 
 def _parity(
-    trial: TrialSpec, state: TrialState, candidate: torch.nn.Module, graph: Loaded, data: TaskData
+    trial: TrialSpec,
+    state: TrialState,
+    candidate: torch.nn.Module,
+    graph: Loaded,
+    data: TaskData,
+    graph_runtime: str,
 ) -> None:
     batch = trial.data.batch_size
     with fp32_kernels(candidate):  # ONNX graphs compute in fp32: so does the reference
@@ -186,7 +194,7 @@ def _parity(
         state.details["onnx_parity_steps"] = result.steps
     if not result.ok:
         state.warnings.append(
-            f"ONNX parity: onnxruntime differs from torch by {result.max_abs:.3g}, more than "
+            f"ONNX parity: {graph_runtime} differs from torch by {result.max_abs:.3g}, more than "
             f"the tolerance {result.tolerance:.3g} ({result.basis.replace('_', ' ')})"
         )
 
