@@ -38,7 +38,10 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
         where = f"{source}: methods[{i}]"
         cls = registry.methods.get(method.name, where=f"{where}.name")
         try:
-            cls.Config.model_validate(method.options)
+            # The trials' bits and runtimes, for options valid only with some (a method's
+            # own check, e.g. a weight layout that has no torch kernel).
+            grid = {"bits": method.bits or spec.bits, "runtimes": spec.runtimes}
+            cls.Config.model_validate(method.options, context=grid)
         except ValidationError as exc:
             raise ConfigError(
                 f"{where}.options.{describe_validation_error(exc, cls.Config)}"
