@@ -292,8 +292,9 @@ class WeightOnlyLinear(torch.nn.Module):
             assert _INT8_MM is not None  # chosen only where the operator exists
             y = _INT8_MM(xb, weight, buffers["kernel_scales"])
             if not self.symmetric:
-                y = y.float()
-                y -= xb.sum(-1, keepdim=True, dtype=torch.float32) * buffers["kernel_zero_term"]
+                zero_term = buffers["kernel_zero_term"]
+                assert zero_term is not None  # built for every asymmetric int8 layer
+                y = y.float() - xb.sum(-1, keepdim=True, dtype=torch.float32) * zero_term
         else:
             assert _INT4_MM is not None  # chosen only where the operator exists
             y = _INT4_MM(xb, weight, self._kernel_group, buffers["kernel_scales"])
