@@ -5,9 +5,11 @@ min-max integers per group of ``group_size`` input features (``null``: per outpu
 channel), symmetric or with zero points, packed in the artifact (8 bits one byte, 4 bits
 two per byte, 3 bits eight per three bytes, 2 bits four per byte) with fp32 scales. Torch
 runs integer-weight kernels (``int8pack_mm``, ``int4pack_mm``; see that module for which
-layouts have one and for measured speeds); layouts without one dequantize per call and
-say so (``dequantizes_per_call``). onnxruntime runs the exported DequantizeLinear+MatMul
-fused into ``MatMulNBits``.
+layouts have one and for measured speeds); layouts without one dequantize per call, say
+so (``dequantizes_per_call``) and are refused when an experiment is validated, with one
+line naming the key, unless it sets ``allow_dequantize: true`` (the spec checks pass the
+grid's bits and runtimes as validation context). onnxruntime runs the exported
+DequantizeLinear+MatMul fused into ``MatMulNBits``.
 
 ``keep_fp32`` and ``overrides`` give per-layer precision (:mod:`.layer_selection`).
 """

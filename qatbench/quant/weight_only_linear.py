@@ -16,7 +16,9 @@ Torch execution picks the kernel once, at construction (``torch_kernel``):
   inputs to a multiple of 32 features, zeros that add nothing).
 - ``dequantize``: anything else (groups of 16, or 5 to 8 bits in groups) has no kernel
   here: the weight is unpacked and dequantized to fp32 on every call, nothing cached.
-  Such a layer says so: ``dequantizes_per_call`` is True.
+  Such a layer says so: ``dequantizes_per_call`` is True, and an experiment that would
+  build one for torch is refused at validate unless it sets ``allow_dequantize``
+  (:class:`qatbench.methods.rtn.WeightOnlyConfig`; docs/language-models.md).
 
 Both kernels take bfloat16 activations (their fp32-activation variants run scalar code:
 4 to 35 times slower than an fp32 Linear on an AVX2 machine), so inputs are cast to
