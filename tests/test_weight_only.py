@@ -87,14 +87,23 @@ def test_eager_matches_dequantized_reference(
     assert float((out - reference).abs().max()) <= bound * float(reference.abs().max()) + 1e-6
 
 
-def test_three_dimensional_inputs_and_no_bias() -> None:
-    layer = WeightOnlyLinear.from_float(_layer(64, 48, bias=False), 4, 32)
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (8, None)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_three_dimensional_inputs_and_no_bias(
+    bits: int, group_size: int | None, symmetric: bool
+) -> None:
+    linear = _layer(64, 48, bias=False)
+    layer = WeightOnlyLinear.from_float(linear, bits, group_size, symmetric)
+    assert not layer.dequantizes_per_call
     x = _x(2, 7, 64)
     with torch.inference_mode():
         out = layer(x)
         flat = layer(x.reshape(14, 64)).reshape(2, 7, 48)
-    assert out.shape == (2, 7, 48)
+        reference = x @ layer.dequantized_weight().t()
+    assert out.shape == (2, 7, 48) and out.dtype == torch.float32
     assert torch.equal(out, flat)
+    # the fp32 product of the same integers, within the bf16 rounding of the activations
+    assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
 
 
 def test_quantization_is_close_to_the_float_layer() -> None:
