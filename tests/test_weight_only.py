@@ -87,14 +87,23 @@ def test_eager_matches_dequantized_reference(
     assert float((out - reference).abs().max()) <= bound * float(reference.abs().max()) + 1e-6
 
 
-def test_three_dimensional_inputs_and_no_bias() -> None:
-    layer = WeightOnlyLinear.from_float(_layer(64, 48, bias=False), 4, 32)
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 32), (8, None)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_three_dimensional_inputs_and_no_bias(
+    bits: int, group_size: int | None, symmetric: bool
+) -> None:
+    linear = _layer(64, 48, bias=False)
+    layer = WeightOnlyLinear.from_float(linear, bits, group_size, symmetric)
+    assert not layer.dequantizes_per_call
     x = _x(2, 7, 64)
     with torch.inference_mode():
         out = layer(x)
         flat = layer(x.reshape(14, 64)).reshape(2, 7, 48)
-    assert out.shape == (2, 7, 48)
+        reference = x @ layer.dequantized_weight().t()
+    assert out.shape == (2, 7, 48) and out.dtype == torch.float32
     assert torch.equal(out, flat)
+    # the fp32 product of the same integers, within the bf16 rounding of the activations
+    assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
 
 
 def test_quantization_is_close_to_the_float_layer() -> None:
@@ -294,3 +303,67 @@ def test_ptq_takes_overrides_too(seed_mlp: Mlp) -> None:
     assert isinstance(last, torch.nn.Linear)
     with pytest.raises(ValidationError, match="weight bits must be one of"):
         PtqMethod.Config(overrides={"net.1": 5})
+
+
+# ---- validate: a weight layout with no torch kernel is refused unless opted in -------------
+
+
+def _spec(path: Path, method: str, bits: str, options: str, runtimes: str = "[torch]") -> Path:
+    path.write_text(
+        f"schema_version: 1\nname: layouts\nmodels: [mlp]\nruntimes: {runtimes}\n"
+        f"methods: [{{name: {method}, bits: [{bits}], options: {options}}}]\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize(
+    ("bits", "options"),
+    [
+        ("w8", "{group_size: 32}"),  # int8 has a kernel per channel only
+        ("w4", "{group_size: 16}"),  # tinygemm takes groups of 32 to 256
+        ("w4", "{group_size: 32, overrides: {'<last>': 8}}"),  # an override's width counts
+        ("w8", "{group_size: 64, keep_fp32: [net.1]}"),
+    ],
+)
+def test_a_layout_with_no_torch_kernel_is_one_line_at_validate(
+    tmp_path: Path, method: str, bits: str, options: str
+) -> None:
+    path = _spec(tmp_path / "exp.yaml", method, bits, options)
+    with pytest.raises(ConfigError) as info:
+        load_experiment(path)
+    message = str(info.value)
+    assert "\n" not in message and info.value.exit_code == 2
+    assert message.startswith(f"{path}: methods[0].options.group_size: ")
+    assert "no torch kernel and dequantize per call" in message
+    assert "allow_dequantize: true" in message and message.endswith("(got 32)") == (
+        "group_size: 32" in options
+    )
+
+
+@pytest.mark.parametrize(
+    ("options", "runtimes"),
+    [
+        ("{group_size: 32, allow_dequantize: true}", "[torch, onnxruntime]"),  # opted in
+        ("{group_size: 32}", "[onnxruntime]"),  # MatMulNBits runs any grouping
+        ("{}", "[torch, torch_compile]"),  # int8 per channel: _weight_int8pack_mm
+    ],
+)
+def test_layouts_with_a_kernel_or_an_opt_in_validate(
+    tmp_path: Path, options: str, runtimes: str
+) -> None:
+    spec = load_experiment(_spec(tmp_path / "exp.yaml", "rtn", "w8", options, runtimes))
+    assert {t.method.name for t in spec.expand()} == {"rtn"}
+    # the check is the experiment's: a Config built in code (no grid context) is not refused
+    assert RtnMethod.Config.model_validate({"group_size": 32}).group_size == 32
+
+
+def test_the_shipped_llm_experiments_run_a_kernel_in_every_torch_weight_only_trial() -> None:
+    for name in ("llm", "llm_gpt2_shape"):
+        spec = load_experiment(Path(__file__).parents[1] / "experiments" / f"{name}.yaml")
+        for method in spec.methods:
+            if method.name in {"rtn", "gptq", "awq"}:
+                group_size = method.options.get("group_size")
+                for label in method.bits or spec.bits:
+                    width = BitWidth.parse(label).weight
+                    assert choose_kernel(width, group_size) != "dequantize", (name, label)

@@ -16,7 +16,9 @@ Torch execution picks the kernel once, at construction (``torch_kernel``):
   inputs to a multiple of 32 features, zeros that add nothing).
 - ``dequantize``: anything else (groups of 16, or 5 to 8 bits in groups) has no kernel
   here: the weight is unpacked and dequantized to fp32 on every call, nothing cached.
-  Such a layer says so: ``dequantizes_per_call`` is True.
+  Such a layer says so: ``dequantizes_per_call`` is True, and an experiment that would
+  build one for torch is refused at validate unless it sets ``allow_dequantize``
+  (:class:`qatbench.methods.rtn.WeightOnlyConfig`; docs/language-models.md).
 
 Both kernels take bfloat16 activations (their fp32-activation variants run scalar code:
 4 to 35 times slower than an fp32 Linear on an AVX2 machine), so inputs are cast to
@@ -271,28 +273,38 @@ class WeightOnlyLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.onnx.is_in_onnx_export():
             return self._export_forward(x)
-        if self.input_scale is not None:
-            x = x * self.input_scale
-        if self.torch_kernel == "dequantize":
-            return F.linear(x.float(), self.dequantized_weight(), self.bias)
-        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        # Buffers read from the dict directly: nn.Module.__getattr__ costs about a
+        # microsecond per name, a fifth of a small layer's whole kernel call at batch 1.
+        buffers = self._buffers
+        input_scale, bias = buffers["input_scale"], buffers["bias"]
+        if input_scale is not None:
+            x = x * input_scale
+        kernel = self.torch_kernel
+        if kernel == "dequantize":
+            return F.linear(x.float(), self.dequantized_weight(), bias)
+        in_features, out_features = self.in_features, self.out_features
+        x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
         xb = x2.to(KERNEL_DTYPE)
-        if self._padded_in != self.in_features:
-            xb = F.pad(xb, (0, self._padded_in - self.in_features))
-        if self.torch_kernel == "int8pack_mm":
+        if self._padded_in != in_features:
+            xb = F.pad(xb, (0, self._padded_in - in_features))
+        weight = self.__dict__.get("kernel_weight")  # int8 in place: a plain attribute
+        if weight is None:
+            weight = buffers["kernel_weight"]
+        if kernel == "int8pack_mm":
             assert _INT8_MM is not None  # chosen only where the operator exists
-            y = _INT8_MM(xb, self.kernel_weight, self.kernel_scales).float()
+            y = _INT8_MM(xb, weight, buffers["kernel_scales"])
             if not self.symmetric:
-                y -= xb.sum(-1, keepdim=True, dtype=torch.float32) * self.kernel_zero_term
+                zero_term = buffers["kernel_zero_term"]
+                assert zero_term is not None  # built for every asymmetric int8 layer
+                y = y.float() - xb.sum(-1, keepdim=True, dtype=torch.float32) * zero_term
         else:
             assert _INT4_MM is not None  # chosen only where the operator exists
-            y = _INT4_MM(xb, self.kernel_weight, self._kernel_group, self.kernel_scales)
-            if y.shape[-1] != self.out_features:
-                y = y[:, : self.out_features]
-            y = y.float()
-        if self.bias is not None:
-            y += self.bias
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
+            y = _INT4_MM(xb, weight, self._kernel_group, buffers["kernel_scales"])
+            if y.shape[-1] != out_features:
+                y = y[:, :out_features]
+        # One op: bf16 + fp32 bias promotes to fp32 (no separate cast, no in-place add).
+        y = y.float() if bias is None else torch.add(bias, y)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Integers and scales transposed to the [in, out] layout of the ONNX MatMul, outside

@@ -55,9 +55,12 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
             raise ConfigError(
                 f"{where}.name: method {method.name!r} cannot run here: {unavailable()}"
             )
+        # The trials' bits and runtimes, for options valid only with some (a method's own
+        # check, e.g. a weight layout that has no torch kernel).
+        grid = {"bits": method.bits or spec.bits, "runtimes": spec.runtimes}
         for variant in method.variants():
             try:
-                cls.Config.model_validate(variant.options)
+                cls.Config.model_validate(variant.options, context=grid)
             except ValidationError as exc:
                 raise ConfigError(
                     f"{where}.options.{describe_validation_error(exc, cls.Config)}"
