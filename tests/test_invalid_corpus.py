@@ -46,7 +46,7 @@ CASES: dict[str, list[str]] = {
     "unsatisfiable_bits.yaml": ["bits[1]: no method of the grid can do 'w9a8'"],
     "bool_batch.yaml": ["measure.batch_sizes[0]: Input should be a valid integer (got True)"],
     "input_mismatch.yaml": [
-        "models[0] (linear): data.dataset 'digits' gives float inputs [batch, 28, 28]",
+        "models[0] (linear): data.dataset 'digits' gives 28x28 float images",
         "float32 [1, 4096]",
     ],
     "file_store_uri.yaml": ["tracking.uri: 'file:///tmp/qatbench-file-store'", "file store"],

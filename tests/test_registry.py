@@ -94,7 +94,7 @@ def test_a_registered_method_is_shown_by_list_methods(toy: type[ToyRtn]) -> None
     assert result.exit_code == 0, result.output
     assert "toy_rtn" in result.output
     assert "w3 w5" in result.output
-    assert "clip=1.0" in result.output
+    assert "clip: 1.0" in result.output
     assert "fp32" in result.output and "ptq" in result.output
 
 

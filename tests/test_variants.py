@@ -82,7 +82,7 @@ def test_grid_variants_run_as_trials_of_their_own(tmp_path: Path) -> None:
         tmp_path / "exp.yaml",
         "variants",
         sqlite_uri(tmp_path / "mlruns"),
-        methods="[{name: rtn, options: {group_size: [16, 32], keep_fp32: ['<first>']}, "
+        methods="[{name: rtn, options: {group_size: [32, null], keep_fp32: ['<first>']}, "
         "grid: [group_size]}]",
         bits="[w4]",
     )
@@ -90,9 +90,9 @@ def test_grid_variants_run_as_trials_of_their_own(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (report,) = (tmp_path / "reports" / "variants").glob("*/report.json")
     trials = {t["id"]: t for t in report_trials(report)}
-    assert set(trials) == {"mlp-rtn.group_size_16-w4-torch", "mlp-rtn.group_size_32-w4-torch"}
+    assert set(trials) == {"mlp-rtn.group_size_32-w4-torch", "mlp-rtn.group_size_None-w4-torch"}
     runs = {t["mlflow_run_id"] for t in trials.values()}
     assert len(runs) == 2 and None not in runs
     sizes = {t["params"]["method"]["group_size"] for t in trials.values()}
-    assert sizes == {16, 32}
+    assert sizes == {32, None}
     assert all(t["status"] == "finished" and t["method"] == "rtn" for t in trials.values())
