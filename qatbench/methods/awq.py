@@ -31,7 +31,7 @@ from qatbench.methods.rtn import (
     WEIGHT_ONLY_BITS,
     WeightOnlyConfig,
     planned_layers,
-    replace_linears,
+    swap_planned_linears,
 )
 from qatbench.quant.affine import GroupQuantized
 from qatbench.quant.awq import awq_quantize
@@ -130,4 +130,4 @@ class AwqMethod(QuantMethod):
             quantized, input_scale = self._results[name]
             return WeightOnlyLinear.from_quantized(quantized, layer.bias, input_scale)
 
-        return replace_linears(model, plan, build)
+        return swap_planned_linears(model, plan, build)

@@ -28,7 +28,7 @@ from qatbench.methods.rtn import (
     WEIGHT_ONLY_BITS,
     WeightOnlyConfig,
     planned_layers,
-    replace_linears,
+    swap_planned_linears,
 )
 from qatbench.quant.affine import GroupQuantized
 from qatbench.quant.bitwidth import FP32, BitWidth
@@ -118,7 +118,7 @@ class GptqMethod(QuantMethod):
         missing = [name for name in plan if name not in self._results]
         if missing:
             raise PluginError(f"gptq: layer {missing[0]!r} was not calibrated before convert")
-        return replace_linears(
+        return swap_planned_linears(
             model,
             plan,
             lambda name, layer, _bits: WeightOnlyLinear.from_quantized(

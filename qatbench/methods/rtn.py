@@ -119,7 +119,7 @@ def planned_layers(
     return plan
 
 
-def replace_linears(
+def swap_planned_linears(
     model: torch.nn.Module,
     plan: dict[str, int],
     quantize: Callable[[str, torch.nn.Linear, int], WeightOnlyLinear],
@@ -146,7 +146,7 @@ class RtnMethod(QuantMethod):
     def convert(self, model: torch.nn.Module) -> torch.nn.Module:
         config = self.config
         plan = planned_layers(model, config, self.bits.weight, self.name)
-        return replace_linears(
+        return swap_planned_linears(
             model,
             plan,
             lambda _name, layer, bits: WeightOnlyLinear.from_float(
