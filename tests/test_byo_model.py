@@ -53,7 +53,10 @@ def _trial(method: str, runtime: str, model: dict[str, object] | None = None) ->
     return trial
 
 
-@pytest.mark.parametrize(("method", "runtime"), [("dynamic", "onnxruntime"), ("ptq", "torch")])
+@pytest.mark.parametrize(
+    ("method", "runtime"),
+    [("dynamic", "onnxruntime"), ("ptq", "torch"), ("ort_static", "onnxruntime")],
+)
 def test_a_two_input_integer_encoder_runs_every_phase(
     method: str, runtime: str, tmp_path: Path
 ) -> None:

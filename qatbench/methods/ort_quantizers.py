@@ -220,7 +220,13 @@ class InputRecorder(torch.nn.Module):
         self.batches: list[tuple[np.ndarray, ...]] = []
 
     def forward(self, *inputs: torch.Tensor) -> Any:
-        self.batches.append(tuple(x.detach().float().numpy().copy() for x in inputs))
+        # as the graph takes them: floats as fp32, integer inputs (token ids) as they are
+        self.batches.append(
+            tuple(
+                (x.detach().float() if x.is_floating_point() else x.detach()).numpy().copy()
+                for x in inputs
+            )
+        )
         return self.model(*inputs)
 
 
