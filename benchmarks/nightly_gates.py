@@ -4,6 +4,7 @@ A small nightly experiment (the seed MLP; fp32 and ``slowable``, an fp32 method 
 kernel can be slowed by a known amount; batch 1, torch, 1 thread) is run as separate
 ``qatbench run`` processes into one temporary MLflow store, as nightlies would be:
 
+0. ``qatbench selftest`` into the store: the smallest slowdown this machine can see;
 1. ``--history`` unchanged sweeps to give every trial a spread to take its threshold from;
 2. ``--pairs`` A/A nightlies: unchanged sweeps, each judged with ``--baseline previous
    --gate speedup_vs_fp32:auto --gate latency_p50_ms:auto``; a breach is a false alarm;
@@ -15,6 +16,7 @@ kernel can be slowed by a known amount; batch 1, torch, 1 thread) is run as sepa
 
     python benchmarks/nightly_gates.py                      # 4 + 20 + 20 runs
     python benchmarks/nightly_gates.py --history 4 --pairs 3  # a short check
+    python benchmarks/nightly_gates.py --keep /tmp/gates      # keep the stores and reports
 
 It prints one line per nightly and the tally; "Done when" of issue 21 asks for at most 1
 false alarm in 20 and at least 19 detections in 20 (or a self-test saying the machine
@@ -88,11 +90,22 @@ def main() -> int:
     parser.add_argument("--history", type=int, default=4, help="unchanged sweeps first")
     parser.add_argument("--pairs", type=int, default=20, help="A/A and injected nightlies")
     parser.add_argument("--slowdown", type=float, default=0.10, help="injected, relative")
+    parser.add_argument(
+        "--keep", type=Path, help="work in this folder and keep it (store, reports) afterwards"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qatbench-gates-") as tmp:
-        folder = Path(tmp)
+        folder = args.keep or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "nightly_gates.yaml").write_text(EXPERIMENT)
         store = folder / "mlflow.db"
+        # what this machine says it can see, logged to the store as nightlies would have it
+        selftest = subprocess.run(
+            [sys.executable, "-m", "qatbench", "selftest", "--tracking-uri", f"sqlite:///{store}"],
+            capture_output=True, text=True, check=False,
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "COLUMNS": "200"},
+        )  # fmt: skip
+        print(selftest.stdout.strip(), flush=True)
         for i in range(args.history):
             nightly(folder, store)
             print(f"history {i + 1}/{args.history}", flush=True)
@@ -108,6 +121,8 @@ def main() -> int:
         for i in range(args.pairs):
             shutil.copy(quiet, store)
             code, breaches = nightly(folder, store, delay_ms)
+            if args.keep:  # each injected nightly's store, for qatbench history
+                shutil.copy(store, folder / f"injected-{i + 1}.db")
             caught = code == 1 and any(SLOW_TRIAL in b for b in breaches)
             detections += caught
             shown = "; ".join(breaches) if breaches else "missed"
