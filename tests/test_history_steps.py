@@ -3,6 +3,7 @@ in the JSON a job reads and in the HTML, from a real MLflow store."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import sys
@@ -48,3 +49,21 @@ def test_history_marks_the_injected_step_at_its_sweep(
     assert step["sweep"] == "sweep-5" and step["change"] == pytest.approx(-0.2, abs=0.01)
     html = out.read_text()
     assert html.count('<g class="step bad">') == 1 and re.search(r"step -20\.\d%", html)
+
+
+@pytest.mark.parametrize("sweeps", [1, 8, 9, 17, 27, 60])
+def test_the_time_axis_labels_the_first_and_last_sweeps_and_never_crowds(sweeps: int) -> None:
+    from types import SimpleNamespace
+
+    from qatbench.report.pages import MAX_X_LABELS, _x_ticks
+    from qatbench.report.svg import Scale
+
+    hist = SimpleNamespace(
+        sweeps=[(f"s{i}", f"2026-12-05T{i // 60:02d}:{i % 60:02d}") for i in range(sweeps)]
+    )
+    sx = Scale(-0.5, sweeps - 0.5, 0.0, 560.0)
+    ticks = _x_ticks(hist, sx)  # type: ignore[arg-type]
+    assert ticks[0]["pos"] == sx(0) and ticks[-1]["pos"] == sx(sweeps - 1)
+    assert len(ticks) <= MAX_X_LABELS
+    gaps = [b["pos"] - a["pos"] for a, b in itertools.pairwise(ticks)]
+    assert all(g >= min(560.0 / MAX_X_LABELS, 560.0 / sweeps) - 1e-6 for g in gaps), gaps

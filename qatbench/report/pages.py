@@ -80,12 +80,13 @@ def compare_view(result: CompareResult) -> dict[str, Any]:
 
 
 def _x_ticks(hist: History, sx: Scale) -> list[dict[str, Any]]:
+    """Every ``step``-th sweep, the last sweep in place of the regular tick before it (closer
+    than ``step``, the two labels would overlap)."""
+    last = len(hist.sweeps) - 1
     step = max(1, math.ceil(len(hist.sweeps) / MAX_X_LABELS))
-    return [
-        {"pos": sx(i), "label": started[5:16].replace("T", " ")}
-        for i, (_, started) in enumerate(hist.sweeps)
-        if i % step == 0 or i == len(hist.sweeps) - 1
-    ]
+    shown = list(range(0, last + 1, step))
+    shown[-1] = last  # with more than MAX_X_LABELS sweeps, shown has two ticks or more
+    return [{"pos": sx(i), "label": hist.sweeps[i][1][5:16].replace("T", " ")} for i in shown]
 
 
 def _point_title(hist: History, series: Series, point: Point) -> str:
@@ -115,6 +116,8 @@ def _series_chart(
         {
             "x": sx(at - 0.5),
             "label": f"step {step.change:+.1%}",
+            # the label reads away from the chart's nearer edge
+            "anchor": "end" if at > len(hist.sweeps) / 2 else "start",
             "tone": "good" if good and (step.change > 0) == (good > 0) else "bad" if good else "",
             "title": f"{series.trial}: level {step.before:.4g} -> {step.after:.4g} "
             f"({step.change:+.1%}) from sweep {hist.sweeps[at][0]}",
