@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,9 +28,22 @@ from qatbench.quant.packing import pack_bits, packed_size, unpack_bits
 # dependency in docs/methods-and-models.md ("Known limits") instead of repeating it per call.
 warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor", category=UserWarning)
 
+
+class _Kernel(NamedTuple):
+    """What one eager call needs, read once (a buffer read and ``float(tensor)`` cost about
+    1 us each: a third of a small layer's call at batch 1)."""
+
+    packed: Any  # quantized::linear_prepack's packed weights and bias
+    in_scale: float
+    in_zero_point: int
+    out_scale: float
+    out_zero_point: int
+    clamp: tuple[float, float] | None  # the input range of sub-8-bit activations
+
+
 # Prepacked GEMM operands live beside the modules, not on them: an attribute holding a
 # TorchScript object would break tracing for ONNX export and pickling.
-_PREPACKED: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+_PREPACKED: weakref.WeakKeyDictionary[torch.nn.Module, _Kernel] = weakref.WeakKeyDictionary()
 
 
 class QuantizedLinear(torch.nn.Module):
@@ -144,16 +157,28 @@ class QuantizedLinear(torch.nn.Module):
         return self.weight_q.reshape(shape)
 
     def _prepacked(self) -> Any:
-        packed = _PREPACKED.get(self)
-        if packed is None:
+        return self._kernel().packed
+
+    def _kernel(self) -> _Kernel:
+        """The prepacked weights and the activation qparams as Python numbers, built on the
+        first call after construction or loading: a forward pass reads no buffer."""
+        kernel = _PREPACKED.get(self)
+        if kernel is None:
             qweight = torch._make_per_channel_quantized_tensor(
                 self.int_weight(),
                 self.weight_scale.double(),
                 torch.zeros(self.out_features, dtype=torch.long),
                 0,
             )
-            packed = _PREPACKED[self] = torch.ops.quantized.linear_prepack(qweight, self.bias)
-        return packed
+            kernel = _PREPACKED[self] = _Kernel(
+                torch.ops.quantized.linear_prepack(qweight, self.bias),
+                float(self.input_scale),
+                int(self.input_zero_point),
+                float(self.output_scale),
+                int(self.output_zero_point),
+                self.input_clamp(),
+            )
+        return kernel
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         _PREPACKED.pop(self, None)  # new integers: prepack again on the next call
@@ -176,16 +201,11 @@ class QuantizedLinear(torch.nn.Module):
                 self.output_scale,
                 self.output_zero_point,
             )
-        bounds = self.input_clamp()
-        if bounds is not None:
-            x = torch.clamp(x, *bounds)
-        xq = torch.quantize_per_tensor(
-            x, float(self.input_scale), int(self.input_zero_point), torch.quint8
-        )
-        yq = torch.ops.quantized.linear(
-            xq, self._prepacked(), float(self.output_scale), int(self.output_zero_point)
-        )
-        return yq.dequantize()
+        k = self._kernel()
+        if k.clamp is not None:
+            x = torch.clamp(x, *k.clamp)
+        xq = torch.quantize_per_tensor(x, k.in_scale, k.in_zero_point, torch.quint8)
+        return torch.ops.quantized.linear(xq, k.packed, k.out_scale, k.out_zero_point).dequantize()
 
     def extra_repr(self) -> str:
         return (
