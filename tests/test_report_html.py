@@ -531,3 +531,83 @@ def test_quality_columns_are_in_view_at_1400_px(browser, sample_record, tmp_path
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         shutil.copy(tmp_path / "report-1400.png", Path(artifacts) / "report-1400.png")
     page.close()
+
+
+def _with_task_metrics(record: RunRecord) -> RunRecord:
+    """The sample record as an embedding task would leave it: two metrics of the task's own,
+    with their directions in each trial's details and their change against fp32."""
+    trials = []
+    for i, t in enumerate(record.trials):
+        if not t.ok:
+            trials.append(t)
+            continue
+        cosine = 1.0 if t.method == "fp32" else 0.99871 - 0.001 * i
+        agreement = 1.0 if t.method == "fp32" else 0.96875
+        metrics = {
+            **t.metrics,
+            "embedding_cosine": cosine,
+            "embedding_cosine_delta_vs_fp32": cosine - 1.0,
+            "retrieval_agreement": agreement,
+            "retrieval_agreement_delta_vs_fp32": agreement - 1.0,
+        }
+        directions = {"embedding_cosine": "higher", "retrieval_agreement": "higher"}
+        details = {**t.details, "metric_directions": directions}
+        trials.append(replace(t, metrics=metrics, details=details))
+    return replace(record, trials=tuple(trials))
+
+
+def test_a_tasks_own_metrics_have_columns_after_accuracy_and_before_the_error(
+    sample_record: RunRecord,
+) -> None:
+    view = build_view(_with_task_metrics(sample_record))
+    model = view["models"][0]
+    metrics = [c["metric"] for c in model["columns"]]
+    at = metrics.index("embedding_cosine")
+    assert metrics[at : at + 2] == ["embedding_cosine", "retrieval_agreement"]
+    assert metrics.index("accuracy") < at < metrics.index("mse")
+    headers = {c["metric"]: c["header"] for c in model["columns"]}
+    assert headers["embedding_cosine"] == "embedding cosine \u2191"
+    assert "embedding_cosine_delta_vs_fp32" not in metrics  # the change is the cell's note
+    row = next(r for r in model["rows"] if "ptq-w8a8-torch" in r["id"])
+    cell = row["cells"][at]
+    assert re.fullmatch(r"0\.99\d{3}", cell["text"]) and cell["note"].startswith("\u0394 -0.00")
+
+
+def test_task_columns_are_in_view_at_1400_px(browser, sample_record, tmp_path: Path) -> None:
+    path = write_html(_with_task_metrics(_in_percent(sample_record)), tmp_path / "report.html")
+    page, seen, _ = _open(browser, path)
+    assert seen["errors"] == []
+    headers = [h.strip() for h in page.locator("#model-0-table thead th").all_inner_texts()]
+    for header in ("embedding cosine \u2191", "retrieval agreement \u2191", "mse"):
+        index = headers.index(header)
+        rights = page.eval_on_selector_all(
+            "#model-0-table tr",
+            "(rows, i) => rows.map(r => r.cells[i].getBoundingClientRect().right)",
+            index,
+        )
+        assert rights and max(rights) <= 1400, (header, max(rights))
+    page.close()
+
+
+def test_the_quality_card_takes_a_tasks_own_metric(sample_record: RunRecord) -> None:
+    from qatbench.report.html import best_quality
+
+    record = _with_task_metrics(replace(sample_record, trials=sample_record.trials[:6]))
+    trials = [
+        replace(t, metrics={k: v for k, v in t.metrics.items() if k != "accuracy"})
+        for t in record.trials
+    ]
+    baseline = next(t for t in trials if t.method == "fp32" and t.runtime == "torch")
+    card = best_quality(trials, baseline)
+    assert card is not None and card["title"] == "best embedding cosine (quantized)"
+    best = max(t.metrics["embedding_cosine"] for t in trials if t.method != "fp32")
+    assert card["text"] == f"{best:.5g}" and card["delta"].startswith("Δ -0.00")
+
+
+def test_a_long_trial_label_is_cut_in_the_middle_to_fit_the_latency_chart() -> None:
+    from qatbench.report.distributions import LABEL_CHARS, fit_label
+
+    short = fit_label("torchao_int8_dynamic w8a8 · onnxruntime")
+    assert len(short) == LABEL_CHARS and "\u2026" in short
+    assert short.startswith("torchao_int8") and short.endswith("onnxruntime")
+    assert fit_label("fp32 · torch") == "fp32 · torch"

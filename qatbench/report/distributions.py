@@ -18,6 +18,7 @@ from qatbench.report.svg import Scale, auto_scale
 from qatbench.results import TrialResult
 
 DIST_W, DIST_LEFT, DIST_RIGHT, DIST_TOP, DIST_BOTTOM = 620, 170, 16, 10, 38
+LABEL_CHARS = 25  # what DIST_LEFT holds at the charts' font size
 ROW_H = 24
 MAX_DOTS = 60  # quantiles of the samples drawn as dots per trial; the box uses every sample
 WORST_TRIALS = 3
@@ -40,6 +41,15 @@ class Styling:
     anchor: Callable[[TrialResult], str]
     link: Callable[[TrialResult], str]
     label: Callable[[TrialResult], str]
+
+
+def fit_label(label: str, chars: int = LABEL_CHARS) -> str:
+    """``label`` cut in the middle to ``chars`` (method and runtime both stay readable); the
+    row's tooltip keeps the whole trial id."""
+    if len(label) <= chars:
+        return label
+    head = (chars - 1) // 2
+    return label[:head] + "\u2026" + label[-(chars - 1 - head) :]
 
 
 def _quantile_dots(values: list[float], count: int = MAX_DOTS) -> list[float]:
@@ -90,7 +100,7 @@ def latency_chart(trials: list[TrialResult], batch: int, style: Styling) -> dict
         marks.append(
             {
                 "y": y,
-                "label": style.label(t),
+                "label": fit_label(style.label(t)),
                 "anchor": style.anchor(t),
                 "color": style.color(t),
                 "q1": sx.clamped(s.q1),

@@ -121,10 +121,21 @@ _QUALITY_CARDS = (
 )
 
 
+def _own_task_cards(trials: list[TrialResult]) -> list[tuple[str, str, str, bool]]:
+    """Cards for a task plugin's metrics (the first it declares leads), after the built-ins."""
+    cards: dict[str, tuple[str, str, str, bool]] = {}
+    for t in trials:
+        for name, way in t.details.get("metric_directions", {}).items():
+            lowest = way == "lower"
+            title = f"{'lowest' if lowest else 'best'} {name.replace('_', ' ')} (quantized)"
+            cards.setdefault(name, (name, title, "task", lowest))
+    return list(cards.values())
+
+
 def best_quality(trials: list[TrialResult], baseline: TrialResult | None) -> dict[str, Any] | None:
     """The quantized trial with the best task metric, with its change against fp32."""
     quantized = [t for t in trials if t.method != BASELINE_METHOD]
-    for metric, title, kind, lowest in _QUALITY_CARDS:
+    for metric, title, kind, lowest in (*_QUALITY_CARDS, *_own_task_cards(quantized)):
         best = best_trial(quantized, metric, lowest=lowest, kind=kind)
         if best is None:
             continue
@@ -136,24 +147,47 @@ def best_quality(trials: list[TrialResult], baseline: TrialResult | None) -> dic
             finite_metric(baseline, metric) if baseline else None,
         )
         best["title"] = title
-        best["delta"] = (
-            f"Δ {value - base:+.2f} vs fp32 ({FORMATS[kind](base)})"
-            if value is not None and base is not None
-            else ""
-        )
+        best["delta"] = ""
+        if value is not None and base is not None:
+            change = f"{value - base:+.3g}" if kind == "task" else f"{value - base:+.2f}"
+            best["delta"] = f"Δ {change} vs fp32 ({FORMATS[kind](base)})"
         return best
     return None
 
 
+# The built-in task metrics that lead the quality columns; a task plugin's own metrics
+# (the embedding task's embedding_cosine, a user's top2_accuracy) follow them.
+_TASK_COLUMNS_END = _QUALITY_COLUMNS.index(("mse", "mse", "sci"))
+
+
+def _task_columns(trials: list[TrialResult], known: set[str]) -> list[tuple[str, str, str]]:
+    """A column for each metric a trial's task declared a direction for (in
+    ``details["metric_directions"]``), headed by its name and an arrow to the better side."""
+    declared: dict[str, str] = {}
+    for t in trials:
+        for name, way in t.details.get("metric_directions", {}).items():
+            if name not in known and name in t.metrics:
+                declared.setdefault(name, way)
+    arrow = {"higher": " \u2191", "lower": " \u2193"}  # up / down arrow
+    return [(n, n.replace("_", " ") + arrow.get(way, ""), "task") for n, way in declared.items()]
+
+
 def _columns(trials: list[TrialResult]) -> list[dict[str, str]]:
-    """The canonical metric columns that at least one of ``trials`` reports, in a fixed order."""
+    """The metric columns that at least one of ``trials`` reports, in a fixed order: task
+    quality (built-in, then the task's own), output error, size, speed, the rest."""
     batched = [
         (m.format(n=n), h.format(n=n), k) for n in batch_sizes(trials) for m, h, k in _BATCH_COLUMNS
     ]
     present = {name for t in trials for name in t.metrics}
+    known = {m for m, _, _ in (*_QUALITY_COLUMNS, *_HEAD_COLUMNS, *_TAIL_COLUMNS)}
+    quality = [
+        *_QUALITY_COLUMNS[:_TASK_COLUMNS_END],
+        *_task_columns(trials, known),
+        *_QUALITY_COLUMNS[_TASK_COLUMNS_END:],
+    ]
     return [
         {"metric": m, "header": h, "kind": k}
-        for m, h, k in (*_QUALITY_COLUMNS, *_HEAD_COLUMNS, *batched, *_TAIL_COLUMNS)
+        for m, h, k in (*quality, *_HEAD_COLUMNS, *batched, *_TAIL_COLUMNS)
         if m in present
     ]
 
@@ -168,7 +202,10 @@ def _delta_note(trial: TrialResult, metric: str, baseline: TrialResult | None) -
         return f"{value / base - 1:+.1%} vs fp32" if base else ""
     recorded = finite_metric(trial, f"{metric}_delta_vs_fp32")
     delta = recorded if recorded is not None else (value - base if base is not None else None)
-    return "" if delta is None else f"Δ {delta:+.2f}"
+    if delta is None:
+        return ""
+    # percent points to two decimals; a task's own metric (a cosine near 1) to 3 digits
+    return f"Δ {delta:+.2f}" if metric in _DELTA_NOTES else f"Δ {delta:+.3g}"
 
 
 def _ci_note(trial: TrialResult, metric: str) -> str:
@@ -192,7 +229,7 @@ def _cell(
         return {"text": str(raw), "value": "", "note": "", "flag": flag}
     if metric.startswith("speedup_vs_fp32_b"):
         note = _ci_note(trial, metric)
-    elif metric in _DELTA_NOTES:
+    elif metric in _DELTA_NOTES or column["kind"] == "task":
         note = _delta_note(trial, metric, baseline)
     else:
         note = "mismatch" if flag else ""

@@ -48,6 +48,7 @@ FORMATS: dict[str, Callable[[float], str]] = {
     "pct": lambda v: f"{v:.0%}",
     "pct_points": lambda v: f"{v:.2f}",  # already in percent
     "delta": lambda v: f"{v:+.4f}",
+    "task": lambda v: f"{v:.5g}",  # a task plugin's metric: scale unknown, five digits
 }
 
 
