@@ -48,6 +48,17 @@ def test_results_table_fits_100_columns_and_names_every_trial(sample_record) -> 
     assert all(any(line.strip() == m for line in lines) for m in models)  # a heading per model
 
 
+def test_without_a_task_metric_the_table_has_no_empty_task_columns(sample_record) -> None:
+    """Synthetic data has no labels: the room of the task columns goes to the trial names."""
+    trials = tuple(
+        replace(t, metrics={k: v for k, v in t.metrics.items() if "accuracy" not in k})
+        for t in sample_record.trials
+    )
+    lines = _render(replace(sample_record, trials=trials), NARROW_WIDTH)
+    assert "acc %" not in lines[0] and "Δ fp32" not in lines[0] and "task" not in lines[0]
+    assert "speed-up b1 [95% CI]" in lines[0]
+
+
 def test_wide_table_adds_ids_and_error_columns(sample_record) -> None:
     lines = _render(sample_record, 400, wide=True)
     assert "mse" in lines[0] and "p50 ms b1" in lines[0] and "speed-up b64" in lines[0]

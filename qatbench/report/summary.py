@@ -179,8 +179,9 @@ def results_table(record: RunRecord, wide: bool = False) -> Table:
         table.add_column(f"speed-up b{n} [95% CI]", justify="right", no_wrap=True)
     names = {task.name for t in trials if (task := task_metric(t, None)) is not None}
     shared = next(iter(names)) if len(names) == 1 else None
-    table.add_column(shared or "task", justify="right", no_wrap=True)
-    table.add_column("Δ fp32", justify="right", no_wrap=True)
+    if names:  # no task metric (synthetic data): no empty columns taking the trial's room
+        table.add_column(shared or "task", justify="right", no_wrap=True)
+        table.add_column("Δ fp32", justify="right", no_wrap=True)
     for _, header, _kind in extra:
         table.add_column(header, justify="right", no_wrap=True)
     flagged = any(_flags(t) for t in trials)
@@ -202,8 +203,14 @@ def results_table(record: RunRecord, wide: bool = False) -> Table:
                 _size_text(trial),
                 _compression_text(trial),
                 *(speedup_text(trial, n) for n in speed_batches),
-                (task.value if shared else f"{task.name} {task.value}") if task else "",
-                Text(task.delta, style="red" if task.worse else "") if task else "",
+                *(
+                    [
+                        (task.value if shared else f"{task.name} {task.value}") if task else "",
+                        Text(task.delta, style="red" if task.worse else "") if task else "",
+                    ]
+                    if names
+                    else []
+                ),
                 *(_metric_text(trial, metric, kind) for metric, _h, kind in extra),
                 *([Text(_flags(trial), style="yellow")] if flagged else []),
                 *([_elapsed_text(elapsed_s(trial))] if wide else []),
