@@ -39,6 +39,35 @@ def test_a_grid_of_options_is_one_trial_per_value_with_a_label() -> None:
     ]
 
 
+def test_a_list_where_the_method_takes_one_value_is_a_grid_and_a_list_option_is_not() -> None:
+    doc = {
+        "name": "v",
+        "models": ["mlp"],
+        "methods": [{"name": "rtn", "options": {"group_size": [32, 128], "keep_fp32": ["net.1"]}}],
+        "bits": ["w4"],
+    }
+    spec = validate_experiment(doc, source="v.yaml")
+    trials = spec.expand()
+    assert [t.id for t in trials] == [
+        "mlp-rtn.group_size_32-w4-torch",
+        "mlp-rtn.group_size_128-w4-torch",
+    ]
+    assert [t.method.options["group_size"] for t in trials] == [32, 128]
+    assert all(t.method.options["keep_fp32"] == ["net.1"] for t in trials)  # one value: a list
+
+
+def test_a_list_the_option_cannot_take_item_by_item_is_one_line() -> None:
+    doc = {
+        "name": "v",
+        "models": ["mlp"],
+        "methods": [{"name": "rtn", "options": {"group_size": [32, "x"]}}],
+        "bits": ["w4"],
+    }
+    with pytest.raises(ConfigError) as info:
+        validate_experiment(doc, source="v.yaml")
+    assert "methods[0].options.group_size" in str(info.value) and "\n" not in str(info.value)
+
+
 def test_labels_tell_two_entries_of_one_model_apart_and_exclude_matches_them() -> None:
     doc = {
         "name": "v",
@@ -82,8 +111,8 @@ def test_grid_variants_run_as_trials_of_their_own(tmp_path: Path) -> None:
         tmp_path / "exp.yaml",
         "variants",
         sqlite_uri(tmp_path / "mlruns"),
-        methods="[{name: rtn, options: {group_size: [32, null], keep_fp32: ['<first>']}, "
-        "grid: [group_size]}]",
+        # as the issue writes it: no grid key, the list where rtn takes one group size
+        methods="[{name: rtn, options: {group_size: [32, null], keep_fp32: ['<first>']}}]",
         bits="[w4]",
     )
     proc = qatbench("run", exp, cwd=tmp_path, timeout=300)

@@ -22,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
@@ -115,14 +116,42 @@ class MethodEntry(_Strict):
         """What the trial id and the report call this method: the label, else the name."""
         return self.label or self.name
 
+    def implicit_grid(self) -> list[str]:
+        """Options given a list where the method takes one value (``group_size: [32, 128]``
+        on ``rtn``): expanded like ``grid`` keys. An option that takes a list
+        (``keep_fp32: [fc1]``) stays one value; a list whose items the option rejects is
+        left to the option check, which names the problem."""
+        if self.name not in registry.methods:
+            return []  # the name check says so
+        fields = registry.methods.get(self.name).Config.model_fields
+        keys = []
+        for key, values in self.options.items():
+            if key in self.grid or key not in fields or not isinstance(values, list) or not values:
+                continue
+            one = TypeAdapter(fields[key].annotation)
+            try:
+                one.validate_python(values)
+                continue  # the option takes a list
+            except ValidationError:
+                pass
+            try:
+                for value in values:
+                    one.validate_python(value)
+            except ValidationError:
+                continue
+            keys.append(key)
+        return keys
+
     def variants(self) -> list[MethodEntry]:
-        """One entry per combination of the ``grid`` options (itself when there is none)."""
-        if not self.grid:
+        """One entry per combination of the ``grid`` options and of the options given a list
+        where the method takes one value (:meth:`implicit_grid`); itself when there is none."""
+        grid = [*self.grid, *self.implicit_grid()]
+        if not grid:
             return [self]
-        combos = itertools.product(*(self.options[k] for k in self.grid))
+        combos = itertools.product(*(self.options[k] for k in grid))
         out = []
         for values in combos:
-            chosen = dict(zip(self.grid, values, strict=True))
+            chosen = dict(zip(grid, values, strict=True))
             suffix = ".".join(f"{k}_{_label_part(v)}" for k, v in chosen.items())
             out.append(
                 self.model_copy(
