@@ -3,6 +3,7 @@
 A method's ``Config`` derives from :class:`LayerSelection` to accept two options::
 
     keep_fp32: ["<first>", "blocks.*.attn.*"]   # glob patterns of module names: left in fp32
+    keep_fp32: auto                              # or searched for within the budget
     overrides: {"<last>": 8, "net.3": 8}         # pattern -> weight bits for matching layers
 
 Patterns are :func:`fnmatch.fnmatchcase` globs over qualified module names (``net.1``,
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -27,6 +28,7 @@ from qatbench.errors import PluginError
 from qatbench.methods.base import MethodConfig
 
 FIRST, LAST = "<first>", "<last>"
+AUTO = "auto"  # keep_fp32: auto, see qatbench.trial.mixed_precision
 
 
 class LayerSelection(MethodConfig):
@@ -35,9 +37,10 @@ class LayerSelection(MethodConfig):
     #: weight widths an override may ask for; a method narrows it to what it can store.
     override_bits: ClassVar[frozenset[int]] = frozenset({2, 3, 4, 5, 6, 7, 8})
 
-    keep_fp32: list[str] = Field(
+    keep_fp32: list[str] | Literal["auto"] = Field(
         default_factory=list,
-        description="glob patterns of Linear layers kept in fp32 (<first>, <last> allowed)",
+        description="glob patterns of layers kept in fp32 (<first>, <last> allowed), or "
+        "auto: the fewest most sensitive layers that meet the experiment's budget",
     )
     overrides: dict[str, int] = Field(
         default_factory=dict,
@@ -72,6 +75,12 @@ def layer_bits(
     names: list[str], config: LayerSelection, default_bits: int
 ) -> dict[str, int | None]:
     """``name -> bits`` for every layer in ``names`` (``None``: kept in fp32)."""
+    if config.keep_fp32 == AUTO:
+        raise PluginError(
+            "keep_fp32: auto is resolved by the trial, which searches for the layers to keep "
+            "within the experiment's budget (qatbench/trial/mixed_precision.py); a method "
+            "gets the list it found"
+        )
     plan: dict[str, int | None] = {}
     for name in names:
         if any(_matches(name, p, names) for p in config.keep_fp32):

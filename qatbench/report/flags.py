@@ -11,6 +11,8 @@
   are too small to compare (``output_degenerate`` 1): no quality figure means anything.
 - ``parity``: onnxruntime disagrees with the torch model beyond the export check's
   tolerance (``onnx_parity_ok`` 0); the ONNX parity cell is marked too.
+- ``budget``: ``keep_fp32: auto`` found no configuration within the experiment's budget
+  (``budget_met`` 0); the trial is the closest one it found.
 """
 
 from __future__ import annotations
@@ -111,11 +113,26 @@ def degenerate_flag(trial: TrialResult) -> Flag | None:
     )
 
 
+def budget_flag(trial: TrialResult) -> Flag | None:
+    """The ``budget`` badge: ``keep_fp32: auto`` found no configuration within budget."""
+    if not trial.ok or _finite(trial, "budget_met") != 0.0:
+        return None
+    search = trial.details.get("keep_fp32_search", {})
+    misses = "; ".join(search.get("misses", [])) or "see the trial"
+    return Flag(
+        "budget",
+        "budget not met",
+        f"keep_fp32: auto tried {search.get('candidates', '?')} configurations and none met "
+        f"the budget on the validation data ({misses}): this is the closest",
+    )
+
+
 def trial_flags(trial: TrialResult) -> list[Flag]:
     """Every flag of ``trial``, in a fixed order."""
     found = (
         degenerate_flag(trial),
         parity_flag(trial),
+        budget_flag(trial),
         simulated_flag(trial),
         partial_flag(trial),
     )

@@ -65,6 +65,12 @@ def check_names_and_capabilities(spec: ExperimentSpec, source: str) -> None:
                 raise ConfigError(
                     f"{where}.options.{describe_validation_error(exc, cls.Config)}"
                 ) from None
+            if variant.options.get("keep_fp32") == "auto" and not spec.budget:
+                raise ConfigError(
+                    f"{where}.options.keep_fp32: 'auto' keeps the fewest layers in fp32 that "
+                    "meet the experiment's budget, and there is none: add one, e.g. "
+                    "budget: {accuracy_delta_vs_fp32: -1.0}"
+                )
         caps = cls.capabilities
         own_bits = method.bits is not None
         for j, label in enumerate(method.bits or []):

@@ -328,6 +328,7 @@ class ExperimentSpec(_Strict):
                                 seed=self.seed,
                                 timeout_s=self.timeout_s,
                                 task=self.task,
+                                budget=tuple(self.budget.items()),
                                 expect=tuple(self.expect)
                                 + tuple(model.expect)
                                 + tuple(method.expect),
@@ -351,6 +352,8 @@ class TrialSpec:
     timeout_s: float
     expect: tuple[str, ...] = ()
     task: TaskEntry | None = None
+    # the experiment's quality budget as (metric, bound) pairs: keep_fp32: auto searches in it
+    budget: tuple[tuple[str, float], ...] = ()
 
     @property
     def id(self) -> str:

@@ -32,10 +32,12 @@ import torch
 from qatbench import registry
 from qatbench.data.datasets import TaskData, load_data
 from qatbench.data.inputs import Batch, as_batch, batch_of, from_example, tensors_of
+from qatbench.data.tasks import task_for
 from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError, TrialError
 from qatbench.measure import size
 from qatbench.methods.base import QuantMethod
+from qatbench.methods.layer_selection import AUTO
 from qatbench.methods.lifecycle import quantize_copy
 from qatbench.models.adapters import adapt
 from qatbench.quant.bitwidth import BitWidth
@@ -50,7 +52,7 @@ from qatbench.runtimes.base import (
     Runtime,
 )
 from qatbench.runtimes.onnx_export import check_onnx, graph_bytes, write_metadata
-from qatbench.spec.checks import resolve_model_factory
+from qatbench.spec.checks import resolve_model_factory, resolve_task
 from qatbench.spec.schema import TrialSpec
 from qatbench.trial.measure_phase import (
     Subjects,
@@ -60,6 +62,7 @@ from qatbench.trial.measure_phase import (
     runtime_for,
 )
 from qatbench.trial.measure_phase import TrialState as _State
+from qatbench.trial.mixed_precision import search_keep_fp32
 
 PhaseReporter = Callable[[str], None]
 INPUT_EXAMPLE = "input_example.npy"
@@ -122,6 +125,7 @@ def pretrained_for(
     key = {
         "model": trial.model.model_dump(exclude={"expect"}),
         "data": data.name,
+        "split": 2,  # calibration held out of training (qatbench.data.datasets._digits)
         "epochs": trial.data.pretrain_epochs,
         "seed": trial.seed,
         "torch": torch.__version__,
@@ -156,6 +160,49 @@ def method_for(trial: TrialSpec) -> QuantMethod:
     return cls(cls.Config.model_validate(trial.method.options), BitWidth.parse(trial.bits))
 
 
+def _mixed_precision(
+    trial: TrialSpec, fp32: torch.nn.Module, data: TaskData, state: _State
+) -> QuantMethod:
+    """``keep_fp32: auto``: the search of :mod:`qatbench.trial.mixed_precision`, recorded in
+    the trial; the method configured with the layers it kept."""
+    cls = registry.methods.get(trial.method.name)
+    bits = BitWidth.parse(trial.bits)
+    batch = trial.data.batch_size
+
+    def configured(keep: list[str]) -> QuantMethod:
+        return cls(cls.Config.model_validate({**trial.method.options, "keep_fp32": keep}), bits)
+
+    def quantize(keep: list[str]) -> torch.nn.Module:
+        return quantize_copy(
+            configured(keep),
+            fp32,
+            forward_loop=lambda: forward_loop(data, batch),
+            train_loop=lambda: train_loop(data, batch, trial.seed),
+        )
+
+    task = task_for(data, resolve_task(trial.task) if trial.task else None)
+    found = search_keep_fp32(
+        quantize, fp32, data, task, dict(trial.budget), lambda m, x: predict(m, x, batch)
+    )
+    state.details["kept_fp32_layers"] = found.kept
+    state.details["keep_fp32_search"] = {
+        "ranking": found.ranking,
+        "candidates": found.candidates,
+        "validation": found.validation,
+        "misses": found.misses,
+    }
+    state.metrics["kept_fp32_layers"] = float(len(found.kept))
+    state.metrics["keep_fp32_candidates"] = float(found.candidates)
+    state.metrics["keep_fp32_search_s"] = found.seconds
+    state.metrics["budget_met"] = float(found.met)
+    if not found.met:
+        state.warnings.append(
+            "keep_fp32: auto found no configuration within budget on the validation data; "
+            f"kept the closest ({'; '.join(found.misses)})"
+        )
+    return configured(found.kept)
+
+
 def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseReporter) -> None:
     threads = trial.measure.threads
     torch.set_num_threads(threads)
@@ -185,6 +232,9 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
 
     state.phase = "prepare"  # a method that cannot be made fails where it would run
     method = method_for(trial)
+    if trial.method.options.get("keep_fp32") == AUTO:
+        with step("search"):
+            method = _mixed_precision(trial, fp32, data, state)
     caps = method.capabilities
     candidate = quantize_copy(
         method,
