@@ -140,3 +140,17 @@ def test_a_resumed_sweep_gets_a_log_of_its_own(tmp_path: Path) -> None:
     log.close()
     assert (sweep / "qatbench.log").read_text() == "the first attempt\n"
     assert (sweep / "qatbench.2.log").read_text() == "the resume\n"
+
+
+def test_validate_prints_no_line_of_the_libraries_a_plugin_imports(tmp_path) -> None:
+    """torchao logs the CUDA libraries it cannot load and torch its deprecations on import:
+    validate names torchao's method, and prints only its own lines."""
+    exp = tmp_path / "torchao.yaml"
+    exp.write_text(
+        "name: t\nmodels: [mlp]\nmethods: [fp32, torchao_int8_dynamic]\nbits: [w8a8]\n"
+        "runtimes: [torch]\ndata: {dataset: synthetic}\n"
+    )
+    proc = qatbench("validate", str(exp))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.splitlines()[0] == f"{exp}: ok, 2 trials"

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from qatbench import registry
 from qatbench.cli.output import expand_globs, out
+from qatbench.cli.quiet import libraries_quiet
 
 
 def validate(
@@ -21,8 +22,9 @@ def validate(
     from qatbench.spec.schema import load_experiment
 
     for path in expand_globs(files):
-        spec = load_experiment(path)
-        trials = spec.expand()
+        with libraries_quiet():
+            spec = load_experiment(path)
+            trials = spec.expand()
         out.print(f"{path}: ok, {len(trials)} trials")
         for trial in trials:
             out.print(f"  {trial.id}")

@@ -130,3 +130,27 @@ def third_party_to(log: ThirdPartyLog) -> Iterator[ThirdPartyLog]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+# Loggers with a stderr handler of their own (torch's structured "W1205 ..." lines); the
+# others reach stderr only through logging's last resort, which a root handler replaces.
+_LOUD_LOGGERS = ("torch",)
+
+
+@contextlib.contextmanager
+def libraries_quiet() -> Iterator[None]:
+    """Drop third-party log records below ERROR in the block: ``validate`` and ``list``
+    import every plugin named (torchao announces the CUDA libraries it cannot load, torch
+    its deprecations) and print nothing but their own lines."""
+    root = logging.getLogger()
+    null = logging.NullHandler()
+    root.addHandler(null)
+    levels = {name: logging.getLogger(name).level for name in _LOUD_LOGGERS}
+    for name in levels:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(null)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
