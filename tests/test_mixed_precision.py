@@ -45,7 +45,7 @@ def trials(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Trial
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("QATBENCH_CACHE", str(out / "cache"))
         try:
-            for name, budget in (("reachable", -1.0), ("impossible", 5.0)):
+            for name, budget in (("reachable", -5.0), ("impossible", 5.0)):
                 spec = validate_experiment(
                     _experiment({"accuracy_delta_vs_fp32": budget}), source="auto.yaml"
                 )
@@ -65,8 +65,8 @@ def test_auto_keeps_the_most_sensitive_layers_that_bring_the_model_within_budget
     kept = trial.details["kept_fp32_layers"]
     ranking = search["ranking"]
     assert sorted(ranking) == ["net.1", "net.3", "net.5"]  # every quantized layer, ranked
-    assert 0 < len(kept) < len(ranking) + 1 and kept == ranking[: len(kept)]  # worst first
-    assert search["validation"]["accuracy_delta_vs_fp32"] >= -1.0  # met where it searched
+    assert 0 < len(kept) < len(ranking) and kept == ranking[: len(kept)]  # worst first
+    assert search["validation"]["accuracy_delta_vs_fp32"] >= -5.0  # met where it searched
     assert trial.metrics["budget_met"] == 1.0 and search["misses"] == []
     assert trial.metrics["kept_fp32_layers"] == len(kept)
     assert trial.metrics["keep_fp32_candidates"] >= 2  # the plain w2a8 failed first

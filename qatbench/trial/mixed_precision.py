@@ -10,8 +10,8 @@ method (``keep_fp32`` as an explicit list) and quantizes through the one driver
 2. Rank the quantized layers by sensitivity: each layer's output SQNR against the fp32 layer
    on the same calibration inputs (:func:`qatbench.measure.error.layer_errors`), worst first.
 3. Keep the ``k`` worst in fp32, ``k`` found by bisection between 0 (fails) and all ranked
-   layers, assuming that keeping more layers never hurts: about ``2 + log2(layers)``
-   quantizations in all.
+   layers but one (one layer at least stays quantized), assuming that keeping more layers
+   never hurts: about ``2 + log2(layers)`` quantizations in all.
 
 Validation data is never the evaluation data the report shows: the calibration inputs,
 judged against the fp32 model's outputs on them. A classifier's accuracy there is taken
@@ -123,8 +123,10 @@ def search_keep_fp32(
     plain = quantize([])
     layers = err.layer_errors(fp32, plain, batch_of(data.calib_x, 64))
     ranking = [str(row["layer"]) for row in layers]
-    if not attempt(0, plain) and ranking:
-        lo, hi = 0, len(ranking)  # lo fails; is hi (every ranked layer in fp32) enough?
+    if not attempt(0, plain) and len(ranking) > 1:
+        # lo fails; is hi enough: every ranked layer in fp32 but the least sensitive (at
+        # least one layer stays quantized, or the model is the fp32 one)
+        lo, hi = 0, len(ranking) - 1
         if attempt(hi):
             while hi - lo > 1:
                 mid = (lo + hi) // 2
