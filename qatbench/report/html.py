@@ -77,6 +77,8 @@ _TAIL_COLUMNS = (
 )
 # Cells whose second line is the change against the fp32 baseline.
 _DELTA_NOTES = frozenset({"size_bytes", "accuracy", "next_token_accuracy"})  # ppl: own column
+_ARROWS = {1: "\u2191", -1: "\u2193"}  # higher / lower is better
+_WAYS = {1: "higher is better", -1: "lower is better"}
 
 
 def batch_sizes(trials: Iterable[TrialResult]) -> list[int]:
@@ -124,7 +126,13 @@ _QUALITY_CARDS = (
 def best_quality(trials: list[TrialResult], baseline: TrialResult | None) -> dict[str, Any] | None:
     """The quantized trial with the best task metric, with its change against fp32."""
     quantized = [t for t in trials if t.method != BASELINE_METHOD]
-    for metric, title, kind, lowest in _QUALITY_CARDS:
+    carded = {metric for metric, _, _, _ in _QUALITY_CARDS}
+    own = [  # any other task's metrics (embedding cosine, a user's), in declared order
+        (m, f"{'best' if way > 0 else 'lowest'} {m.replace('_', ' ')} (quantized)", "task", way < 0)
+        for m, way in task_directions_of(quantized).items()
+        if m not in carded
+    ]
+    for metric, title, kind, lowest in (*_QUALITY_CARDS, *own):
         best = best_trial(quantized, metric, lowest=lowest, kind=kind)
         if best is None:
             continue
@@ -136,6 +144,10 @@ def best_quality(trials: list[TrialResult], baseline: TrialResult | None) -> dic
             finite_metric(baseline, metric) if baseline else None,
         )
         best["title"] = title
+        if kind == "task":
+            note = _task_note(trial, metric, baseline)
+            best["delta"] = f"{note} vs fp32" if note else ""
+            return best
         best["delta"] = (
             f"Δ {value - base:+.2f} vs fp32 ({FORMATS[kind](base)})"
             if value is not None and base is not None
@@ -145,15 +157,61 @@ def best_quality(trials: list[TrialResult], baseline: TrialResult | None) -> dic
     return None
 
 
-def _columns(trials: list[TrialResult]) -> list[dict[str, str]]:
-    """The canonical metric columns that at least one of ``trials`` reports, in a fixed order."""
+def task_directions_of(trials: Iterable[TrialResult]) -> dict[str, int]:
+    """Each task metric the trials report with its direction (+1 higher, -1 lower is better),
+    in the order the tasks declare them: what a trial records in ``details.metric_directions``
+    (the experiment's own task, a user's metric), else the built-in tasks' declarations."""
+    from qatbench.data.tasks import task_directions
+
+    built_in = task_directions()
+    out: dict[str, int] = {}
+    for trial in trials:
+        declared = trial.details.get("metric_directions") or {}
+        for name, way in declared.items():
+            if way in ("higher", "lower") and name in trial.metrics:
+                out.setdefault(name, 1 if way == "higher" else -1)
+        for name, direction in built_in.items():
+            if name in trial.metrics:
+                out.setdefault(name, direction)
+    return out
+
+
+def _task_columns(directions: dict[str, int], fixed: set[str]) -> list[tuple[str, str, str]]:
+    """A column per task metric that has no fixed column, headed by its name and an arrow."""
+    return [
+        (name, f"{name.replace('_', ' ')} {_ARROWS[way]}", "task")
+        for name, way in directions.items()
+        if name not in fixed
+    ]
+
+
+def _columns(trials: list[TrialResult]) -> list[dict[str, Any]]:
+    """The metric columns that at least one of ``trials`` reports: the task's metrics first
+    (the built-ins' in their fixed place and format, any other task's by its declared names),
+    then output error, size, speed per batch size and the rest, in a fixed order."""
     batched = [
         (m.format(n=n), h.format(n=n), k) for n in batch_sizes(trials) for m, h, k in _BATCH_COLUMNS
     ]
     present = {name for t in trials for name in t.metrics}
+    directions = task_directions_of(trials)
+    fixed = {m for m, _, _ in (*_QUALITY_COLUMNS, *_HEAD_COLUMNS, *_TAIL_COLUMNS)}
+    ordered = (
+        *_QUALITY_COLUMNS[:4],  # accuracy, perplexity and its delta, next-token accuracy
+        *_task_columns(directions, fixed),
+        *_QUALITY_COLUMNS[4:],  # output error against fp32, parity, integer share
+        *_HEAD_COLUMNS,
+        *batched,
+        *_TAIL_COLUMNS,
+    )
     return [
-        {"metric": m, "header": h, "kind": k}
-        for m, h, k in (*_QUALITY_COLUMNS, *_HEAD_COLUMNS, *batched, *_TAIL_COLUMNS)
+        {
+            "metric": m,
+            "header": h,
+            "kind": k,
+            "task": m in directions,
+            "direction": _WAYS.get(directions.get(m, 0), ""),
+        }
+        for m, h, k in ordered
         if m in present
     ]
 
@@ -179,8 +237,21 @@ def _ci_note(trial: TrialResult, metric: str) -> str:
     return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
 
 
+def _task_note(trial: TrialResult, metric: str, baseline: TrialResult | None) -> str:
+    """A task metric's change against fp32: the trial's recorded ``_delta_vs_fp32``, else the
+    difference to the fp32 baseline's value; none on the baseline itself."""
+    if baseline is not None and trial.id == baseline.id:
+        return ""
+    delta = finite_metric(trial, f"{metric}_delta_vs_fp32")
+    if delta is None:
+        value = finite_metric(trial, metric)
+        base = finite_metric(baseline, metric) if baseline is not None else None
+        delta = value - base if value is not None and base is not None else None
+    return "" if delta is None else f"\u0394 {delta:+.3g}"
+
+
 def _cell(
-    trial: TrialResult, column: dict[str, str], baseline: TrialResult | None
+    trial: TrialResult, column: dict[str, Any], baseline: TrialResult | None
 ) -> dict[str, str]:
     """One table cell: display text, sortable value (empty when missing) and a note line."""
     metric = column["metric"]
@@ -194,6 +265,8 @@ def _cell(
         note = _ci_note(trial, metric)
     elif metric in _DELTA_NOTES:
         note = _delta_note(trial, metric, baseline)
+    elif column["kind"] == "task":
+        note = _task_note(trial, metric, baseline)
     else:
         note = "mismatch" if flag else ""
     text = "exact" if metric == "sqnr_db" and raw >= SQNR_EXACT_DB else FORMATS[column["kind"]](raw)
@@ -215,7 +288,7 @@ def _tracking_view(tracking: dict[str, Any]) -> dict[str, str]:
 
 def _row(
     trial: TrialResult,
-    columns: list[dict[str, str]],
+    columns: list[dict[str, Any]],
     baseline: TrialResult | None,
     fronts: dict[str, set[str]],
     page: Page,
