@@ -141,3 +141,21 @@ def test_task_columns_in_chromium(browser, tmp_path: Path) -> None:  # noqa: F81
     ascending = [float(v) for v in _column(page, "model-0-table", "embedding cosine ↑")]
     assert ascending == sorted(ascending) and ascending[0] == 0.9221
     assert "0.99183" in page.locator("#model-0-table tbody").inner_text()
+
+
+def test_the_terminal_task_column_falls_back_to_the_tasks_own_metric() -> None:
+    from qatbench.report.summary import task_metric
+
+    fp32, dynamic, _ = _embedding_record().trials
+    shown = task_metric(dynamic, fp32)
+    assert shown is not None
+    assert (shown.name, shown.value, shown.delta, shown.worse) == (
+        "embedding_cosine",
+        "0.99183",
+        "-0.00817",
+        True,
+    )
+    assert task_metric(fp32, fp32) is not None and task_metric(fp32, fp32).delta == ""
+    rtn = _user_record().trials[1]
+    lower = task_metric(rtn, _user_record().trials[0])
+    assert lower is not None and lower.delta == "+0.5" and lower.worse  # lower is better
