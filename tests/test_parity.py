@@ -111,6 +111,30 @@ def test_a_broken_export_is_flagged_with_a_warning(off_by_half: None, tmp_path: 
     assert "more than the tolerance" in warning and "relative" in warning
 
 
+def test_the_tolerance_is_never_tighter_than_the_quantization_error() -> None:
+    # all-MiniLM-L6-v2's dynamic int8 (runtimes/parity.py): the runtimes differ by 0.105,
+    # each is 0.175 from fp32 with the same SQNR; 2% of the largest output allows 0.0215
+    reference = torch.tensor([[1.07, -0.5, 0.2]])
+    ort = reference + torch.tensor([[0.0, 0.105, 0.0]])
+    assert not parity.compare(reference, ort, None).ok
+    result = parity.compare(reference, ort, None, quantization_error=0.175)
+    assert result.ok and result.basis == "quantization_error" and result.tolerance == 0.175
+    # a wrong export lands beyond the quantization's own error
+    broken = parity.compare(reference, reference * 1.5, None, quantization_error=0.175)
+    assert not broken.ok and broken.max_abs > 0.5
+    # a smaller quantization error leaves the relative tolerance as it was
+    assert parity.compare(reference, ort, None, quantization_error=1e-3).basis == "relative"
+
+
+def test_layers_that_round_activations_as_they_run_are_counted() -> None:
+    from qatbench.quant.dynamic_linear import DynamicQuantizedLinear
+
+    dynamic = DynamicQuantizedLinear.from_float(torch.nn.Linear(4, 4))
+    model = torch.nn.Sequential(dynamic, torch.nn.ReLU(), _Requantizing(0.5), torch.nn.Linear(4, 2))
+    assert parity.activation_quantizing_layers(model) == 2
+    assert parity.activation_quantizing_layers(torch.nn.Linear(4, 2)) == 0
+
+
 @pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, 128)])
 def test_weight_only_parity_reference_is_the_fp32_computation(
     bits: int, group_size: int | None

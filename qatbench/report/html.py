@@ -77,6 +77,8 @@ _TAIL_COLUMNS = (
 )
 # Cells whose second line is the change against the fp32 baseline.
 _DELTA_NOTES = frozenset({"size_bytes", "accuracy", "next_token_accuracy"})  # ppl: own column
+_ARROWS = {1: "\u2191", -1: "\u2193"}  # higher / lower is better
+_WAYS = {1: "higher is better", -1: "lower is better"}
 
 
 def batch_sizes(trials: Iterable[TrialResult]) -> list[int]:
@@ -121,21 +123,16 @@ _QUALITY_CARDS = (
 )
 
 
-def _own_task_cards(trials: list[TrialResult]) -> list[tuple[str, str, str, bool]]:
-    """Cards for a task plugin's metrics (the first it declares leads), after the built-ins."""
-    cards: dict[str, tuple[str, str, str, bool]] = {}
-    for t in trials:
-        for name, way in t.details.get("metric_directions", {}).items():
-            lowest = way == "lower"
-            title = f"{'lowest' if lowest else 'best'} {name.replace('_', ' ')} (quantized)"
-            cards.setdefault(name, (name, title, "task", lowest))
-    return list(cards.values())
-
-
 def best_quality(trials: list[TrialResult], baseline: TrialResult | None) -> dict[str, Any] | None:
     """The quantized trial with the best task metric, with its change against fp32."""
     quantized = [t for t in trials if t.method != BASELINE_METHOD]
-    for metric, title, kind, lowest in (*_QUALITY_CARDS, *_own_task_cards(quantized)):
+    carded = {metric for metric, _, _, _ in _QUALITY_CARDS}
+    own = [  # any other task's metrics (embedding cosine, a user's), in declared order
+        (m, f"{'best' if way > 0 else 'lowest'} {m.replace('_', ' ')} (quantized)", "task", way < 0)
+        for m, way in task_directions_of(quantized).items()
+        if m not in carded
+    ]
+    for metric, title, kind, lowest in (*_QUALITY_CARDS, *own):
         best = best_trial(quantized, metric, lowest=lowest, kind=kind)
         if best is None:
             continue
@@ -147,47 +144,74 @@ def best_quality(trials: list[TrialResult], baseline: TrialResult | None) -> dic
             finite_metric(baseline, metric) if baseline else None,
         )
         best["title"] = title
-        best["delta"] = ""
-        if value is not None and base is not None:
-            change = f"{value - base:+.3g}" if kind == "task" else f"{value - base:+.2f}"
-            best["delta"] = f"Δ {change} vs fp32 ({FORMATS[kind](base)})"
+        if kind == "task":
+            note = _task_note(trial, metric, baseline)
+            best["delta"] = f"{note} vs fp32" if note else ""
+            return best
+        best["delta"] = (
+            f"Δ {value - base:+.2f} vs fp32 ({FORMATS[kind](base)})"
+            if value is not None and base is not None
+            else ""
+        )
         return best
     return None
 
 
-# The built-in task metrics that lead the quality columns; a task plugin's own metrics
-# (the embedding task's embedding_cosine, a user's top2_accuracy) follow them.
-_TASK_COLUMNS_END = _QUALITY_COLUMNS.index(("mse", "mse", "sci"))
+def task_directions_of(trials: Iterable[TrialResult]) -> dict[str, int]:
+    """Each task metric the trials report with its direction (+1 higher, -1 lower is better),
+    in the order the tasks declare them: what a trial records in ``details.metric_directions``
+    (the experiment's own task, a user's metric), else the built-in tasks' declarations."""
+    from qatbench.data.tasks import task_directions
+
+    built_in = task_directions()
+    out: dict[str, int] = {}
+    for trial in trials:
+        declared = trial.details.get("metric_directions") or {}
+        for name, way in declared.items():
+            if way in ("higher", "lower") and name in trial.metrics:
+                out.setdefault(name, 1 if way == "higher" else -1)
+        for name, direction in built_in.items():
+            if name in trial.metrics:
+                out.setdefault(name, direction)
+    return out
 
 
-def _task_columns(trials: list[TrialResult], known: set[str]) -> list[tuple[str, str, str]]:
-    """A column for each metric a trial's task declared a direction for (in
-    ``details["metric_directions"]``), headed by its name and an arrow to the better side."""
-    declared: dict[str, str] = {}
-    for t in trials:
-        for name, way in t.details.get("metric_directions", {}).items():
-            if name not in known and name in t.metrics:
-                declared.setdefault(name, way)
-    arrow = {"higher": " \u2191", "lower": " \u2193"}  # up / down arrow
-    return [(n, n.replace("_", " ") + arrow.get(way, ""), "task") for n, way in declared.items()]
+def _task_columns(directions: dict[str, int], fixed: set[str]) -> list[tuple[str, str, str]]:
+    """A column per task metric that has no fixed column, headed by its name and an arrow."""
+    return [
+        (name, f"{name.replace('_', ' ')} {_ARROWS[way]}", "task")
+        for name, way in directions.items()
+        if name not in fixed
+    ]
 
 
-def _columns(trials: list[TrialResult]) -> list[dict[str, str]]:
-    """The metric columns that at least one of ``trials`` reports, in a fixed order: task
-    quality (built-in, then the task's own), output error, size, speed, the rest."""
+def _columns(trials: list[TrialResult]) -> list[dict[str, Any]]:
+    """The metric columns that at least one of ``trials`` reports: the task's metrics first
+    (the built-ins' in their fixed place and format, any other task's by its declared names),
+    then output error, size, speed per batch size and the rest, in a fixed order."""
     batched = [
         (m.format(n=n), h.format(n=n), k) for n in batch_sizes(trials) for m, h, k in _BATCH_COLUMNS
     ]
     present = {name for t in trials for name in t.metrics}
-    known = {m for m, _, _ in (*_QUALITY_COLUMNS, *_HEAD_COLUMNS, *_TAIL_COLUMNS)}
-    quality = [
-        *_QUALITY_COLUMNS[:_TASK_COLUMNS_END],
-        *_task_columns(trials, known),
-        *_QUALITY_COLUMNS[_TASK_COLUMNS_END:],
-    ]
+    directions = task_directions_of(trials)
+    fixed = {m for m, _, _ in (*_QUALITY_COLUMNS, *_HEAD_COLUMNS, *_TAIL_COLUMNS)}
+    ordered = (
+        *_QUALITY_COLUMNS[:4],  # accuracy, perplexity and its delta, next-token accuracy
+        *_task_columns(directions, fixed),
+        *_QUALITY_COLUMNS[4:],  # output error against fp32, parity, integer share
+        *_HEAD_COLUMNS,
+        *batched,
+        *_TAIL_COLUMNS,
+    )
     return [
-        {"metric": m, "header": h, "kind": k}
-        for m, h, k in (*quality, *_HEAD_COLUMNS, *batched, *_TAIL_COLUMNS)
+        {
+            "metric": m,
+            "header": h,
+            "kind": k,
+            "task": m in directions,
+            "direction": _WAYS.get(directions.get(m, 0), ""),
+        }
+        for m, h, k in ordered
         if m in present
     ]
 
@@ -202,10 +226,7 @@ def _delta_note(trial: TrialResult, metric: str, baseline: TrialResult | None) -
         return f"{value / base - 1:+.1%} vs fp32" if base else ""
     recorded = finite_metric(trial, f"{metric}_delta_vs_fp32")
     delta = recorded if recorded is not None else (value - base if base is not None else None)
-    if delta is None:
-        return ""
-    # percent points to two decimals; a task's own metric (a cosine near 1) to 3 digits
-    return f"Δ {delta:+.2f}" if metric in _DELTA_NOTES else f"Δ {delta:+.3g}"
+    return "" if delta is None else f"Δ {delta:+.2f}"
 
 
 def _ci_note(trial: TrialResult, metric: str) -> str:
@@ -216,8 +237,21 @@ def _ci_note(trial: TrialResult, metric: str) -> str:
     return f"[{low:.2f}, {high:.2f}]" if low is not None and high is not None else ""
 
 
+def _task_note(trial: TrialResult, metric: str, baseline: TrialResult | None) -> str:
+    """A task metric's change against fp32: the trial's recorded ``_delta_vs_fp32``, else the
+    difference to the fp32 baseline's value; none on the baseline itself."""
+    if baseline is not None and trial.id == baseline.id:
+        return ""
+    delta = finite_metric(trial, f"{metric}_delta_vs_fp32")
+    if delta is None:
+        value = finite_metric(trial, metric)
+        base = finite_metric(baseline, metric) if baseline is not None else None
+        delta = value - base if value is not None and base is not None else None
+    return "" if delta is None else f"\u0394 {delta:+.3g}"
+
+
 def _cell(
-    trial: TrialResult, column: dict[str, str], baseline: TrialResult | None
+    trial: TrialResult, column: dict[str, Any], baseline: TrialResult | None
 ) -> dict[str, str]:
     """One table cell: display text, sortable value (empty when missing) and a note line."""
     metric = column["metric"]
@@ -229,8 +263,10 @@ def _cell(
         return {"text": str(raw), "value": "", "note": "", "flag": flag}
     if metric.startswith("speedup_vs_fp32_b"):
         note = _ci_note(trial, metric)
-    elif metric in _DELTA_NOTES or column["kind"] == "task":
+    elif metric in _DELTA_NOTES:
         note = _delta_note(trial, metric, baseline)
+    elif column["kind"] == "task":
+        note = _task_note(trial, metric, baseline)
     else:
         note = "mismatch" if flag else ""
     text = "exact" if metric == "sqnr_db" and raw >= SQNR_EXACT_DB else FORMATS[column["kind"]](raw)
@@ -252,7 +288,7 @@ def _tracking_view(tracking: dict[str, Any]) -> dict[str, str]:
 
 def _row(
     trial: TrialResult,
-    columns: list[dict[str, str]],
+    columns: list[dict[str, Any]],
     baseline: TrialResult | None,
     fronts: dict[str, set[str]],
     page: Page,

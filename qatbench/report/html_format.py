@@ -48,7 +48,9 @@ FORMATS: dict[str, Callable[[float], str]] = {
     "pct": lambda v: f"{v:.0%}",
     "pct_points": lambda v: f"{v:.2f}",  # already in percent
     "delta": lambda v: f"{v:+.4f}",
-    "task": lambda v: f"{v:.5g}",  # a task plugin's metric: scale unknown, five digits
+    # a task's own metric (embedding cosine, a user's score): five significant digits, so a
+    # cosine of 0.99183 is not rounded up to the 0.995 it is compared against
+    "task": lambda v: f"{v:,.0f}" if abs(v) >= 1e5 else f"{v:.5g}",
 }
 
 

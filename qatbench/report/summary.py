@@ -85,8 +85,15 @@ def _format_task(value: float, kind: str) -> str:
 
 
 def task_metric(trial: TrialResult, baseline: TrialResult | None) -> TaskMetric | None:
-    """The trial's task metric with its change against ``baseline`` (its own model's fp32)."""
-    for metric, name, kind, higher in _TASK_METRICS:
+    """The trial's task metric with its change against ``baseline`` (its own model's fp32):
+    a built-in's, else the first metric the trial's task declares (embedding cosine, a
+    user's), to five significant digits."""
+    declared = [
+        (metric, metric, "task", way == "higher")
+        for metric, way in (trial.details.get("metric_directions") or {}).items()
+        if way in ("higher", "lower")
+    ]
+    for metric, name, kind, higher in (*_TASK_METRICS, *declared):
         value = finite_metric(trial, metric)
         if value is None:
             continue
@@ -95,6 +102,9 @@ def task_metric(trial: TrialResult, baseline: TrialResult | None) -> TaskMetric 
         delta = recorded if recorded is not None else None if base is None else value - base
         if delta is None or (baseline is not None and trial.id == baseline.id):
             return TaskMetric(name, _format_task(value, kind), "", False)
+        if kind == "task":  # a cosine's change is in the third decimal
+            worse = delta < 0 if higher else delta > 0
+            return TaskMetric(name, _format_task(value, kind), f"{delta:+.3g}", worse)
         shown = round(delta, 2) or 0.0  # no "-0.00"
         worse = shown < 0 if higher else shown > 0
         return TaskMetric(name, _format_task(value, kind), f"{shown:+.2f}", worse)

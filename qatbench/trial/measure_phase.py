@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,7 +152,7 @@ def measure(
         on = (
             runtime.name if runtime.capabilities.artifact == ONNX_GRAPH else REFERENCE_GRAPH_RUNTIME
         )
-        _parity(trial, state, candidate, subjects.graph, data, on)
+        _parity(trial, state, candidate, subjects.graph, data, on, reference_out)
     # the quality task: the experiment's, else the dataset's (accuracy, perplexity)
     task = task_for(data, resolve_task(trial.task) if trial.task else None)
     if task is not None and (data.eval_y is not None or not task.needs_targets):
@@ -173,18 +174,27 @@ def _parity(
     graph: Loaded,
     data: TaskData,
     graph_runtime: str,
+    reference_out: torch.Tensor,
 ) -> None:
     batch = trial.data.batch_size
     with fp32_kernels(candidate):  # ONNX graphs compute in fp32: so does the reference
         torch_out = predict(candidate, data.eval_x, batch)
     ort_out = predict(graph.fn, data.eval_x, batch)
     step = parity.output_step(candidate, data.eval_x[:batch])
+    # the tolerance is never tighter than the quantization's own error (runtimes/parity.py)
+    compounding = parity.activation_quantizing_layers(candidate) >= 2
+    quantization_error = (
+        float((torch_out.float() - reference_out.float()).abs().max())
+        if compounding and torch_out.shape == reference_out.shape
+        else 0.0
+    )
     result = parity.compare(
         torch_out,
         ort_out,
         step,
         parity.requantizing_layers(candidate),
         parity.weight_only_layers(candidate),
+        quantization_error if math.isfinite(quantization_error) else 0.0,
     )
     state.metrics["onnx_parity_max_abs"] = result.max_abs
     state.metrics["onnx_parity_tolerance"] = result.tolerance
