@@ -142,6 +142,8 @@ def libraries_quiet() -> Iterator[None]:
     """Drop third-party log records below ERROR in the block: ``validate`` and ``list``
     import every plugin named (torchao announces the CUDA libraries it cannot load, torch
     its deprecations) and print nothing but their own lines."""
+    import torch  # noqa: F401  sets its loggers' levels on import: first, then ours below
+
     root = logging.getLogger()
     null = logging.NullHandler()
     root.addHandler(null)
