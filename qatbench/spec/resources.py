@@ -31,7 +31,7 @@ from qatbench.spec.schema import ONNX_ARTIFACT, TORCH_ARTIFACT, ExperimentSpec, 
 TORCH_PEAK_X = 3.0  # measured: 1.7 (fp32) and 2.8 (rtn w4, deep-copied while converted)
 GRAPH_PEAK_X = 6.0  # measured: 5.5 to 5.7, the TorchScript export's peak
 WORKER_BYTES = 1 << 29  # libraries and data beyond what the ratios above include
-ONNX_COPIES = 2  # the sweep folder's graph and MLflow's logged model
+ONNX_COPIES = 2  # folder and MLflow: a hard link for inline graphs, a copy above 1 GiB
 GIB = float(1 << 30)
 
 
