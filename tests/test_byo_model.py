@@ -31,6 +31,7 @@ def _trial(method: str, runtime: str, model: dict[str, object] | None = None) ->
             "models": [model or {"name": "bert", "factory": "data.byo_models:tiny_bert"}],
             "methods": [method],
             "runtimes": [runtime],
+            "artifacts": ["onnx"],  # every phase, the graph of a torch trial too
             "data": {
                 "dataset": "synthetic",
                 "calibration_samples": 16,

@@ -73,6 +73,7 @@ def _trial(method: str, model: dict[str, Any], dataset: str = "digits") -> Trial
         "methods": [method],
         "bits": ["w8a8"],
         "runtimes": ["torch"],
+        "artifacts": ["onnx", "torch"],
         "data": {
             "dataset": dataset,
             "pretrain_epochs": 0,

@@ -43,6 +43,7 @@ def experiment(runtimes: list[str]) -> dict[str, Any]:
             {"name": "naive_int8", "bits": ["w8"]},
         ],
         "runtimes": runtimes,
+        "artifacts": ["onnx", "torch"],
         "data": {"dataset": "synthetic", "eval_samples": 32, "calibration_samples": 32},
         "measure": {
             "batch_sizes": [1],
@@ -88,7 +89,9 @@ def test_torch_compression_ratio_is_the_ratio_of_bytes_on_disk(
     fp32 = Path(results["linear-fp32-fp32-torch"].artifacts["torch"]).stat().st_size
     result = results[f"linear-{method}-torch"]
     candidate = Path(result.artifacts["torch"]).stat().st_size
-    assert result.metrics["compression_ratio"] == pytest.approx(fp32 / candidate, rel=1e-12)
+    # sized as torch.save writes the state dict, without the file's name in each record
+    assert abs(result.metrics["size_bytes"] - candidate) < 1024
+    assert result.metrics["compression_ratio"] == pytest.approx(fp32 / candidate, rel=1e-2)
     assert result.metrics["compression_ratio"] > 3
 
 

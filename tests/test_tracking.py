@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from onnx import TensorProto, helper
 import qatbench
 from qatbench.errors import TrackingError
 from qatbench.results import TrialFailure, TrialResult
+from qatbench.tracking.onnx_model import share_storage
 from qatbench.tracking.queries import search_trials
 from qatbench.tracking.run_data import flatten
 from qatbench.tracking.store import artifact_root_for, default_uri, init_store
@@ -257,3 +259,27 @@ def test_unreachable_server_fails_fast_with_one_line() -> None:
     message = str(info.value)
     assert message.startswith("tracking uri http://127.0.0.1:9 is not reachable: ")
     assert "\n" not in message
+
+
+def test_the_logged_graph_is_the_sweep_folders_file_stored_once(
+    logged: dict[str, tuple[TrialResult, str]], client: MlflowClient
+) -> None:
+    result, run_id = logged["mlp-ptq-w8a8-onnxruntime"]
+    (model,) = client.search_logged_models(
+        experiment_ids=[client.get_run(run_id).info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}'",
+    )
+    copy = Path(model.artifact_location.removeprefix("file://")) / "model.onnx"
+    graph = Path(result.artifacts["onnx"])
+    assert os.path.samefile(copy, graph)  # one inode, two names
+    assert graph.stat().st_nlink == 2
+
+
+def test_a_different_logged_file_keeps_its_copy(tmp_path: Path) -> None:
+    graph = write_identity_onnx(tmp_path / "model.onnx")
+    logged = tmp_path / "logged"
+    logged.mkdir()
+    (logged / "model.onnx").write_bytes(b"x" * graph.stat().st_size)
+    assert not share_storage(graph, logged)
+    assert not share_storage(graph, None)
+    assert graph.stat().st_nlink == 1

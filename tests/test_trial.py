@@ -88,12 +88,11 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def results(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, TrialResult]:
-    """fp32 and ptq w8a8 on torch and onnxruntime, run in this process."""
+    """fp32 and ptq w8a8 on torch and onnxruntime, run in this process, keeping both
+    kinds of artifact (by default a torch trial writes neither)."""
     out = tmp_path_factory.mktemp("trials")
-    return {
-        tid: run_here(trial, out / tid)
-        for tid, trial in trials_of(tiny_experiment(["fp32", "ptq"])).items()
-    }
+    spec = tiny_experiment(["fp32", "ptq"], artifacts=["onnx", "torch"])
+    return {tid: run_here(trial, out / tid) for tid, trial in trials_of(spec).items()}
 
 
 def test_grid_is_the_expected_four(results: dict[str, TrialResult]) -> None:
@@ -195,7 +194,8 @@ def test_ptq_runs_integer_kernels_in_onnxruntime(results: dict[str, TrialResult]
 def test_ptq_torch_artifact_is_smaller(results: dict[str, TrialResult]) -> None:
     result = results["mlp-ptq-w8a8-torch"]
     m = result.metrics
-    assert Path(result.artifacts["torch"]).stat().st_size == m["size_bytes"]
+    # counted as torch.save writes the state dict: the file differs by the name inside
+    assert abs(Path(result.artifacts["torch"]).stat().st_size - m["size_bytes"]) < 1024
     assert m["compression_ratio"] > 2
     assert m["weight_bytes"] < results["mlp-fp32-fp32-torch"].metrics["weight_bytes"] / 2
     assert result.details["per_layer"][0]["type"] == "QuantizedLinear"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -17,15 +18,34 @@ from qatbench.cli.quiet import libraries_quiet
 
 def validate(
     files: Annotated[list[str], typer.Argument(help="experiment YAML files or globs")],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="skip the estimate of peak memory and disk against what this machine has",
+        ),
+    ] = False,
+    output_dir: Annotated[
+        Path, typer.Option(help="where the sweep would write (for the disk estimate)")
+    ] = Path("reports"),
 ) -> None:
-    """Check experiment files before any model is trained; list the trials they expand to."""
+    """Check experiment files before any model is trained; list the trials they expand to;
+    reject an experiment whose estimated peak memory or disk use this machine lacks."""
+    from qatbench.spec.resources import check_fits, shown_bytes
     from qatbench.spec.schema import load_experiment
 
     for path in expand_globs(files):
         with libraries_quiet():
             spec = load_experiment(path)
             trials = spec.expand()
-        out.print(f"{path}: ok, {len(trials)} trials")
+        fits = None if force else check_fits(spec, str(path), output_dir)
+        needs = (
+            f"; needs about {shown_bytes(fits.memory_bytes)} of memory and "
+            f"{shown_bytes(fits.disk_bytes)} of disk"
+            if fits is not None
+            else ""
+        )
+        out.print(f"{path}: ok, {len(trials)} trials{needs}")
         for trial in trials:
             out.print(f"  {trial.id}")
 

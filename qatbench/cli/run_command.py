@@ -138,6 +138,14 @@ def run(
             "id is EXPERIMENT-KEY, the same for every shard of it"
         ),
     ] = None,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="run even where the estimated peak memory or disk use exceeds what this "
+            "machine has",
+        ),
+    ] = False,
 ) -> None:
     """Run experiments: every model x method x bits x runtime trial, logged and reported."""
     from qatbench.report.compare import parse_gates
@@ -158,7 +166,7 @@ def run(
     ray_options = RayOptions(ray_address, ray_connect_timeout, ray_trials_per_node)
     if executor is ExecutorKind.local:
         ray_options.refuse_without_ray(ray_one_per_node)
-    plans = [_plan(path, output_dir, resume, part) for path in expand_globs(files)]  # check first
+    plans = [_plan(path, output_dir, resume, part, force) for path in expand_globs(files)]
     with _executor(executor, ray_options) as pool:
         code = 0
         with _quiet_unless(verbose, output_dir) as log:
@@ -349,10 +357,11 @@ def _judge_against_baseline(
 
 
 def _plan(
-    path: Path, output_dir: Path, resume: bool, shard: Shard | None = None
+    path: Path, output_dir: Path, resume: bool, shard: Shard | None = None, force: bool = False
 ) -> tuple[Path, Path | None]:
     """Validate one ``run`` argument: (experiment file, report.json to resume or None)."""
     from qatbench.results import RunRecord
+    from qatbench.spec.resources import check_fits
     from qatbench.spec.schema import load_experiment
     from qatbench.sweep import folders
 
@@ -369,4 +378,6 @@ def _plan(
             raise ConfigError(f"--shard {shard}: {report} is a sweep of {what}")
         return path, report
     spec = load_experiment(path)
+    if not force:  # before anything is built: the sweep would not fit this machine
+        check_fits(spec, str(path), output_dir)
     return path, folders.find_unfinished(spec, output_dir, path, shard) if resume else None

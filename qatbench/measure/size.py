@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
+from typing import IO, Any, cast
 
 import onnx
 import torch
@@ -15,6 +18,43 @@ def save_torch_artifact(model: torch.nn.Module, path: Path) -> int:
     return path.stat().st_size
 
 
+class _ByteCount(io.RawIOBase):
+    """A seekable write-only sink that keeps only the size of what was written (seekable,
+    so torch.save writes the same zip layout as to a file)."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = base + offset
+        return self.position
+
+    def write(self, data: Any) -> int:
+        written = memoryview(data).nbytes
+        self.position += written
+        self.size = max(self.size, self.position)
+        return written
+
+
+def torch_artifact_bytes(model: torch.nn.Module) -> int:
+    """Bytes ``torch.save`` writes for the state dict, counted without writing a file (the
+    size of :func:`save_torch_artifact`'s file, give or take the name stored inside)."""
+    sink = _ByteCount()
+    torch.save(model.state_dict(), cast(IO[bytes], sink))
+    return sink.size
+
+
 def torch_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers as held in memory for inference."""
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
@@ -23,14 +63,22 @@ def torch_weight_bytes(model: torch.nn.Module) -> int:
 
 def onnx_weight_bytes(path: Path) -> int:
     """Bytes of the graph's initializers (the weights a session keeps resident)."""
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # sizes, not the weights
     total = 0
     for init in model.graph.initializer:
-        if init.raw_data:  # as stored: sub-byte integers stay packed
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in init.external_data}
+            total += int(entries["length"]) if "length" in entries else _dense_bytes(init)
+        elif init.raw_data:  # as stored: sub-byte integers stay packed
             total += len(init.raw_data)
         else:
             total += onnx.numpy_helper.to_array(init).nbytes
     return total
+
+
+def _dense_bytes(init: onnx.TensorProto) -> int:
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return int(itemsize * math.prod(init.dims))
 
 
 def _layer_weight_bytes(model: torch.nn.Module) -> dict[str, int]:

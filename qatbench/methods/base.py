@@ -108,6 +108,10 @@ class Capabilities:
     ``Conv1d``, ``Conv2d``); layers of other types are left as they are, and every trial
     measures the share of the model's weight bytes that it did quantize
     (``quantized_weight_fraction``).
+    ``keeps_weights`` promises that the method never writes into a tensor of the model it
+    is given (it may replace tensors and modules): the driver then hands it a copy sharing
+    the fp32 model's weight storage instead of a deep copy, so a trial holds the fp32
+    weights once (:func:`qatbench.methods.lifecycle.quantize_copy`).
     """
 
     weight_bits: frozenset[int] = frozenset()
@@ -117,6 +121,7 @@ class Capabilities:
     needs_training: bool = False
     artifacts: frozenset[str] = field(default_factory=lambda: ALL_RUNTIMES)
     layer_types: frozenset[str] = LINEAR_ONLY
+    keeps_weights: bool = False
     runtimes: InitVar[frozenset[str] | None] = None
 
     def __post_init__(self, runtimes: frozenset[str] | None) -> None:

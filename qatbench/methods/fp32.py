@@ -9,4 +9,4 @@ class Fp32Method(QuantMethod):
     """Leaves the model in fp32; every other trial is compared against it."""
 
     name = "fp32"
-    capabilities = Capabilities(runtimes=ALL_RUNTIMES | COMPILED)
+    capabilities = Capabilities(runtimes=ALL_RUNTIMES | COMPILED, keeps_weights=True)

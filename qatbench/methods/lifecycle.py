@@ -9,6 +9,11 @@ same sequence and the same checks everywhere::
         -> train(model, train_loop)                           if capabilities.needs_training
         -> convert(model) -> eval()
 
+The copy is a deep copy, or, for a method whose capabilities promise ``keeps_weights``, a
+copy of the module objects that shares fp32's tensors (:func:`~qatbench.models.copies.
+shared_copy`): a 1B-parameter fp32 model is then held once, not twice, while the
+candidate is made.
+
 Every step's return value must be a module (a step that returns ``None`` is a
 :class:`StepError` naming the step) and is the model the next step gets. The caller owns
 data and time: it hands in the loops as factories (called only when the step runs) and a
@@ -26,6 +31,7 @@ import torch
 
 from qatbench.errors import PluginError
 from qatbench.methods.base import ForwardLoop, QuantMethod, TrainLoop
+from qatbench.models.copies import shared_copy
 
 Step = Callable[[str], AbstractContextManager[None]]
 
@@ -55,7 +61,8 @@ def quantize_copy(
     """``method``'s converted model of a copy of ``fp32`` (which is left as it was)."""
     caps = method.capabilities
     with step("prepare"):
-        model = _checked(method.prepare(copy.deepcopy(fp32)), method, "prepare")
+        copied = shared_copy(fp32) if caps.keeps_weights else copy.deepcopy(fp32)
+        model = _checked(method.prepare(copied), method, "prepare")
     if caps.needs_calibration:
         with step("calibrate"):
             model = _checked(method.calibrate(model, forward_loop()), method, "calibrate")

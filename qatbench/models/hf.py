@@ -151,7 +151,11 @@ def build_hf_causal_lm(
         if hf is not None:
             if not Path(hf).is_dir():
                 raise ConfigError(f"hf_causal_lm: option hf: {hf!r} is not a local directory")
-            model = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True, **extra)
+            if torch.get_default_device().type == "meta":  # shapes only: the config suffices
+                config = AutoConfig.from_pretrained(hf, local_files_only=True)
+                model = AutoModelForCausalLM.from_config(config, **extra)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(hf, local_files_only=True, **extra)
         else:
             assert hf_config is not None
             options = dict(hf_config)

@@ -46,7 +46,6 @@ and name it in an experiment: ``runtimes: [torch, ort_basic]``.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ from typing import Any, ClassVar, Final, Literal
 import torch
 
 from qatbench.data.inputs import Batch
+from qatbench.models.copies import shared_copy
 
 TORCH_MODULE: Final = "torch_module"  # the converted torch module, called in Python
 ONNX_GRAPH: Final = "onnx_graph"  # the graph written by the method's export()
@@ -151,7 +151,8 @@ class Runtime:
 
 
 class EagerModule(Runtime):
-    """Shared by runtimes that call the torch module: fresh instances are deep copies; a
+    """Shared by runtimes that call the torch module: fresh instances are copies of the
+    module objects sharing its weights (:func:`~qatbench.models.copies.shared_copy`); a
     module that cannot be copied is timed as it is, and ``details`` says so."""
 
     def __init__(self, threads: int = 1) -> None:
@@ -165,7 +166,7 @@ class EagerModule(Runtime):
         if self._copyable:
             try:
                 with torch.inference_mode(False):  # copies made like the models they copy
-                    return Loaded(copy.deepcopy(artifact))
+                    return Loaded(shared_copy(artifact))
             except Exception as exc:
                 self._copyable = False
                 loaded.details["timed_candidate"] = f"the same instance: copy failed ({exc})"

@@ -6,7 +6,7 @@ from qatbench.runtimes.base import TORCH_MODULE, EagerModule, RuntimeCapabilitie
 
 
 class TorchEager(EagerModule):
-    """The converted torch module, eager; each timing repeat times a deep copy."""
+    """The converted torch module, eager; each timing repeat times a copy sharing its weights."""
 
     name = "torch"
     capabilities = RuntimeCapabilities(artifact=TORCH_MODULE)

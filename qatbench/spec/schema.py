@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import yaml
 from pydantic import (
@@ -246,6 +246,11 @@ class TrackingSpec(_Strict):
     experiment: Name | None = None
 
 
+ONNX_ARTIFACT: Final = "onnx"
+TORCH_ARTIFACT: Final = "torch"
+ArtifactKind = Literal["onnx", "torch"]
+
+
 class ExperimentSpec(_Strict):
     """A whole experiment file, validated."""
 
@@ -266,6 +271,13 @@ class ExperimentSpec(_Strict):
     timeout_s: float = Field(900, gt=0, le=86_400)
     expect: ExpectList = Field(default_factory=list)
     task: TaskEntry | None = None  # default: the dataset's own (accuracy, perplexity)
+    # Which artifacts every trial keeps in its folder (and MLflow): "onnx", the exported
+    # graph, and "torch", the converted module's state dict as model.pt. Graph runtimes
+    # always export the graph they run; by default nothing else is written.
+    artifacts: list[ArtifactKind] = Field(default_factory=list)
+    # false skips the memory and disk estimate of qatbench validate and run
+    # (qatbench/spec/resources.py), as --force does
+    check_resources: bool = True
 
     @field_validator("task", mode="before")
     @classmethod
@@ -329,6 +341,7 @@ class ExperimentSpec(_Strict):
                                 timeout_s=self.timeout_s,
                                 task=self.task,
                                 budget=tuple(self.budget.items()),
+                                artifacts=frozenset(self.artifacts),
                                 expect=tuple(self.expect)
                                 + tuple(model.expect)
                                 + tuple(method.expect),
@@ -354,6 +367,7 @@ class TrialSpec:
     task: TaskEntry | None = None
     # the experiment's quality budget as (metric, bound) pairs: keep_fp32: auto searches in it
     budget: tuple[tuple[str, float], ...] = ()
+    artifacts: frozenset[str] = frozenset()  # kinds kept besides what the runtime runs
 
     @property
     def id(self) -> str:

@@ -9,9 +9,13 @@ inside ``model.onnx``, so that the one file downloaded from the UI loads with ``
 
 from __future__ import annotations
 
+import filecmp
+import os
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from mlflow import MlflowClient
 
@@ -41,8 +45,9 @@ def log_onnx_model(
     of the run: loadable with ``mlflow.onnx.load_model`` or ``mlflow.pyfunc.load_model``
     (``runs:/<run id>/<trial id>``), with a signature read from the graph (a dynamic
     dimension is -1) and, when the worker saved one (``example``, a ``.npy`` file), an
-    input example. The graph is stored once, in the logged model (``model.onnx``, weights
-    inside below :data:`EMBED_LIMIT_BYTES`)."""
+    input example. The logged model's ``model.onnx`` (weights inside below
+    :data:`EMBED_LIMIT_BYTES`) is then a hard link to the sweep folder's file where the two
+    are identical on one file system (:func:`share_storage`): the graph is on disk once."""
     import mlflow.onnx  # heavy: only runs that have a graph pay for it
     import numpy as np
     import onnx
@@ -69,6 +74,40 @@ def log_onnx_model(
             run_id=run_id,
             save_as_external_data=not _embeddable(model),
         )
+    del model  # the graph's weights: not held while the copies are compared
+    share_storage(path, _local_dir(client.get_logged_model(logged.model_id).artifact_location))
+
+
+def _local_dir(location: str | None) -> Path | None:
+    """The logged model's artifact folder where it is on this machine's file system."""
+    if not location:
+        return None
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        return Path(url2pathname(parsed.path) if parsed.scheme else location)
+    return None
+
+
+def share_storage(graph: Path, logged: Path | None) -> bool:
+    """Make the logged model's ``model.onnx`` a hard link to the sweep folder's ``graph``
+    where the two files are byte for byte the same and on one file system, so the graph is
+    stored once; returns whether it did. Either name stays valid when the other is deleted.
+    A graph with external data, a remote store or another file system keeps its copy."""
+    if logged is None or graph.with_name(graph.name + ".data").exists():
+        return False
+    copy = logged / "model.onnx"
+    try:
+        if not copy.is_file() or copy.stat().st_size != graph.stat().st_size:
+            return False
+        if os.path.samefile(copy, graph) or not filecmp.cmp(copy, graph, shallow=False):
+            return False
+        staged = copy.with_name(copy.name + ".link")
+        staged.unlink(missing_ok=True)
+        os.link(graph, staged)
+        os.replace(staged, copy)
+    except OSError:  # another device, a file system without hard links: keep the copy
+        return False
+    return True
 
 
 def _embeddable(model: Any) -> bool:

@@ -16,6 +16,7 @@ is saved beside it (``input_example.npy``) for MLflow's ONNX flavour.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import json
 import resource
@@ -40,6 +41,7 @@ from qatbench.methods.base import QuantMethod
 from qatbench.methods.layer_selection import AUTO
 from qatbench.methods.lifecycle import quantize_copy
 from qatbench.models.adapters import adapt
+from qatbench.models.copies import weight_bytes
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
@@ -53,7 +55,7 @@ from qatbench.runtimes.base import (
 )
 from qatbench.runtimes.onnx_export import check_onnx, graph_bytes, write_metadata
 from qatbench.spec.checks import resolve_model_factory, resolve_task
-from qatbench.spec.schema import TrialSpec
+from qatbench.spec.schema import ONNX_ARTIFACT, TrialSpec
 from qatbench.trial.measure_phase import (
     Subjects,
     generation,
@@ -212,6 +214,10 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     def step(name: str) -> contextlib.AbstractContextManager[None]:
         return _phase(state, report, name)
 
+    def peak(name: str) -> None:  # resident high-water mark after a phase, then collect
+        state.details.setdefault("peak_rss_after_phase_bytes", {})[name] = _peak_rss()
+        gc.collect()
+
     with step("build"):
         model, example = build_model(trial)
     with step("data"):
@@ -224,6 +230,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
             model, hit = pretrained_for(trial, model, data)
             state.details["pretrained_from_cache"] = hit
     model.eval()
+    state.metrics["fp32_weight_bytes"] = float(weight_bytes(model))
+    peak("build")
     state.metrics["model_rss_delta_bytes"] = float(psutil.Process().memory_info().rss - rss_before)
 
     with step("reference"):
@@ -246,6 +254,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     state.details.update(kernel_summary(candidate))
     state.details["simulated"] = method.simulated
     state.metrics["quantized_weight_fraction"] = size.quantized_weight_fraction(fp32, candidate)
+    peak("convert")
 
     runtime = runtime_for(trial)
     onnx_path = out_dir / "model.onnx"
@@ -255,8 +264,13 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         if runtime.capabilities.artifact == ONNX_GRAPH
         else registry.runtimes.get(REFERENCE_GRAPH_RUNTIME)(trial.measure.threads)
     )
+    runs_graph = runtime.capabilities.artifact == ONNX_GRAPH
+    wanted = runs_graph or ONNX_ARTIFACT in trial.artifacts
     with step("export"):
-        if ONNX_GRAPH in caps.artifacts:
+        if ONNX_GRAPH in caps.artifacts and not wanted:
+            # a torch trial exports only when the experiment keeps the graph (artifacts:)
+            state.details["onnx_export"] = "skipped: the experiment's artifacts omit onnx"
+        elif ONNX_GRAPH in caps.artifacts:
             sample = _sample(data.eval_x, example)
             subjects.graph = _export(
                 trial, method, candidate, example, onnx_path, state, graph_runtime, sample
@@ -268,6 +282,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
                 )
         else:
             state.warnings.append(f"{method.name} runs in torch only: no ONNX export")
+    peak("export")
     if runtime.capabilities.artifact == ONNX_GRAPH:
         subjects.artifact, subjects.loaded = onnx_path, subjects.graph
         if subjects.graph is not None:  # what loading measured (the precision used)
@@ -294,9 +309,16 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         )
         if data.task == "language_modelling" and trial.measure.generation.enabled:
             generation(trial, out_dir, state, subjects, data, method)
-    state.metrics["peak_rss_bytes"] = float(
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak("measure")
+    state.metrics["peak_rss_bytes"] = _peak_rss()
+    state.metrics["peak_rss_vs_fp32_weights"] = (
+        state.metrics["peak_rss_bytes"] / state.metrics["fp32_weight_bytes"]
     )
+
+
+def _peak_rss() -> float:
+    """This worker's resident high-water mark so far, in bytes."""
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _export(

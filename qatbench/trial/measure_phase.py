@@ -12,7 +12,6 @@ the compiler's.
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import shutil
@@ -33,12 +32,13 @@ from qatbench.measure import size
 from qatbench.measure.latency_metrics import batch_metrics
 from qatbench.measure.timing import Pair, PairedTiming, TimingSettings, time_pairs
 from qatbench.methods.base import QuantMethod
+from qatbench.models.copies import shared_copy
 from qatbench.quant.weight_only_linear import fp32_kernels
 from qatbench.runtimes import parity
 from qatbench.runtimes.base import ONNX_GRAPH, REFERENCE_GRAPH_RUNTIME, Loaded, Runtime
 from qatbench.runtimes.onnx_export import export_onnx, graph_bytes, write_metadata
 from qatbench.spec.checks import resolve_task
-from qatbench.spec.schema import TrialSpec
+from qatbench.spec.schema import TORCH_ARTIFACT, TrialSpec
 
 TOP_LAYERS = 10
 
@@ -131,13 +131,13 @@ def measure(
         shutil.rmtree(fp32_path.parent)
         m["weight_bytes"] = float(size.onnx_weight_bytes(Path(state.artifacts["onnx"])))
     else:
-        m["size_bytes"] = float(size.save_torch_artifact(candidate, out_dir / "model.pt"))
-        state.artifacts["torch"] = str(out_dir / "model.pt")
-        # Same file name as the artifact: torch.save stores the name inside the archive.
-        reference = out_dir / "fp32_reference" / "model.pt"
-        fp32_bytes = size.save_torch_artifact(fp32, reference)
-        reference.unlink()
-        reference.parent.rmdir()
+        # Counted as torch.save writes them; the file is kept only where the experiment's
+        # artifacts ask for it.
+        m["size_bytes"] = float(size.torch_artifact_bytes(candidate))
+        if TORCH_ARTIFACT in trial.artifacts:
+            size.save_torch_artifact(candidate, out_dir / "model.pt")
+            state.artifacts["torch"] = str(out_dir / "model.pt")
+        fp32_bytes = size.torch_artifact_bytes(fp32)
         m["weight_bytes"] = float(size.torch_weight_bytes(candidate))
     m["compression_ratio"] = fp32_bytes / m["size_bytes"]
 
@@ -262,15 +262,17 @@ CandidateCall = Callable[[Batch], Callable[[], object]]
 def fresh_instances(
     trial: TrialSpec, state: TrialState, subjects: Subjects
 ) -> Callable[[], tuple[torch.nn.Module, CandidateCall]]:
-    """A maker of one repeat's instances: a copy of fp32, and the candidate's call per input
-    from a fresh instance of the runtime's (see :meth:`Runtime.fresh`). What the runtime
+    """A maker of one repeat's instances: a copy of fp32's module objects sharing its
+    weights (:func:`~qatbench.models.copies.shared_copy`: new objects, no second copy of
+    the weights), and the candidate's call per input from a fresh instance of the
+    runtime's (see :meth:`Runtime.fresh`). What the runtime
     notes while doing so (a candidate that could not be copied) goes into the details.
     Copies are made outside inference mode, like the models they copy."""
     runtime, artifact, loaded = _running(trial, subjects)
 
     def fresh() -> tuple[torch.nn.Module, CandidateCall]:
         with torch.inference_mode(False):
-            fp32 = copy.deepcopy(subjects.fp32)
+            fp32 = shared_copy(subjects.fp32)
         instance = runtime.fresh(artifact, loaded)
         state.details.update(loaded.details if instance is loaded else instance.details)
         return fp32, lambda x: instance.bind(*tensors_of(x))

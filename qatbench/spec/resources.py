@@ -1,0 +1,124 @@
+"""Will the experiment fit this machine? Peak memory and disk, estimated before anything is
+built from each model's parameter count (the model built on PyTorch's meta device).
+
+A trial holds the fp32 weights, the quantized weights and what its runtime needs: up to
+``TORCH_PEAK_X`` times the fp32 weight bytes on a torch runtime and ``GRAPH_PEAK_X`` on a
+graph runtime (the ONNX export, and onnxruntime sessions of the graph), as measured on a
+0.25B-parameter Llama-shaped decoder (docs/language-models.md), plus the worker's own
+libraries. Trials run one at a time, so the sweep's peak is its largest trial's. On disk,
+each trial folder keeps what the experiment's ``artifacts:`` and its runtime ask for (an
+exported graph, also logged to MLflow as a model, and ``model.pt``), counted at the fp32
+size as an upper bound, and a graph trial writes the fp32 reference graph for a moment.
+An experiment that does not fit is rejected with one line giving the estimate and what
+is available, unless forced (``qatbench validate|run --force``, or ``check_resources:
+false`` in the experiment).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from qatbench import registry
+from qatbench.errors import ConfigError
+from qatbench.runtimes.base import ONNX_GRAPH
+from qatbench.spec.checks import resolve_model_factory
+from qatbench.spec.schema import ONNX_ARTIFACT, TORCH_ARTIFACT, ExperimentSpec, ModelEntry
+
+TORCH_PEAK_X = 3.0  # measured: 1.7 (fp32) and 2.8 (rtn w4, deep-copied while converted)
+GRAPH_PEAK_X = 6.0  # measured: 5.5 to 5.7, the TorchScript export's peak
+WORKER_BYTES = 1 << 29  # libraries and data beyond what the ratios above include
+ONNX_COPIES = 2  # folder and MLflow: a hard link for inline graphs, a copy above 1 GiB
+GIB = float(1 << 30)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The sweep's needs: its largest trial's resident peak and the bytes it writes."""
+
+    memory_bytes: int
+    disk_bytes: int
+    parameters: int
+    fp32_weight_bytes: int
+    worst: str  # the trial id of the largest peak
+
+
+def shown_bytes(count: int) -> str:
+    """``count`` bytes in GiB, or MiB below one GiB."""
+    return f"{count / GIB:.1f} GiB" if count >= GIB else f"{count / (1 << 20):.0f} MiB"
+
+
+def fp32_weight_bytes(entry: ModelEntry) -> tuple[int, int] | None:
+    """(parameters, bytes as fp32) of ``entry``'s model built on the meta device, or None
+    where its factory cannot build there."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model, _example = resolve_model_factory(entry)(**entry.options)
+    except Exception:  # no verdict where the factory cannot build on meta
+        return None
+    if not isinstance(model, torch.nn.Module):
+        return None
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    count = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    return count, 4 * count
+
+
+def estimate(spec: ExperimentSpec) -> Estimate | None:
+    """What ``spec``'s sweep needs, or None where no model's size could be known."""
+    sizes = {entry.key: fp32_weight_bytes(entry) for entry in spec.models}
+    disk = transient = 0
+    worst: Estimate | None = None
+    for trial in spec.expand():
+        size = sizes.get(trial.model.key)
+        if size is None:
+            continue
+        params, weights = size
+        runs_graph = registry.runtimes.get(trial.runtime).capabilities.artifact == ONNX_GRAPH
+        peak = int(weights * (GRAPH_PEAK_X if runs_graph else TORCH_PEAK_X)) + WORKER_BYTES
+        kept = ONNX_COPIES * int(runs_graph or ONNX_ARTIFACT in trial.artifacts)
+        kept += int(TORCH_ARTIFACT in trial.artifacts)
+        disk += kept * weights
+        if runs_graph:  # the fp32 reference graph, written and removed again
+            transient = max(transient, weights)
+        if worst is None or peak > worst.memory_bytes:
+            worst = Estimate(peak, 0, params, weights, trial.id)
+    if worst is None:
+        return None
+    disk += transient
+    return Estimate(
+        worst.memory_bytes, disk, worst.parameters, worst.fp32_weight_bytes, worst.worst
+    )
+
+
+def check_fits(spec: ExperimentSpec, source: str, output_dir: Path) -> Estimate | None:
+    """Raise :class:`ConfigError` when ``spec``'s sweep will not fit in this machine's
+    available memory or on ``output_dir``'s disk; returns the estimate."""
+    if not spec.check_resources:
+        return None
+    found = estimate(spec)
+    if found is None:
+        return None
+    available = psutil.virtual_memory().available
+    forcing = "; pass --force or set check_resources: false to run anyway"
+    if found.memory_bytes > available:
+        raise ConfigError(
+            f"{source}: trial {found.worst} needs about {found.memory_bytes / GIB:.1f} GiB of "
+            f"memory ({found.parameters / 1e9:.2f}B parameters, "
+            f"{found.fp32_weight_bytes / GIB:.1f} GiB of fp32 weights) and "
+            f"{available / GIB:.1f} GiB are available{forcing}"
+        )
+    where = output_dir
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if found.disk_bytes > free:
+        raise ConfigError(
+            f"{source}: the sweep writes up to {found.disk_bytes / GIB:.1f} GiB under "
+            f"{output_dir} and {free / GIB:.1f} GiB are free there{forcing}"
+        )
+    return found
