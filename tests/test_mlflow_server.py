@@ -118,4 +118,5 @@ def test_two_shards_at_once_log_each_trial_once_and_merge(server: str, tmp_path:
     client = MlflowClient(tracking_uri=server)
     logged = client.download_artifacts(runs[0].info.run_id, "trial.json", str(tmp_path))
     assert json.loads(Path(logged).read_text())["details"]["env"]["hostname"] == host
-    assert all(Path(t.artifacts["onnx"]).is_file() for t in record.trials)  # the shards' own
+    graphs = [t for t in record.trials if t.runtime == "onnxruntime"]  # torch trials: none
+    assert graphs and all(Path(t.artifacts["onnx"]).is_file() for t in graphs)  # the shards' own

@@ -130,7 +130,7 @@ def test_a_quickstart_slice_on_ray_matches_the_local_executor(
     # artifacts came back as bytes and lie under the driver's trial folders
     run_dir = remote.report_json.parent
     for trial in remote.record.trials:
-        if trial.ok:
+        if trial.ok and trial.runtime == "onnxruntime":  # torch trials export nothing unasked
             onnx = Path(trial.artifacts["onnx"])
             assert onnx.parent == run_dir / "trials" / trial.id and onnx.stat().st_size > 0
         assert (run_dir / "trials" / trial.id / "result.json").is_file()
