@@ -31,13 +31,16 @@ def validate(
 ) -> None:
     """Check experiment files before any model is trained; list the trials they expand to;
     reject an experiment whose estimated peak memory or disk use this machine lacks."""
-    from qatbench.spec.resources import check_fits, shown_bytes
     from qatbench.spec.schema import load_experiment
 
     for path in expand_globs(files):
         with libraries_quiet():
             spec = load_experiment(path)
             trials = spec.expand()
+        # imports torch: only once a file is valid (a mistake is reported in a fraction of
+        # a second)
+        from qatbench.spec.resources import check_fits, shown_bytes
+
         fits = None if force else check_fits(spec, str(path), output_dir)
         needs = (
             f"; needs about {shown_bytes(fits.memory_bytes)} of memory and "

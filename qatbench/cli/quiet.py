@@ -141,18 +141,25 @@ _LOUD_LOGGERS = ("torch",)
 def libraries_quiet() -> Iterator[None]:
     """Drop third-party log records below ERROR in the block: ``validate`` and ``list``
     import every plugin named (torchao announces the CUDA libraries it cannot load, torch
-    its deprecations) and print nothing but their own lines."""
-    import torch  # noqa: F401  sets its loggers' levels on import: first, then ours below
-
+    its deprecations) and print nothing but their own lines. torch resets its loggers'
+    levels when it is imported, which may happen inside the block: their ``setLevel`` is
+    held still until the block ends (importing torch first would cost every validate of a
+    file that fails before needing it a second or two)."""
     root = logging.getLogger()
     null = logging.NullHandler()
     root.addHandler(null)
-    levels = {name: logging.getLogger(name).level for name in _LOUD_LOGGERS}
-    for name in levels:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    loud = {logging.getLogger(name): logging.getLogger(name).level for name in _LOUD_LOGGERS}
+    for logger in loud:
+        logger.setLevel(logging.ERROR)
+        logger.setLevel = _held  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
         root.removeHandler(null)
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
+        for logger, level in loud.items():
+            del logger.setLevel  # the class's method again
+            logger.setLevel(level)
+
+
+def _held(_level: int | str) -> None:
+    """``Logger.setLevel`` while :func:`libraries_quiet` holds a logger's level."""

@@ -361,7 +361,6 @@ def _plan(
 ) -> tuple[Path, Path | None]:
     """Validate one ``run`` argument: (experiment file, report.json to resume or None)."""
     from qatbench.results import RunRecord
-    from qatbench.spec.resources import check_fits
     from qatbench.spec.schema import load_experiment
     from qatbench.sweep import folders
 
@@ -379,5 +378,7 @@ def _plan(
         return path, report
     spec = load_experiment(path)
     if not force:  # before anything is built: the sweep would not fit this machine
+        from qatbench.spec.resources import check_fits  # imports torch: a valid file only
+
         check_fits(spec, str(path), output_dir)
     return path, folders.find_unfinished(spec, output_dir, path, shard) if resume else None
