@@ -81,16 +81,24 @@ class Budget:
 
     def misses(self, trial: TrialResult) -> list[str]:
         """The bounds ``trial`` does not meet, each with the value it has."""
+        return self.misses_in(trial.metrics)
+
+    def misses_in(self, metrics: Mapping[str, float]) -> list[str]:
+        """The bounds ``metrics`` do not meet, each with the value they have."""
         out = []
         for b in self.bounds:
-            value = trial.metrics.get(b.metric)
+            value = metrics.get(b.metric)
             if not b.holds(value):
                 shown = "not measured" if value is None else f"{value:.4g}"
                 out.append(f"{b.text} ({shown})")
         return out
 
     def shortfall(self, trial: TrialResult) -> float:
-        return sum(b.shortfall(trial.metrics.get(b.metric)) for b in self.bounds)
+        return self.shortfall_in(trial.metrics)
+
+    def shortfall_in(self, metrics: Mapping[str, float]) -> float:
+        """How far ``metrics`` fall short of the bounds, summed (0: within budget)."""
+        return sum(b.shortfall(metrics.get(b.metric)) for b in self.bounds)
 
 
 def parse_budget_args(texts: Iterable[str]) -> dict[str, float]:

@@ -166,6 +166,14 @@ def _metric_text(trial: TrialResult, metric: str, kind: str) -> str:
     return "exact" if metric == "sqnr_db" and value >= SQNR_EXACT_DB else FORMATS[kind](value)
 
 
+def _task_cells(task: TaskMetric | None, shared: bool) -> list[str | Text]:
+    """The task and Δ fp32 cells (the metric's name only where the column does not say it)."""
+    if task is None:
+        return ["", ""]
+    value = task.value if shared else f"{task.name} {task.value}"
+    return [value, Text(task.delta, style="red" if task.worse else "")]
+
+
 def results_table(record: RunRecord, wide: bool = False) -> Table:
     """Every trial of ``record``, grouped by model (see the module doc)."""
     trials = record.trials
@@ -213,14 +221,7 @@ def results_table(record: RunRecord, wide: bool = False) -> Table:
                 _size_text(trial),
                 _compression_text(trial),
                 *(speedup_text(trial, n) for n in speed_batches),
-                *(
-                    [
-                        (task.value if shared else f"{task.name} {task.value}") if task else "",
-                        Text(task.delta, style="red" if task.worse else "") if task else "",
-                    ]
-                    if names
-                    else []
-                ),
+                *(_task_cells(task, shared is not None) if names else []),
                 *(_metric_text(trial, metric, kind) for metric, _h, kind in extra),
                 *([Text(_flags(trial), style="yellow")] if flagged else []),
                 *([_elapsed_text(elapsed_s(trial))] if wide else []),

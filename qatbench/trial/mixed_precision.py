@@ -56,16 +56,19 @@ class SearchResult:
 
 def validation_split(
     data: TaskData, task: Task | None, fp32: Callable[[Batch], torch.Tensor]
-) -> tuple[Batch, torch.Tensor | None]:
-    """Inputs, and targets where the task needs them, to judge candidates on (module doc)."""
-    if task is None or not task.needs_targets:
-        return data.calib_x, None
-    if isinstance(task, Classification):  # the fp32 model's predictions are the labels
-        return data.calib_x, fp32(data.calib_x).argmax(dim=-1)
-    if data.train_y is not None:
+) -> tuple[Batch, torch.Tensor, torch.Tensor | None]:
+    """Inputs to judge candidates on, the fp32 outputs on them, and targets where the task
+    needs them (see the module doc)."""
+    inputs: Batch = data.calib_x
+    targets: torch.Tensor | None = None
+    wants = task is not None and task.needs_targets
+    if wants and not isinstance(task, Classification) and data.train_y is not None:
         n = min(VALIDATION_SAMPLES, len(data.train_y))
-        return batch_of(data.train_x, n), data.train_y[:n]
-    return data.calib_x, None  # no targets: output error only
+        inputs, targets = batch_of(data.train_x, n), data.train_y[:n]
+    reference = fp32(inputs)
+    if wants and isinstance(task, Classification):  # fp32's predictions are the labels
+        targets = reference.argmax(dim=-1)
+    return inputs, reference, targets
 
 
 def judge(
@@ -102,27 +105,25 @@ def search_keep_fp32(
     """
     start = time.perf_counter()
     declared = task_directions(*([task] if task is not None else []))
-    bounds = Budget.from_mapping(budget, declared).bounds
-    inputs, targets = validation_split(data, task, lambda x: predict(fp32, x))
-    reference = predict(fp32, inputs)
+    accepted = Budget.from_mapping(budget, declared)
+    inputs, reference, targets = validation_split(data, task, lambda x: predict(fp32, x))
     fp32_quality = (
         checked_quality(task, reference, reference, targets)
         if task is not None and (targets is not None or not task.needs_targets)
         else {}
     )
+    plain = quantize([])
+    layers = err.layer_errors(fp32, plain, batch_of(data.calib_x, 64))
+    ranking = [str(row["layer"]) for row in layers]
     tried: dict[int, tuple[float, dict[str, float]]] = {}  # k -> (shortfall, metrics)
 
     def attempt(k: int, model: torch.nn.Module | None = None) -> bool:
         model = model if model is not None else quantize(ranking[:k])
         metrics = judge(predict(model, inputs), reference, targets, task, fp32_quality)
-        shortfall = sum(b.shortfall(metrics.get(b.metric)) for b in bounds)
+        shortfall = accepted.shortfall_in(metrics)
         tried[k] = (shortfall, metrics)
         return shortfall == 0
 
-    ranking: list[str] = []
-    plain = quantize([])
-    layers = err.layer_errors(fp32, plain, batch_of(data.calib_x, 64))
-    ranking = [str(row["layer"]) for row in layers]
     if not attempt(0, plain) and len(ranking) > 1:
         # lo fails; is hi enough: every ranked layer in fp32 but the least sensitive (at
         # least one layer stays quantized, or the model is the fp32 one)
@@ -144,9 +145,5 @@ def search_keep_fp32(
         seconds=time.perf_counter() - start,
         met=bool(met),
         validation=metrics,
-        misses=[
-            f"{b.text} ({metrics.get(b.metric, float('nan')):.4g})"
-            for b in bounds
-            if not b.holds(metrics.get(b.metric))
-        ],
+        misses=accepted.misses_in(metrics),
     )
