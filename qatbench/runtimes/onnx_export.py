@@ -15,7 +15,7 @@ import onnx.version_converter
 import torch
 
 from qatbench.errors import PluginError
-from qatbench.quant import weight_only_onnx
+from qatbench.quant import qdq_sharing, weight_only_onnx
 
 OPSET = 17
 # Graphs whose weights pass this are saved with every weight in one external-data file
@@ -43,7 +43,9 @@ def export_onnx(
     The opset is ``opset`` or what a module of the model needs, if more (weight-only
     int4 needs 21). Beyond the TorchScript exporter's 20 the graph is exported at 20 and
     converted with ``onnx.version_converter``; placeholder nodes of weight-only layers are
-    then lowered to standard ONNX (:mod:`qatbench.quant.weight_only_onnx`).
+    then lowered to standard ONNX (:mod:`qatbench.quant.weight_only_onnx`). Adjacent
+    integer layers' QDQ patterns are joined so that each tensor is quantized once
+    (:mod:`qatbench.quant.qdq_sharing`).
     """
     opset = required_opset(model, opset)
     path = Path(path)
@@ -80,6 +82,8 @@ def export_onnx(
         changed = True
     if any(node.domain == weight_only_onnx.DOMAIN for node in model_proto.graph.node):
         model_proto = weight_only_onnx.lower_weight_only(model_proto)
+        changed = True
+    if qdq_sharing.share_grids(model_proto):  # one grid per tensor between integer layers
         changed = True
     if changed:
         save_graph(model_proto, path)
