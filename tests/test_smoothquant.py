@@ -10,6 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from qatbench.measure.error import output_error
+from qatbench.methods.dynamic import DynamicMethod
+from qatbench.methods.lifecycle import quantize_copy
 from qatbench.methods.ptq import ObservedLinear, PtqMethod
 from qatbench.methods.smoothquant import (
     ScaledInput,
@@ -21,6 +23,7 @@ from qatbench.methods.smoothquant import (
 from qatbench.models.mlp import Mlp, MlpConfig
 from qatbench.models.transformer import TinyTransformer, TransformerConfig
 from qatbench.quant.bitwidth import BitWidth
+from qatbench.quant.dynamic_linear import DynamicQuantizedLinear
 from qatbench.quant.quantized_linear import QuantizedLinear
 from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.runtimes.onnx_export import export_onnx
@@ -191,3 +194,30 @@ def test_options_validated() -> None:
     with pytest.raises(ValueError, match="unfoldable"):
         SmoothQuantMethod.Config.model_validate({"unfoldable": "fold"})
     assert SmoothQuantMethod.changes_layer_inputs is True
+
+
+def test_dynamic_activations_run_on_the_smoothed_weights_and_beat_plain_dynamic(
+    tmp_path: Path,
+) -> None:
+    model = _seeded(_Outliers)
+    gen = torch.Generator().manual_seed(4)
+    calib, evaluation = torch.randn(256, 16, generator=gen), torch.randn(128, 16, generator=gen)
+
+    def loop(m: torch.nn.Module) -> None:
+        for xb in calib.split(64):
+            m(xb)
+
+    with torch.inference_mode():
+        ref = model(evaluation)
+    plain = DynamicMethod(DynamicMethod.Config(), W8A8)
+    smooth = SmoothQuantMethod(SmoothQuantMethod.Config(activations="dynamic"), W8A8)
+    errors = {}
+    for name, method in {"dynamic": plain, "smoothquant": smooth}.items():
+        q = quantize_copy(method, model, lambda: loop, lambda: None)
+        with torch.inference_mode():
+            errors[name] = output_error(ref, q(evaluation))["mse"]
+    assert sum(isinstance(m, DynamicQuantizedLinear) for m in q.modules()) == 3
+    assert not any(isinstance(m, ObservedLinear | QuantizedLinear) for m in q.modules())
+    path = export_onnx(q, (evaluation[:1],), tmp_path / "sq.onnx")
+    assert ortrt.kernel_counts(path, 1) == (3, 0)
+    assert errors["smoothquant"] < 0.5 * errors["dynamic"], errors
