@@ -14,6 +14,7 @@ from qatbench.methods.dynamic import DynamicMethod
 from qatbench.methods.lifecycle import quantize_copy
 from qatbench.methods.ptq import ObservedLinear, PtqMethod
 from qatbench.methods.smoothquant import (
+    ALPHA_GRID,
     ScaledInput,
     SmoothQuantMethod,
     _groups,
@@ -221,3 +222,25 @@ def test_dynamic_activations_run_on_the_smoothed_weights_and_beat_plain_dynamic(
     path = export_onnx(q, (evaluation[:1],), tmp_path / "sq.onnx")
     assert ortrt.kernel_counts(path, 1) == (3, 0)
     assert errors["smoothquant"] < 0.5 * errors["dynamic"], errors
+
+
+def test_alpha_auto_keeps_the_alpha_closest_to_fp32_and_says_which() -> None:
+    model = _seeded(_Outliers)
+    calib = torch.randn(128, 16, generator=torch.Generator().manual_seed(5))
+
+    def loop(m: torch.nn.Module) -> None:
+        for xb in calib.split(64):
+            m(xb)
+
+    method = SmoothQuantMethod(SmoothQuantMethod.Config(alpha="auto"), W8A8)
+    q = quantize_copy(method, model, lambda: loop, lambda: None)
+    chosen = method.choices()
+    errors = {float(a): e for a, e in chosen["smoothquant_alpha_mse"].items()}
+    assert set(errors) == set(ALPHA_GRID)
+    assert chosen["smoothquant_alpha"] == min(errors, key=errors.__getitem__)
+    assert len(set(errors.values())) > 1  # the grid points differ: the choice means something
+    with torch.inference_mode():
+        mse = float(F.mse_loss(q(calib), model(calib)))
+    assert mse == pytest.approx(errors[chosen["smoothquant_alpha"]], rel=1e-4)
+    with pytest.raises(ValueError, match="alpha"):
+        SmoothQuantMethod.Config(alpha="best")  # type: ignore[arg-type]

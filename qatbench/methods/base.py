@@ -230,6 +230,11 @@ class QuantMethod:
             group = config.block_size
         return {"observer": observer, "group_size": str(group)}
 
+    def choices(self) -> dict[str, Any]:
+        """What the method chose for itself while quantizing (an option given as ``auto``
+        and searched), recorded in the trial's ``details`` after ``convert``."""
+        return {}
+
     def export(
         self, model: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...], path: Path
     ) -> Path:

@@ -21,7 +21,9 @@ smoothed Linears become ``dynamic``'s :class:`DynamicQuantizedLinear` instead (e
 quantizes its input on its own range; no second pass): on all-MiniLM-L6-v2 that took
 ``embedding_cosine`` from 0.9916 (plain ``dynamic``) to 0.9963 at ``alpha: 0.7``, at the same
 speed (docs/bring-your-own.md). The best ``alpha`` depends on the model: a list
-(``alpha: [0.5, 0.7, 0.85]``) runs one trial per value.
+(``alpha: [0.5, 0.7, 0.85]``) runs one trial per value, and ``alpha: auto`` quantizes a copy
+at each alpha of ``ALPHA_GRID`` and keeps the one whose outputs on the calibration data are
+closest to fp32's (the trial's details say which, with each alpha's error).
 
 Because folding changes what the preceding layer emits, a quantized layer expects smoothed
 inputs; ``changes_layer_inputs = True`` tells the runner not to feed it fp32 inputs in a
@@ -30,11 +32,12 @@ per-layer error breakdown.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -49,6 +52,8 @@ from qatbench.methods.ptq import ObservedLinear
 from qatbench.quant.dynamic_linear import DynamicQuantizedLinear
 from qatbench.quant.observers import MinMaxConfig, ObserverChoice
 from qatbench.quant.quantized_linear import QuantizedLinear
+
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # what alpha: auto tries
 
 _RELU = {F.relu, torch.relu, torch.Tensor.relu}
 
@@ -248,6 +253,26 @@ def _apply(model: torch.nn.Module, group: _Group, s: torch.Tensor) -> None:
         _rescale(source, "bias", 1.0 / s)
 
 
+def _outputs(model: torch.nn.Module, forward_loop: ForwardLoop) -> list[torch.Tensor]:
+    """Every floating-point tensor ``model`` returns over one pass of ``forward_loop``."""
+    seen: list[torch.Tensor] = []
+
+    class _Recorder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            out = self.inner(*args, **kwargs)
+            seen.extend(
+                t.detach() for t in tree_leaves(out) if torch.is_tensor(t) and t.is_floating_point()
+            )
+            return out
+
+    forward_loop(_Recorder())
+    return seen
+
+
 def _rescale(module: torch.nn.Module, attr: str, factor: torch.Tensor) -> None:
     """``module.attr *= factor`` as a new parameter, never in place: a weight tied to
     another module (an LM head sharing the token embedding) must not change that module."""
@@ -267,8 +292,10 @@ class SmoothQuantMethod(QuantMethod):
     )
 
     class Config(LayerSelection):
-        alpha: float = Field(
-            0.5, ge=0, le=1, description="migration strength: 0 none, 1 all onto the weights"
+        alpha: Annotated[float, Field(ge=0, le=1)] | Literal["auto"] = Field(
+            0.5,
+            description="migration strength: 0 none, 1 all onto the weights; auto: the one of "
+            f"{list(ALPHA_GRID)} whose quantized model is closest to fp32 on the calibration data",
         )
         unfoldable: Literal["scale", "skip"] = Field(
             "scale",
@@ -287,11 +314,20 @@ class SmoothQuantMethod(QuantMethod):
             "range, as the dynamic method (DynamicQuantizedLinear) on the smoothed weights",
         )
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._searched: dict[str, Any] = {}
+
+    def choices(self) -> dict[str, Any]:
+        return self._searched
+
     def calibrate(self, model: torch.nn.Module, forward_loop: ForwardLoop) -> torch.nn.Module:
         if self.config.activations == "dynamic" and self.bits.weight != 8:
             raise PluginError(
                 f"{self.name}: activations: dynamic runs 8-bit weights only (got {self.bits})"
             )
+        if self.config.alpha == "auto":
+            return self._search_alpha(model, forward_loop)
         plan = select_linears(model, self.config, self.bits.weight)
         targets = list(plan)
         if not targets:
@@ -330,6 +366,29 @@ class SmoothQuantMethod(QuantMethod):
             with torch.no_grad():
                 forward_loop(model)
         return model
+
+    def _search_alpha(self, model: torch.nn.Module, forward_loop: ForwardLoop) -> torch.nn.Module:
+        """Calibrate and convert a copy at each alpha of ``ALPHA_GRID``; keep the alpha
+        whose quantized outputs on the calibration data are closest to fp32's (mean squared
+        error over every float output), and calibrate ``model`` with it."""
+        with torch.no_grad():
+            reference = _outputs(model, forward_loop)
+        errors: dict[float, float] = {}
+        for alpha in ALPHA_GRID:
+            trial = type(self)(self.config.model_copy(update={"alpha": alpha}), self.bits)
+            candidate = trial.convert(trial.calibrate(copy.deepcopy(model), forward_loop))
+            with torch.no_grad():
+                got = _outputs(candidate.eval(), forward_loop)
+            errors[alpha] = sum(
+                float(F.mse_loss(g.float(), r.float())) for g, r in zip(got, reference, strict=True)
+            ) / max(len(reference), 1)
+        best = min(errors, key=lambda a: errors[a])
+        self._searched = {
+            "smoothquant_alpha": best,
+            "smoothquant_alpha_mse": {str(a): e for a, e in errors.items()},
+        }
+        self.config = self.config.model_copy(update={"alpha": best})
+        return self.calibrate(model, forward_loop)
 
     def _factor(
         self, model: torch.nn.Module, group: _Group, stats: dict[str, torch.Tensor]

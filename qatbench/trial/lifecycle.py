@@ -253,6 +253,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     )
     state.details.update(kernel_summary(candidate))
     state.details["simulated"] = method.simulated
+    state.details.update(method.choices())
     state.metrics["quantized_weight_fraction"] = size.quantized_weight_fraction(fp32, candidate)
     peak("convert")
 
