@@ -173,6 +173,8 @@ def test_settings_are_validated() -> None:
         TimingSettings(min_round_s=0.0)
     with pytest.raises(ValueError):
         TimingSettings(repeats=0)
+    with pytest.raises(ValueError):
+        TimingSettings(target_ci=0.0)
 
 
 class _Instance:
@@ -218,3 +220,33 @@ def test_a_renewal_that_changes_the_number_of_pairs_is_an_error() -> None:
     )
     with pytest.raises(ValueError, match="repeat 1 made 2 pairs to time, not 1"):
         time_pairs(pairs, settings)
+
+
+def _work(n: int) -> Callable[[], object]:
+    return lambda: sum(range(n))
+
+
+@pytest.mark.parametrize(
+    ("target", "min_rounds", "blocks"),
+    [
+        (None, 3, 8),  # off: every repeat
+        (1.0, 3, 3),  # a loose target is met as soon as it may stop
+        (1.0, 6, 6),  # ... but not before min_rounds rounds (one per block here)
+        (1e-9, 3, 8),  # an unreachable target: every repeat, max_time_s is the cap
+    ],
+)
+def test_a_target_interval_stops_timing_once_every_pair_meets_it(
+    target: float | None, min_rounds: int, blocks: int
+) -> None:
+    settings = TimingSettings(
+        warmup_s=0.0,
+        min_round_s=0.0005,
+        min_rounds=min_rounds,
+        max_time_s=0.0,
+        repeats=8,
+        target_ci=target,
+    )
+    pairs = [(_work(4000), _work(2000)), (_work(3000), _work(3000))]
+    for paired in time_pairs(pairs, settings):
+        assert max(paired.repeat_of_round) + 1 == blocks
+        assert len(paired.repeat_speedups) == blocks

@@ -55,6 +55,11 @@ class TimingSettings:
     exceed ``max_time_s``, the budget of the timed rounds (warm-up and calibration come on
     top). ``min_rounds`` is honoured even when it overruns the budget. Paired timing splits
     the rounds and the budget into ``repeats`` blocks (see the module's docstring).
+
+    ``target_ci`` (a fraction, e.g. 0.05) ends paired timing early: once
+    ``MIN_ADAPTIVE_REPEATS`` blocks and ``min_rounds`` rounds are done, it stops after the
+    first block at which every pair's 95% interval lies within ``target_ci`` of its
+    speed-up on both sides. ``max_time_s`` stays the cap; a quiet machine spends less.
     """
 
     warmup_s: float = 0.2
@@ -62,6 +67,7 @@ class TimingSettings:
     min_rounds: int = 15
     max_time_s: float = 4.0
     repeats: int = 1
+    target_ci: float | None = None
 
     def __post_init__(self) -> None:
         if self.warmup_s < 0 or self.max_time_s < 0:
@@ -72,6 +78,8 @@ class TimingSettings:
             raise ValueError(f"min_rounds must be at least 1: {self}")
         if self.repeats < 1:
             raise ValueError(f"repeats must be at least 1: {self}")
+        if self.target_ci is not None and self.target_ci <= 0:
+            raise ValueError(f"target_ci must be positive: {self}")
 
 
 @dataclass(frozen=True)
@@ -290,7 +298,29 @@ def time_pairs(
                     last_ns = p.one_pair(baseline_first=done % 2 == 0)
                     p.repeat.append(repeat)
                     done += 1
+            if _precise_enough(timed, repeat + 1, settings):
+                break
     return [p.result() for p in timed]
+
+
+MIN_ADAPTIVE_REPEATS = 3  # blocks before an interval is trusted to stop on
+_ADAPTIVE_RESAMPLES = 500  # the stopping check's bootstrap (the result's uses 2000)
+
+
+def _precise_enough(timed: list[_PairRounds], repeats_done: int, settings: TimingSettings) -> bool:
+    """Whether ``settings.target_ci`` is set and met by every pair after this block."""
+    target = settings.target_ci
+    if target is None or repeats_done < MIN_ADAPTIVE_REPEATS or repeats_done == settings.repeats:
+        return False
+    if any(len(p.base) < settings.min_rounds for p in timed):
+        return False
+    for p in timed:
+        base = [t / p.base_calls for t in p.base]
+        cand = [t / p.cand_calls for t in p.cand]
+        ratio = paired_ratio_of_medians(base, cand, blocks=p.repeat, resamples=_ADAPTIVE_RESAMPLES)
+        if ratio.ci_high > ratio.value * (1 + target) or ratio.ci_low < ratio.value * (1 - target):
+            return False
+    return True
 
 
 def _let_go() -> None:

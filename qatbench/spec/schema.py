@@ -233,6 +233,9 @@ class MeasureSpec(_Strict):
     min_rounds: int = Field(15, ge=3, le=100_000)
     max_time_s: float = Field(4.0, gt=0, le=3600)
     repeats: int = Field(8, ge=1, le=1000)
+    # stop timing a trial once every speed-up's 95% interval is within +/- this percent of
+    # it (checked after each repeat from the third); max_time_s stays the cap. None: off.
+    target_ci_pct: float | None = Field(None, gt=0, le=100)
     passes: int = Field(1, ge=1, le=20)
     threads: int = Field(1, ge=1, le=1024)
     per_layer: bool = True

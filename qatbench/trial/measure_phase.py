@@ -96,12 +96,14 @@ def predict(fn: Callable[..., torch.Tensor], x: Batch, batch: int) -> torch.Tens
 
 
 def timing_settings(trial: TrialSpec) -> TimingSettings:
+    target = trial.measure.target_ci_pct
     return TimingSettings(
         warmup_s=trial.measure.warmup_s,
         min_round_s=trial.measure.min_round_s,
         min_rounds=trial.measure.min_rounds,
         max_time_s=trial.measure.max_time_s,
         repeats=trial.measure.repeats,
+        target_ci=None if target is None else target / 100,
     )
 
 
