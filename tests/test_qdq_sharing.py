@@ -16,6 +16,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from qatbench.methods.ptq import PtqMethod
+from qatbench.methods.qat import QatMethod
 from qatbench.models.cnn import build_resnet_tiny
 from qatbench.quant import qdq_sharing
 from qatbench.quant.bitwidth import BitWidth
@@ -63,10 +64,14 @@ X = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32) * 3
 def test_a_relu_after_a_qdq_pair_moves_before_it_and_the_output_is_unchanged() -> None:
     nodes = [*_qdq("x", "a", "y"), helper.make_node("Relu", ["y"], ["out"])]
     model = _model(nodes, _grid("a", 0.05, 128), ["out"])
-    before = _run(model, X)[0]
+    x = np.clip(X, -6.4, 6.35)  # within the grid's range
+    before = _run(model, x)[0]
     assert qdq_sharing.share_grids(model) == 1
     assert [n.op_type for n in model.graph.node] == ["Relu", "QuantizeLinear", "DequantizeLinear"]
-    np.testing.assert_array_equal(_run(model, X)[0], before)
+    q = model.graph.node[1]
+    zero = next(t for t in model.graph.initializer if t.name == q.input[2])
+    assert numpy_helper.to_array(zero) == 0  # onnxruntime folds a ReLU only into this
+    np.testing.assert_array_equal(_run(model, x)[0], before)
     assert (before == 0).any() and (before > 0).any()  # the ReLU did cut something
 
 
@@ -149,6 +154,21 @@ def _optimized_ops(path: Path) -> collections.Counter[str]:
         options.optimized_model_filepath = str(Path(tmp) / "opt.onnx")
         ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         return _ops(onnx.load(options.optimized_model_filepath))
+
+
+def test_a_qat_cnn_keeps_every_conv_integer(tmp_path: Path) -> None:
+    # QAT clamps each conv's input before its quantizer: the conv's own output grid stays,
+    # and a ReLU moved before it must leave onnxruntime able to fold it into QLinearConv
+    torch.manual_seed(0)
+    model, (example,) = build_resnet_tiny()
+    x = torch.randn(16, *example.shape[1:])
+    method = QatMethod(QatMethod.Config(steps=1), BitWidth.parse("w4a8"))
+    converted = method.convert(
+        method.calibrate(method.prepare(copy.deepcopy(model)), lambda m: m(x))
+    )
+    path = export_onnx(converted.eval(), (example,), tmp_path / "qat.onnx")
+    ops = _optimized_ops(path)
+    assert ops["QLinearConv"] == 9 and ops["Conv"] == ops["FusedConv"] == 0
 
 
 def test_a_cnn_graph_runs_its_residual_adds_and_relus_on_integers(resnet_graphs) -> None:

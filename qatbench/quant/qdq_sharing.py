@@ -9,9 +9,11 @@ op and runs them one by one (ResNet-18: 23 DequantizeLinear, 6 float Relu, 8 flo
 ``quantize_static``'s graph). :func:`share_grids` rewrites the graph the way quantizers lay
 it out from the start:
 
-1. **ReLU before the quantizer**: ``Q -> DQ -> Relu`` becomes ``Relu -> Q -> DQ`` (exact:
-   ReLU commutes with an asymmetric grid whose zero is on it). onnxruntime folds a ReLU
-   that feeds a quantizer with zero point 0 into the conv before it.
+1. **ReLU before the quantizer**: ``Q -> DQ -> Relu`` becomes ``Relu -> Q -> DQ`` on the
+   same scale with the zero point at the grid's lowest integer (exact over the calibrated
+   range: ReLU commutes with a grid that holds zero, and its non-negative half keeps its
+   values). onnxruntime folds a ReLU that feeds a quantizer with that zero point into the
+   conv before it.
 2. **One grid per tensor**: a tensor dequantized by a layer and quantized again by its
    consumers (all on one grid, the grid their calibration found for this very tensor) is
    quantized once, on the consumers' grid: ``Q(a) -> DQ(a) -> Q(b) -> DQ(b)`` becomes
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -115,7 +118,9 @@ def share_grids(model: onnx.ModelProto) -> int:
 
 
 def _hoist_relus(g: _Graph) -> int:
-    """Rule 1: ``x -> Q -> DQ -> Relu -> y`` becomes ``x -> Relu -> Q -> DQ -> y``."""
+    """Rule 1: ``x -> Q -> DQ -> Relu -> y`` becomes ``x -> Relu -> Q -> DQ -> y``, the
+    grid's zero point moved to its lowest integer (same scale): the non-negative values it
+    held keep their integers' values, and onnxruntime folds the ReLU into the layer."""
     count = 0
     for relu in list(g.graph.node):
         if relu.op_type != "Relu":
@@ -131,10 +136,22 @@ def _hoist_relus(g: _Graph) -> int:
         relu.input[0], relu.output[0] = source, hoisted
         q.input[0] = hoisted
         dq.output[0] = relu_out
+        q.input[2] = dq.input[2] = _lowest_zero_point(g, q.input[2])
         _move_before(g.graph, relu, q)
         g.refresh()
         count += 1
     return count
+
+
+def _lowest_zero_point(g: _Graph, zero_point: str) -> str:
+    """The name of a constant zero point at the lowest integer of ``zero_point``'s type."""
+    dtype = g.constants[zero_point].dtype
+    name = f"qdq_sharing_zero_point_{dtype}"
+    if name not in g.constants:
+        value = np.array(np.iinfo(dtype).min, dtype=dtype)
+        g.graph.initializer.append(numpy_helper.from_array(value, name))
+        g.constants[name] = value
+    return name
 
 
 def _quantize_joins(g: _Graph) -> int:
