@@ -109,6 +109,13 @@ class _OrtDisagrees(_Rtn):
         return super().export(model.inner, example_inputs, path)
 
 
+class _ClaimsToKeepWeights(_Rtn):
+    """Rounds weights in place but says it never writes into them: fp32 itself changes."""
+
+    name = "claims_to_keep_weights"
+    capabilities = Capabilities(weight_bits=frozenset({8}), weight_only=True, keeps_weights=True)
+
+
 class _Offset(torch.nn.Module):
     def __init__(self, inner: torch.nn.Module) -> None:
         super().__init__()
@@ -137,6 +144,7 @@ def test_convert_returning_none_is_caught() -> None:
         (_NanOutputs, "non-finite"),
         (_CalibrateRaises, r"calibrate\(\) raised ValueError: no ranges"),
         (_OrtDisagrees, "onnxruntime disagrees"),
+        (_ClaimsToKeepWeights, "changed the fp32 model's .*keeps_weights"),
     ],
     ids=lambda v: getattr(v, "name", None),
 )

@@ -250,12 +250,25 @@ def _check_lifecycle(method_cls: Any, bits: str, model_name: str = "mlp") -> Non
 
     method = method_cls(method_cls.Config(), BitWidth.parse(bits))
     caps = method_cls.capabilities
+    before = {k: v.detach().clone() for k, v in fp32.state_dict().items()}
     converted = quantize_copy(  # the driver of every trial, so the kit tests what runs
         method,
         fp32,
         forward_loop=lambda: forward_loop(data, _BATCH),
         train_loop=lambda: train_loop(data, _BATCH, _SEED),
         step=_steps(method_cls, bits),
+    )
+    changed = [k for k, v in fp32.state_dict().items() if not torch.equal(v, before[k])]
+    _require(
+        not changed,
+        method_cls,
+        f"quantizing changed the fp32 model's {changed[:1]}"
+        + (
+            " (capabilities.keeps_weights: its copy shares fp32's storage)"
+            if caps.keeps_weights
+            else ""
+        ),
+        bits,
     )
 
     outputs = {}

@@ -136,8 +136,12 @@ class RtnMethod(QuantMethod):
     """Round-to-nearest weight-only quantization (``w8``, ``w4``, ``w3``, ``w2``)."""
 
     name = "rtn"
+    # convert builds new layers from the weights and never writes into them
     capabilities = Capabilities(
-        weight_bits=WEIGHT_ONLY_BITS, weight_only=True, runtimes=ALL_RUNTIMES | COMPILED
+        weight_bits=WEIGHT_ONLY_BITS,
+        weight_only=True,
+        runtimes=ALL_RUNTIMES | COMPILED,
+        keeps_weights=True,
     )
 
     class Config(WeightOnlyConfig):
