@@ -15,7 +15,7 @@ from rich.console import Console
 
 from qatbench.cli.output import err, expand_globs, out
 from qatbench.cli.pick_command import print_picks
-from qatbench.cli.quiet import ThirdPartyLog, third_party_to
+from qatbench.cli.quiet import ThirdPartyLog, libraries_quiet, third_party_to
 from qatbench.cli.report_commands import print_comparison
 from qatbench.errors import ConfigError
 
@@ -166,7 +166,9 @@ def run(
     ray_options = RayOptions(ray_address, ray_connect_timeout, ray_trials_per_node)
     if executor is ExecutorKind.local:
         ray_options.refuse_without_ray(ray_one_per_node)
-    plans = [_plan(path, output_dir, resume, part, force) for path in expand_globs(files)]
+    # the fit check imports the plugins named (torchao's and torch's import-time lines)
+    with contextlib.nullcontext() if verbose else libraries_quiet():
+        plans = [_plan(path, output_dir, resume, part, force) for path in expand_globs(files)]
     with _executor(executor, ray_options) as pool:
         code = 0
         with _quiet_unless(verbose, output_dir) as log:
