@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
+from qatbench.measure import timing
 from qatbench.measure.timing import (
     TimingSettings,
     calibrate_calls,
@@ -112,6 +113,34 @@ def test_pairs_are_timed_in_turn_one_block_each_per_repeat() -> None:
         assert paired.repeat_of_round == (0, 1)
         assert len(paired.repeat_speedups) == 2
         assert len(paired.baseline.per_call_s) == settings.min_rounds
+
+
+def test_long_rounds_back_from_another_block_get_no_untimed_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    long_tags = {"b2", "c2"}  # the second pair's rounds count as self-warming
+
+    def tagged(tag: str) -> None:
+        calls.append(tag)
+        time.sleep(0.002)
+
+    monkeypatch.setattr(timing, "SELF_WARMING_ROUND_NS", 1_000_000)  # 1 ms: both pairs
+    settings = TimingSettings(
+        warmup_s=0.0, min_round_s=0.001, min_rounds=3, max_time_s=0.0, repeats=3
+    )
+    time_pairs(
+        [
+            (lambda: tagged("b1"), lambda: tagged("c1")),
+            (lambda: tagged("b2"), lambda: tagged("c2")),
+        ],
+        settings,
+    )
+    blocks = calls[8:]
+    # the first repeat warms both (nothing measured yet); later ones time straight away
+    assert blocks[:8] == ["b1", "c1", "b1", "c1", "b2", "c2", "b2", "c2"]
+    assert blocks[8:] == ["b1", "c1", "b2", "c2"] * 2
+    assert long_tags <= set(blocks)
 
 
 def test_repeats_split_the_rounds_and_keep_min_rounds() -> None:
@@ -230,8 +259,8 @@ def _work(n: int) -> Callable[[], object]:
     ("target", "min_rounds", "blocks"),
     [
         (None, 3, 8),  # off: every repeat
-        (1.0, 3, 3),  # a loose target is met as soon as it may stop
-        (1.0, 6, 6),  # ... but not before min_rounds rounds (one per block here)
+        (1000.0, 3, 3),  # a target any interval meets: stops as soon as it may
+        (1000.0, 6, 6),  # ... but not before min_rounds rounds (one per block here)
         (1e-9, 3, 8),  # an unreachable target: every repeat, max_time_s is the cap
     ],
 )

@@ -41,6 +41,9 @@ from qatbench.measure.stats import Ratio, Summary, paired_ratio_of_medians, summ
 
 Clock = Callable[[], int]
 _NS_PER_S = 1_000_000_000
+# A round at least this long needs no untimed round when it comes back from another pair's
+# block (objects made afresh for a repeat always get one: their first call may build caches).
+SELF_WARMING_ROUND_NS = 100_000_000
 _RESOLUTION_MULTIPLE = 1000  # a round lasts at least this many clock ticks
 _RESOLUTION_PROBES = 200
 _MAX_GROWTH = 10  # calibration grows calls per round by at most this factor per try
@@ -225,6 +228,12 @@ class _PairRounds:
         _warm_up(self.baseline_fn, seconds)
         _warm_up(self.candidate_fn, seconds)
 
+    def warms_itself(self) -> bool:
+        """Whether both functions' rounds are so long (a generation of many tokens) that
+        the cache state another pair's block left behind is a rounding error of them: the
+        untimed round before this pair's block would only double its cost."""
+        return bool(self.base) and min(self.base[-1], self.cand[-1]) >= SELF_WARMING_ROUND_NS
+
     def one_pair(self, baseline_first: bool) -> int:
         """Time one baseline and one candidate round; their total nanoseconds."""
         if baseline_first:
@@ -258,7 +267,8 @@ def time_pairs(
 
     Every function is warmed up and calibrated first. Then, ``repeats`` times, each pair in
     turn gets one block: with several pairs, an untimed round of each function (it comes
-    cold from another pair's block), then pairs of rounds in ABBA order (baseline,
+    cold from another pair's block; not for functions whose last rounds took
+    ``SELF_WARMING_ROUND_NS`` or more), then pairs of rounds in ABBA order (baseline,
     candidate, candidate, baseline, ...) for its share of the budget,
     ``max_time_s / repeats``, and at least ``ceil(min_rounds / repeats)`` pairs. Each pair
     ends with at least ``min_rounds`` rounds and spends about ``max_time_s``. Round i of
@@ -288,8 +298,8 @@ def time_pairs(
             if renew is not None and repeat > 0:
                 _renew(timed, renew, repeat, settings.warmup_s / settings.repeats)
             for p in timed:
-                if len(timed) > 1 or renew is not None:  # cold from another block or new
-                    _round_ns(p.baseline_fn, p.base_calls)
+                if renew is not None or (len(timed) > 1 and not p.warms_itself()):
+                    _round_ns(p.baseline_fn, p.base_calls)  # new, or cold from another block
                     _round_ns(p.candidate_fn, p.cand_calls)
                 start_ns = time.perf_counter_ns()
                 last_ns = 0
