@@ -314,7 +314,6 @@ def time_pairs(
 
 
 MIN_ADAPTIVE_REPEATS = 3  # blocks before an interval is trusted to stop on
-_ADAPTIVE_RESAMPLES = 500  # the stopping check's bootstrap (the result's uses 2000)
 
 
 def _precise_enough(timed: list[_PairRounds], repeats_done: int, settings: TimingSettings) -> bool:
@@ -325,9 +324,7 @@ def _precise_enough(timed: list[_PairRounds], repeats_done: int, settings: Timin
     if any(len(p.base) < settings.min_rounds for p in timed):
         return False
     for p in timed:
-        base = [t / p.base_calls for t in p.base]
-        cand = [t / p.cand_calls for t in p.cand]
-        ratio = paired_ratio_of_medians(base, cand, blocks=p.repeat, resamples=_ADAPTIVE_RESAMPLES)
+        ratio = p.result().speedup  # the interval the trial would report if it stopped now
         if ratio.ci_high > ratio.value * (1 + target) or ratio.ci_low < ratio.value * (1 - target):
             return False
     return True
