@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import pytest
+from data.fast_mlflow import mlflow_template
 
 from qatbench.results import RunRecord, TrialFailure, TrialResult
 
 HOSTILE_MODEL = "<script>alert(1)</script>"
+
+_TEMPLATE_DIR: list[str] = []  # the folder this process made for the session, if any
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """New SQLite MLflow stores start from one migrated template database (see
+    data/fast_mlflow/mlflow_template.py), here and in every subprocess of the session: the
+    first process of the session (the xdist controller) names a folder for it in the
+    environment its workers and their subprocesses inherit."""
+    if not os.environ.get(mlflow_template.ENV):
+        folder = tempfile.mkdtemp(prefix="qatbench-mlflow-template-")
+        _TEMPLATE_DIR.append(folder)
+        os.environ[mlflow_template.ENV] = folder
+        paths = [str(mlflow_template.HERE), os.environ.get("PYTHONPATH", "")]
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    mlflow_template.activate()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in _TEMPLATE_DIR:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _trial(model: str, method: str, bits: str, runtime: str, **metrics: float) -> TrialResult:
