@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import shutil
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from data import durations
 from data.fast_mlflow import mlflow_template
 
 from qatbench.results import RunRecord, TrialFailure, TrialResult
@@ -32,6 +34,26 @@ def pytest_configure(config: pytest.Config) -> None:
         paths = [str(mlflow_template.HERE), os.environ.get("PYTHONPATH", "")]
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     mlflow_template.activate()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slowest modules first (data/durations.py), each module's tests together and in
+    their own order, so xdist's loadscope hands the long modules out first."""
+    modules = {item.nodeid.split("::")[0] for item in items}
+    rank = {module: durations.MODULE_S.get(module, durations.DEFAULT_S) for module in modules}
+    items.sort(key=lambda item: -rank[item.nodeid.split("::")[0]])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _frozen_heap() -> None:
+    """Before each module: collect, then freeze what is still alive (imports of torch,
+    onnxruntime, mlflow, earlier modules' fixtures: hundreds of thousands of objects) out
+    of the cyclic collector's view. Trials run in the test process call gc.collect() after
+    each phase and before timing, as in a worker (which freezes its forkserver's imports
+    the same way); each call then scans only what the module allocates, not every module
+    object of the process: 0.15-0.3 s less per call, seconds per in-process trial."""
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
