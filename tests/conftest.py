@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import replace
 from typing import Any
@@ -19,6 +21,8 @@ from qatbench.results import RunRecord, TrialFailure, TrialResult
 
 HOSTILE_MODEL = "<script>alert(1)</script>"
 
+# What a trial imports in the test process: the worker forkserver's preload (sweep/executor.py).
+TRIAL_IMPORTS = ("torch", "onnxruntime", "sklearn.datasets", "qatbench.trial.lifecycle")
 _TEMPLATE_DIR: list[str] = []  # the folder this process made for the session, if any
 
 
@@ -51,7 +55,14 @@ def _frozen_heap() -> None:
     of the cyclic collector's view. Trials run in the test process call gc.collect() after
     each phase and before timing, as in a worker (which freezes its forkserver's imports
     the same way); each call then scans only what the module allocates, not every module
-    object of the process: 0.15-0.3 s less per call, seconds per in-process trial."""
+    object of the process: 0.15-0.3 s less per call, seconds per in-process trial.
+
+    Where collection imported torch (a session that runs trials), the libraries a trial
+    imports (the worker forkserver's preload) are imported first, so that they are frozen
+    too even in the first module of a worker."""
+    if "torch" in sys.modules:
+        for name in TRIAL_IMPORTS:
+            importlib.import_module(name)
     gc.collect()
     gc.freeze()
 
