@@ -19,6 +19,7 @@ parent dies, even by SIGKILL, the pipe reaches end-of-file and the worker kills 
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import os
 import signal
@@ -190,6 +191,11 @@ def _worker(
     from qatbench.trial.lifecycle import run_trial
 
     context.apply()
+    # Everything this fresh worker holds now came from the forkserver's imports (torch,
+    # onnxruntime: some 300,000 objects). Frozen, they stay out of the collector's way, so
+    # each gc.collect() of the trial (after a phase, before timing) scans only what the
+    # trial allocates: 0.2-0.3 s less per call, a second or more per small trial.
+    gc.freeze()
 
     result = run_trial(trial, Path(out_dir), report=lambda phase: conn.send(("phase", phase)))
     conn.send(("result", with_node_env(result, trial).to_dict()))

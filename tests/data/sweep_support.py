@@ -119,11 +119,16 @@ def qatbench(
 
 
 def cli_env(tmp: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment with ``extra``; a PYTHONPATH in ``extra`` goes
+    before the session's (which carries the migrated MLflow template, see conftest)."""
+    extra = dict(extra or {})
+    if "PYTHONPATH" in extra and os.environ.get("PYTHONPATH"):
+        extra["PYTHONPATH"] = os.pathsep.join([extra["PYTHONPATH"], os.environ["PYTHONPATH"]])
     return {
         **os.environ,
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "QATBENCH_CACHE": str(tmp / "cache"),
-        **(extra or {}),
+        **extra,
     }
 
 
