@@ -16,7 +16,10 @@ from tests.test_nightly_gate import SLOW_TRIAL, _run
 
 pytestmark = pytest.mark.slow
 
-AUTO = ["--gate", "speedup_vs_fp32:auto", "--gate", "latency_p50_ms:auto"]
+# The paired speed-up only: an absolute latency moves with the machine's load between two
+# processes (+352% between two unchanged sweeps on a busy 2-core box), which a test must
+# not gate on; its auto threshold is tested on recorded histories in test_auto_gate.py.
+AUTO = ["--gate", "speedup_vs_fp32:auto"]
 
 
 @pytest.fixture
