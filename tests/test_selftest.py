@@ -24,8 +24,10 @@ def test_a_run_is_timed_in_blocks() -> None:
     assert all(m > 0 for m in medians)
 
 
-def test_the_rank_check_flags_twice_the_work() -> None:
-    check = aa_rank_check(lambda: busy_work(WORK), lambda: busy_work(3 * WORK), QUICK)
+def test_the_rank_check_flags_several_times_the_work() -> None:
+    # 6x, not 2x or 3x: a busy spell of the shared CI machine inflates a block's median by
+    # more than 3x now and then (p 0.014 once), and the check must flag a real difference
+    check = aa_rank_check(lambda: busy_work(WORK), lambda: busy_work(6 * WORK), QUICK)
     assert check.name == "aa_rank_test"
     assert not check.passed and check.value < 0.01
 
