@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from pydantic import ValidationError
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qatbench.errors import ConfigError, PluginError
 from qatbench.measure.size import save_torch_artifact
@@ -19,7 +20,14 @@ from qatbench.methods.rtn import RtnMethod
 from qatbench.models.mlp import Mlp, MlpConfig
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.quantized_linear import QuantizedLinear
-from qatbench.quant.weight_only_linear import WeightOnlyLinear, choose_kernel, kernel_summary
+from qatbench.quant.weight_only_linear import (
+    INT8_WIDEN_ROWS,
+    NATIVE_BF16,
+    NEVER,
+    WeightOnlyLinear,
+    choose_kernel,
+    kernel_summary,
+)
 from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.runtimes.onnx_export import check_onnx, export_onnx
 from qatbench.spec.schema import load_experiment
@@ -104,6 +112,97 @@ def test_three_dimensional_inputs_and_no_bias(
     assert torch.equal(out, flat)
     # the fp32 product of the same integers, within the bf16 rounding of the activations
     assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records every aten op a call runs: its name and its outputs' shapes and dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[tuple[int, ...], torch.dtype]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, tuple | list) else [out]
+        shapes = [(tuple(o.shape), o.dtype) for o in outs if isinstance(o, torch.Tensor)]
+        self.calls.append((func.overloadpacket.__name__, shapes))
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+def _ops_of(layer: WeightOnlyLinear, x: torch.Tensor) -> tuple[torch.Tensor, _AtenOps]:
+    with torch.inference_mode(), _AtenOps() as ops:
+        out = layer(x)
+    return out, ops
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("k", "n"), [(96, 40), (28, 24)])
+def test_int8_runs_the_kernel_for_few_rows_and_widened_integers_from_the_threshold(
+    symmetric: bool, k: int, n: int
+) -> None:
+    linear = _layer(k, n)
+    layer = WeightOnlyLinear.from_float(linear, 8, None, symmetric)
+    layer.int8_widen_rows = 6  # any CPU runs both paths; the default depends on the CPU
+    for rows, widened in [(1, False), (5, False), (6, True), (17, True)]:  # rows != n
+        x = _x(rows, k, seed=rows)
+        out, ops = _ops_of(layer, x)
+        assert ("_weight_int8pack_mm" in ops.names) != widened
+        # never an fp32 (or any float) weight: integers widened to bf16, exact, nothing more
+        weight_shaped = [
+            dtype
+            for _, outs in ops.calls
+            for shape, dtype in outs
+            if shape[0] == n and len(shape) == 2
+        ]
+        assert weight_shaped == ([torch.bfloat16] if widened else []), ops.calls
+        if widened:
+            assert not [n for n in ops.names if n.startswith("_weight_int")]
+        bias = linear.bias.detach()
+        reference = torch.nn.functional.linear(x, layer.dequantized_weight(), bias)
+        assert out.dtype == torch.float32 and out.shape == (rows, n)
+        assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+def test_both_int8_paths_compute_the_same_product() -> None:
+    layer = WeightOnlyLinear.from_float(_layer(128, 48), 8)
+    x = _x(2, 20, 128)
+    with torch.inference_mode():
+        layer.int8_widen_rows = NEVER
+        kernel = layer(x)
+        layer.int8_widen_rows = 1
+        widened = layer(x)
+    assert widened.shape == kernel.shape == (2, 20, 48)
+    # the same bf16 activations, integers and scales; only where bf16 rounds the sum differs
+    assert float((widened - kernel).abs().max()) <= 2**-7 * float(kernel.abs().max())
+
+
+def test_the_widening_threshold_follows_the_cpu_and_is_in_the_details() -> None:
+    int8 = WeightOnlyLinear.from_float(_layer(64, 32), 8)
+    int4 = WeightOnlyLinear.from_float(_layer(32, 16), 4, 32)
+    model = torch.nn.Sequential(int8, torch.nn.ReLU(), int4)
+    assert int8.int8_widen_rows == (INT8_WIDEN_ROWS if NATIVE_BF16 else NEVER)
+    assert kernel_summary(model) == {
+        "torch_kernels": {"int8pack_mm": 1, "int4pack_mm": 1},
+        "dequantizes_per_call": False,
+        "torch_activations": "bf16",
+        "int8_widened_from_rows": INT8_WIDEN_ROWS if NATIVE_BF16 else None,
+    }
+    int8.int8_widen_rows = NEVER
+    assert kernel_summary(model)["int8_widened_from_rows"] is None
+
+
+def test_a_decoded_token_is_a_few_ops_around_the_kernel() -> None:
+    """One row of a 3-d input with a bias: cast, view, kernel, bias add with the cast back,
+    view; the stored integers are read in place, nothing is repacked or dequantized."""
+    for bits, group_size, kernel in [(8, None, "_weight_int8pack_mm"), (4, 32, None)]:
+        layer = WeightOnlyLinear.from_float(_layer(128, 96), bits, group_size)
+        kernel = kernel or "_weight_int4pack_mm_for_cpu"
+        _, ops = _ops_of(layer, _x(1, 1, 128))
+        assert ops.names == ["to", "reshape", kernel, "add", "view"], ops.names
 
 
 def test_quantization_is_close_to_the_float_layer() -> None:
@@ -279,6 +378,8 @@ def test_keep_fp32_and_overrides(seed_mlp: Mlp) -> None:
     assert kernel_summary(quantized) == {
         "torch_kernels": {"int4pack_mm": 2, "int8pack_mm": 1},
         "dequantizes_per_call": False,
+        "torch_activations": "bf16",
+        "int8_widened_from_rows": INT8_WIDEN_ROWS if NATIVE_BF16 else None,
     }
 
 
