@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 from pathlib import Path
 
 import onnx
@@ -18,6 +19,7 @@ from qatbench.methods.layer_selection import layer_bits
 from qatbench.methods.ptq import PtqMethod
 from qatbench.methods.rtn import RtnMethod
 from qatbench.models.mlp import Mlp, MlpConfig
+from qatbench.quant.affine import quantize_per_group
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.quantized_linear import QuantizedLinear
 from qatbench.quant.weight_only_linear import (
@@ -26,6 +28,7 @@ from qatbench.quant.weight_only_linear import (
     NEVER,
     WeightOnlyLinear,
     choose_kernel,
+    fp32_kernels,
     kernel_summary,
 )
 from qatbench.runtimes import onnxruntime as ortrt
@@ -195,14 +198,95 @@ def test_the_widening_threshold_follows_the_cpu_and_is_in_the_details() -> None:
     assert kernel_summary(model)["int8_widened_from_rows"] is None
 
 
-def test_a_decoded_token_is_a_few_ops_around_the_kernel() -> None:
-    """One row of a 3-d input with a bias: cast, view, kernel, bias add with the cast back,
-    view; the stored integers are read in place, nothing is repacked or dequantized."""
-    for bits, group_size, kernel in [(8, None, "_weight_int8pack_mm"), (4, 32, None)]:
-        layer = WeightOnlyLinear.from_float(_layer(128, 96), bits, group_size)
-        kernel = kernel or "_weight_int4pack_mm_for_cpu"
-        _, ops = _ops_of(layer, _x(1, 1, 128))
-        assert ops.names == ["to", "reshape", kernel, "add", "view"], ops.names
+def _awq_like(k: int, n: int, bits: int, group_size: int | None, bias: bool) -> WeightOnlyLinear:
+    linear = _layer(k, n, bias=bias)
+    quantized = quantize_per_group(linear.weight.detach(), bits, group_size, True)
+    scale = torch.rand(k, generator=torch.Generator().manual_seed(3)) + 0.5
+    return WeightOnlyLinear.from_quantized(
+        quantized, None if linear.bias is None else linear.bias.detach(), scale
+    )
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "kernel"),
+    [(8, None, "_weight_int8pack_mm"), (4, 32, "_weight_int4pack_mm_for_cpu")],
+)
+def test_a_decoded_token_is_three_ops_cast_kernel_bias(
+    bits: int, group_size: int | None, kernel: str
+) -> None:
+    """One row with a bias: the cast into the layer's scratch row, the kernel, the bias add
+    with the cast back; the stored integers are read in place, nothing else runs."""
+    layer = WeightOnlyLinear.from_float(_layer(128, 96), bits, group_size)
+    x = _x(1, 1, 128)
+    _, first = _ops_of(layer, x)  # the first call makes the scratch row
+    assert first.names[0] == "zeros" and first.names[-3:] == ["copy_", kernel, "add"]
+    out, ops = _ops_of(layer, x)
+    assert ops.names == ["copy_", kernel, "add"], ops.names
+    assert layer.bias is not None
+    reference = x @ layer.dequantized_weight().t() + layer.bias
+    assert out.shape == (1, 1, 96) and out.dtype == torch.float32
+    assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    ("k", "n", "bits", "group_size"),
+    [(28, 24, 8, None), (784, 10, 4, None), (64, 40, 3, 32), (128, 48, 2, None), (96, 33, 4, 32)],
+)
+def test_one_row_matches_the_reference_in_every_shape(
+    k: int, n: int, bits: int, group_size: int | None, bias: bool, scaled: bool
+) -> None:
+    """Padded inputs (28, 784 per channel) and outputs (10, 24, 33), AWQ's input scale,
+    no bias, 2-, 3- and 4-d inputs, and an input shape that changes between calls."""
+    if scaled:
+        layer = _awq_like(k, n, bits, group_size, bias)
+    else:
+        layer = WeightOnlyLinear.from_float(_layer(k, n, bias=bias), bits, group_size)
+    for shape in [(1, k), (1, 1, k), (1, 1, 1, k), (1, 1, k)]:
+        x = _x(*shape, seed=len(shape))
+        with torch.inference_mode():
+            out = layer(x)
+        reference = x @ layer.effective_weight().t()
+        if layer.bias is not None:
+            reference = reference + layer.bias
+        assert out.shape == (*shape[:-1], n) and out.dtype == torch.float32
+        assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+def test_one_row_follows_the_kernel_the_integers_and_the_thread() -> None:
+    layer = WeightOnlyLinear.from_float(_layer(64, 32), 8)
+    x = _x(1, 1, 64)
+    assert layer.bias is not None
+    with torch.inference_mode():
+        first = layer(x)
+        with fp32_kernels(layer):  # the dequantized fp32 product, not the scratch row
+            exact = layer(x)
+        assert torch.equal(exact, x @ layer.dequantized_weight().t() + layer.bias)
+        assert torch.equal(layer(x), first)
+        layer.int8_widen_rows = 1  # even one row widens now
+        _, ops = _ops_of(layer, x)
+        assert "_weight_int8pack_mm" not in ops.names and "linear" in ops.names
+        layer.int8_widen_rows = NEVER
+        # new integers and bias: the next call reads them
+        other = WeightOnlyLinear.from_float(_layer(64, 32, seed=5), 8)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+        # another thread gets its own scratch row and the same answer
+        results: list[torch.Tensor] = []
+
+        def run() -> None:
+            with torch.inference_mode():
+                results.append(layer(x))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        assert torch.equal(results[0], other(x))
+    # an input that needs a gradient takes the plain path (the scratch is not in a graph)
+    wants_grad = x.clone().requires_grad_()
+    _, ops = _ops_of(layer, wants_grad)
+    assert "copy_" not in ops.names
 
 
 def test_quantization_is_close_to_the_float_layer() -> None:

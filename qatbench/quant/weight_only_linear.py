@@ -45,13 +45,19 @@ int8 layer, rows     1      8     16     32     64     96
 128x512 widened    0.24   0.46   0.59   0.79   1.00   1.16
 =================  =====  =====  =====  =====  =====  =====
 
+One row (a decoded token at batch 1) is where an op's fixed cost (1 to 3 us) is most of a
+call, so it runs three ops: the input cast (and AWQ-scaled) into a bf16 scratch row the
+layer keeps per input shape and thread, already padded for the kernel; the kernel; the
+bias add that casts back. More rows run cast, reshape, kernel, bias add, view.
+
 ``_weight_int8pack_mm`` is a matrix-vector kernel: it wins where a call reads the weights
 for a few rows, and loses to fp32 GEMM from a few dozen rows on; widening wins from about
 16 rows at GPT-2's width and, at every width, beats the kernel from 32 rows
-(``INT8_WIDEN_ROWS``). At a width of 128 no integer path beats an fp32 ``nn.Linear`` for
-one row: the kernel itself saves 1 to 3 us over fp32's 6 to 9, and the cast of the input
-to bf16 (1.3 us), the bias add that casts the output back (2.5 us) and the views around
-them (0.7 us each) spend it again. The ``dequantize`` path runs 0.02x to 0.16x.
+(``INT8_WIDEN_ROWS``). At a width of 128 the packed kernels only draw level with an fp32
+``nn.Linear`` for one row: the kernel saves 1 to 3 us over fp32's 6 to 9, and the copy
+into the scratch row (0.7 us) and the bias add that casts the output back (2.5 us) spend
+most of it again (a 128x384 layer: 10.8 us against 9.4 for ``nn.Linear``; 512x128: 11.3
+against 10.0). The ``dequantize`` path runs 0.02x to 0.16x.
 onnxruntime's MatMulNBits (see the ONNX form below) is faster still at batch 1.
 
 The kernels' operands are non-persistent buffers: counted as resident weights, not saved
@@ -66,6 +72,7 @@ fuses into ``MatMulNBits``.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -105,6 +112,7 @@ def _native_bf16() -> bool:
 
 NATIVE_BF16 = _native_bf16()
 NEVER = 2**62
+_thread = threading.get_ident
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -166,12 +174,31 @@ class WeightOnlyLinear(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         # Per-input-feature factor applied to x before the product (AWQ's 1 / s), if any.
         self.register_buffer("input_scale", torch.ones(in_features) if input_scaled else None)
-        self.torch_kernel = choose_kernel(bits, group_size)
-        #: rows (tokens) from which an ``int8pack_mm`` layer widens its integers to bf16
-        #: for one oneDNN GEMM instead (see :data:`INT8_WIDEN_ROWS`)
-        self.int8_widen_rows = INT8_WIDEN_ROWS if NATIVE_BF16 else NEVER
+        self._torch_kernel = choose_kernel(bits, group_size)
+        self._int8_widen_rows = INT8_WIDEN_ROWS if NATIVE_BF16 else NEVER
         self._kernel_group = 0
         self._padded_in, self._padded_out = in_features, False
+
+    @property
+    def torch_kernel(self) -> str:
+        """``int8pack_mm``, ``int4pack_mm`` or ``dequantize`` (module docstring)."""
+        return self._torch_kernel
+
+    @torch_kernel.setter
+    def torch_kernel(self, kernel: str) -> None:
+        self._torch_kernel = kernel
+        self.__dict__.pop("_scratch", None)  # the one-row path follows the kernel
+
+    @property
+    def int8_widen_rows(self) -> int:
+        """Rows (tokens) from which an ``int8pack_mm`` layer widens its integers to bf16
+        for one oneDNN GEMM instead (:data:`INT8_WIDEN_ROWS`; ``NEVER`` without native bf16)."""
+        return self._int8_widen_rows
+
+    @int8_widen_rows.setter
+    def int8_widen_rows(self, rows: int) -> None:
+        self._int8_widen_rows = rows
+        self.__dict__.pop("_scratch", None)
 
     # ---- construction ----------------------------------------------------------------
 
@@ -255,6 +282,7 @@ class WeightOnlyLinear(torch.nn.Module):
         for name in ("kernel_weight", "kernel_scales", "kernel_scales_fp32", "kernel_zero_term"):
             self._buffers.pop(name, None)
             self.__dict__.pop(name, None)
+        self.__dict__.pop("_scratch", None)  # new operands: a new scratch row on next call
         if self.torch_kernel == "int8pack_mm":
             self._build_int8()
         elif self.torch_kernel == "int4pack_mm":
@@ -321,10 +349,16 @@ class WeightOnlyLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Cheap checks first: torch.onnx.is_in_onnx_export() alone costs about 2 us a call
         # (two imports), a tenth of a decode-sized layer; the exporter traces.
-        if (torch.jit.is_tracing() or torch.compiler.is_compiling()) and (
-            torch.onnx.is_in_onnx_export()
-        ):
-            return self._export_forward(x)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            if torch.onnx.is_in_onnx_export():
+                return self._export_forward(x)
+        elif x.numel() == self.in_features and not x.requires_grad:  # one row: a decoded token
+            scratch = self.__dict__.get("_scratch")
+            if scratch is not None and scratch.shape == x.shape and scratch.thread == _thread():
+                return self._one_row(x, scratch)
+            if self._one_row_runs():
+                scratch = self.__dict__["_scratch"] = _OneRowScratch(self, x.shape)
+                return self._one_row(x, scratch)
         # Buffers read from the dict directly: nn.Module.__getattr__ costs about a
         # microsecond per name. Each tensor op costs 1 to 3 us at batch 1, as much as the
         # kernel of a 128-wide layer: the path below is as few ops as the kernel allows.
@@ -354,6 +388,41 @@ class WeightOnlyLinear(torch.nn.Module):
         else:
             y = self._int8(xb, weight)
         return y if len(shape) == 2 else y.view(*shape[:-1], self.out_features)
+
+    def _one_row_runs(self) -> bool:
+        """Whether one row takes :meth:`_one_row`: a kernel that needs no correction after
+        it (not asymmetric int8) and does not widen a single row."""
+        if self.torch_kernel == "int4pack_mm":
+            return True
+        return self.torch_kernel == "int8pack_mm" and self.symmetric and self.int8_widen_rows > 1
+
+    def _one_row(self, x: torch.Tensor, scratch: _OneRowScratch) -> torch.Tensor:
+        """One row (decoding at batch 1), where the fixed cost of each op is most of the
+        call: the input is cast (and AWQ-scaled) in one op into this layer's bf16 scratch
+        row, already shaped and padded for the kernel, and the bias, shaped like the
+        output, is added with the cast back in one op: cast, kernel, add. The scratch is
+        made once per input shape and thread (a thread that finds another's makes its own),
+        dropped when the kernel's operands or ``torch_kernel`` change, and never returned."""
+        buffers = self._buffers
+        input_scale = buffers["input_scale"]
+        if input_scale is None:
+            scratch.target.copy_(x)
+        else:
+            torch.mul(x, input_scale, out=scratch.target)
+        weight = self.__dict__.get("kernel_weight")  # int8 in place: a plain attribute
+        if weight is None:
+            weight = buffers["kernel_weight"]
+        if self.torch_kernel == "int4pack_mm":
+            assert _INT4_MM is not None  # chosen only where the operator exists
+            y = _INT4_MM(scratch.row, weight, self._kernel_group, buffers["kernel_scales"])
+            if self._padded_out:
+                y = y[:, : self.out_features]
+        else:
+            assert _INT8_MM is not None  # chosen only where the operator exists
+            y = _INT8_MM(scratch.row, weight, buffers["kernel_scales"])
+        if scratch.bias is None:
+            return y.float().view(scratch.out_shape)
+        return torch.add(scratch.bias, y)  # [1, .., 1, out] + [1, out]: the output's shape
 
     def _int8(self, xb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``xb @ W.T + bias`` for int8 weights: the packed kernel for few rows; from
@@ -395,6 +464,24 @@ class WeightOnlyLinear(torch.nn.Module):
             f"in={self.in_features}, out={self.out_features}, w{self.bits} {grouping} {kind}, "
             f"kernel={self.torch_kernel}"
         )
+
+
+class _OneRowScratch:
+    """A layer's bf16 input row for :meth:`WeightOnlyLinear._one_row`: ``target`` (shaped
+    like the input) is written each call; ``row`` is the same memory as the kernel's 2-d
+    operand, zero-padded to the kernel's width; ``bias`` is shaped like the output."""
+
+    __slots__ = ("bias", "out_shape", "row", "shape", "target", "thread")
+
+    def __init__(self, layer: WeightOnlyLinear, shape: torch.Size) -> None:
+        self.shape, self.thread = shape, _thread()
+        lead = (1,) * (len(shape) - 1)
+        padded = torch.zeros((*lead, layer._padded_in), dtype=KERNEL_DTYPE)
+        self.target = padded[..., : layer.in_features]
+        self.row = padded.view(1, layer._padded_in)
+        self.out_shape = (*lead, layer.out_features)
+        bias = layer._buffers["bias"]
+        self.bias = None if bias is None else bias.view(self.out_shape)
 
 
 class _WeightOnlyExport(torch.autograd.Function):
