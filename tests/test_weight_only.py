@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import io
+import threading
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
 from pydantic import ValidationError
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from qatbench.errors import ConfigError, PluginError
 from qatbench.measure.size import save_torch_artifact
@@ -17,9 +19,18 @@ from qatbench.methods.layer_selection import layer_bits
 from qatbench.methods.ptq import PtqMethod
 from qatbench.methods.rtn import RtnMethod
 from qatbench.models.mlp import Mlp, MlpConfig
+from qatbench.quant.affine import quantize_per_group
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.quantized_linear import QuantizedLinear
-from qatbench.quant.weight_only_linear import WeightOnlyLinear, choose_kernel, kernel_summary
+from qatbench.quant.weight_only_linear import (
+    INT8_WIDEN_ROWS,
+    NATIVE_BF16,
+    NEVER,
+    WeightOnlyLinear,
+    choose_kernel,
+    fp32_kernels,
+    kernel_summary,
+)
 from qatbench.runtimes import onnxruntime as ortrt
 from qatbench.runtimes.onnx_export import check_onnx, export_onnx
 from qatbench.spec.schema import load_experiment
@@ -104,6 +115,178 @@ def test_three_dimensional_inputs_and_no_bias(
     assert torch.equal(out, flat)
     # the fp32 product of the same integers, within the bf16 rounding of the activations
     assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records every aten op a call runs: its name and its outputs' shapes and dtypes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, list[tuple[tuple[int, ...], torch.dtype]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, tuple | list) else [out]
+        shapes = [(tuple(o.shape), o.dtype) for o in outs if isinstance(o, torch.Tensor)]
+        self.calls.append((func.overloadpacket.__name__, shapes))
+        return out
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+def _ops_of(layer: WeightOnlyLinear, x: torch.Tensor) -> tuple[torch.Tensor, _AtenOps]:
+    with torch.inference_mode(), _AtenOps() as ops:
+        out = layer(x)
+    return out, ops
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize(("k", "n"), [(96, 40), (28, 24)])
+def test_int8_runs_the_kernel_for_few_rows_and_widened_integers_from_the_threshold(
+    symmetric: bool, k: int, n: int
+) -> None:
+    linear = _layer(k, n)
+    layer = WeightOnlyLinear.from_float(linear, 8, None, symmetric)
+    layer.int8_widen_rows = 6  # any CPU runs both paths; the default depends on the CPU
+    for rows, widened in [(1, False), (5, False), (6, True), (17, True)]:  # rows != n
+        x = _x(rows, k, seed=rows)
+        out, ops = _ops_of(layer, x)
+        assert ("_weight_int8pack_mm" in ops.names) != widened
+        # never an fp32 (or any float) weight: integers widened to bf16, exact, nothing more
+        weight_shaped = [
+            dtype
+            for _, outs in ops.calls
+            for shape, dtype in outs
+            if shape[0] == n and len(shape) == 2
+        ]
+        assert weight_shaped == ([torch.bfloat16] if widened else []), ops.calls
+        if widened:
+            assert not [n for n in ops.names if n.startswith("_weight_int")]
+        bias = linear.bias.detach()
+        reference = torch.nn.functional.linear(x, layer.dequantized_weight(), bias)
+        assert out.dtype == torch.float32 and out.shape == (rows, n)
+        assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+def test_both_int8_paths_compute_the_same_product() -> None:
+    layer = WeightOnlyLinear.from_float(_layer(128, 48), 8)
+    x = _x(2, 20, 128)
+    with torch.inference_mode():
+        layer.int8_widen_rows = NEVER
+        kernel = layer(x)
+        layer.int8_widen_rows = 1
+        widened = layer(x)
+    assert widened.shape == kernel.shape == (2, 20, 48)
+    # the same bf16 activations, integers and scales; only where bf16 rounds the sum differs
+    assert float((widened - kernel).abs().max()) <= 2**-7 * float(kernel.abs().max())
+
+
+def test_the_widening_threshold_follows_the_cpu_and_is_in_the_details() -> None:
+    int8 = WeightOnlyLinear.from_float(_layer(64, 32), 8)
+    int4 = WeightOnlyLinear.from_float(_layer(32, 16), 4, 32)
+    model = torch.nn.Sequential(int8, torch.nn.ReLU(), int4)
+    assert int8.int8_widen_rows == (INT8_WIDEN_ROWS if NATIVE_BF16 else NEVER)
+    assert kernel_summary(model) == {
+        "torch_kernels": {"int8pack_mm": 1, "int4pack_mm": 1},
+        "dequantizes_per_call": False,
+        "torch_activations": "bf16",
+        "int8_widened_from_rows": INT8_WIDEN_ROWS if NATIVE_BF16 else None,
+    }
+    int8.int8_widen_rows = NEVER
+    assert kernel_summary(model)["int8_widened_from_rows"] is None
+
+
+def _awq_like(k: int, n: int, bits: int, group_size: int | None, bias: bool) -> WeightOnlyLinear:
+    linear = _layer(k, n, bias=bias)
+    quantized = quantize_per_group(linear.weight.detach(), bits, group_size, True)
+    scale = torch.rand(k, generator=torch.Generator().manual_seed(3)) + 0.5
+    return WeightOnlyLinear.from_quantized(
+        quantized, None if linear.bias is None else linear.bias.detach(), scale
+    )
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "kernel"),
+    [(8, None, "_weight_int8pack_mm"), (4, 32, "_weight_int4pack_mm_for_cpu")],
+)
+def test_a_decoded_token_is_three_ops_cast_kernel_bias(
+    bits: int, group_size: int | None, kernel: str
+) -> None:
+    """One row with a bias: the cast into the layer's scratch row, the kernel, the bias add
+    with the cast back; the stored integers are read in place, nothing else runs."""
+    layer = WeightOnlyLinear.from_float(_layer(128, 96), bits, group_size)
+    x = _x(1, 1, 128)
+    _, first = _ops_of(layer, x)  # the first call makes the scratch row
+    assert first.names[0] == "zeros" and first.names[-3:] == ["copy_", kernel, "add"]
+    out, ops = _ops_of(layer, x)
+    assert ops.names == ["copy_", kernel, "add"], ops.names
+    assert layer.bias is not None
+    reference = x @ layer.dequantized_weight().t() + layer.bias
+    assert out.shape == (1, 1, 96) and out.dtype == torch.float32
+    assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    ("k", "n", "bits", "group_size"),
+    [(28, 24, 8, None), (784, 10, 4, None), (64, 40, 3, 32), (128, 48, 2, None), (96, 33, 4, 32)],
+)
+def test_one_row_matches_the_reference_in_every_shape(
+    k: int, n: int, bits: int, group_size: int | None, bias: bool, scaled: bool
+) -> None:
+    """Padded inputs (28, 784 per channel) and outputs (10, 24, 33), AWQ's input scale,
+    no bias, 2-, 3- and 4-d inputs, and an input shape that changes between calls."""
+    if scaled:
+        layer = _awq_like(k, n, bits, group_size, bias)
+    else:
+        layer = WeightOnlyLinear.from_float(_layer(k, n, bias=bias), bits, group_size)
+    for shape in [(1, k), (1, 1, k), (1, 1, 1, k), (1, 1, k)]:
+        x = _x(*shape, seed=len(shape))
+        with torch.inference_mode():
+            out = layer(x)
+        reference = x @ layer.effective_weight().t()
+        if layer.bias is not None:
+            reference = reference + layer.bias
+        assert out.shape == (*shape[:-1], n) and out.dtype == torch.float32
+        assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+def test_one_row_follows_the_kernel_the_integers_and_the_thread() -> None:
+    layer = WeightOnlyLinear.from_float(_layer(64, 32), 8)
+    x = _x(1, 1, 64)
+    assert layer.bias is not None
+    with torch.inference_mode():
+        first = layer(x)
+        with fp32_kernels(layer):  # the dequantized fp32 product, not the scratch row
+            exact = layer(x)
+        assert torch.equal(exact, x @ layer.dequantized_weight().t() + layer.bias)
+        assert torch.equal(layer(x), first)
+        layer.int8_widen_rows = 1  # even one row widens now
+        _, ops = _ops_of(layer, x)
+        assert "_weight_int8pack_mm" not in ops.names and "linear" in ops.names
+        layer.int8_widen_rows = NEVER
+        # new integers and bias: the next call reads them
+        other = WeightOnlyLinear.from_float(_layer(64, 32, seed=5), 8)
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), other(x))
+        # another thread gets its own scratch row and the same answer
+        results: list[torch.Tensor] = []
+
+        def run() -> None:
+            with torch.inference_mode():
+                results.append(layer(x))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+        assert torch.equal(results[0], other(x))
+    # an input that needs a gradient takes the plain path (the scratch is not in a graph)
+    wants_grad = x.clone().requires_grad_()
+    _, ops = _ops_of(layer, wants_grad)
+    assert "copy_" not in ops.names
 
 
 def test_quantization_is_close_to_the_float_layer() -> None:
@@ -279,6 +462,8 @@ def test_keep_fp32_and_overrides(seed_mlp: Mlp) -> None:
     assert kernel_summary(quantized) == {
         "torch_kernels": {"int4pack_mm": 2, "int8pack_mm": 1},
         "dequantizes_per_call": False,
+        "torch_activations": "bf16",
+        "int8_widened_from_rows": INT8_WIDEN_ROWS if NATIVE_BF16 else None,
     }
 
 

@@ -9,7 +9,14 @@ weights one uint8 zero point per group. Activations stay floating point.
 Torch execution picks the kernel once, at construction (``torch_kernel``):
 
 - ``int8pack_mm``: 5 to 8 bits per output channel run ``aten._weight_int8pack_mm``
-  on the int8 weights as stored (asymmetric weights add a rank-1 zero-point correction).
+  on the int8 weights as stored (asymmetric weights add a rank-1 zero-point correction),
+  for up to ``INT8_WIDEN_ROWS - 1`` rows (decoding: one token at a time). From
+  ``INT8_WIDEN_ROWS`` rows on (a prompt, a batch), on a CPU with native bf16 arithmetic
+  (AVX512-BF16 or AMX), the same int8 weights are widened to bf16 for the call (exact:
+  no scale applied, nothing kept) and multiplied in one oneDNN bf16 GEMM that accumulates
+  in fp32; the per-channel scales and the bias follow in fp32. Storage and numerics are
+  the kernel's: bf16 activations, exact integer weights, fp32 sums rounded once to bf16,
+  the same bf16-rounded scales.
 - ``int4pack_mm``: 2 to 4 bits, per channel or in groups of 32, 64, 128 or 256, run
   ``aten._weight_int4pack_mm_for_cpu`` on weights repacked once into its layout (2- and
   3-bit values are exact in 4 bits; rows are padded to a multiple of 16 and per-channel
@@ -20,17 +27,38 @@ Torch execution picks the kernel once, at construction (``torch_kernel``):
   build one for torch is refused at validate unless it sets ``allow_dequantize``
   (:class:`qatbench.methods.rtn.WeightOnlyConfig`; docs/language-models.md).
 
-Both kernels take bfloat16 activations (their fp32-activation variants run scalar code:
-4 to 35 times slower than an fp32 Linear on an AVX2 machine), so inputs are cast to
-bf16 and outputs back to fp32; that rounding (about 2^-9 relative) is part of what the
-method measures. Speed against an fp32 ``nn.Linear``, paired rounds, one thread, a 2-core
-AVX2 EPYC without VNNI: a 4096x4096 Linear runs 2.0x (int8pack_mm) and 2.7x (int4pack_mm,
-group 128) faster at batch 1, but 0.84x and 0.6x (slower) at batch 64, where a CPU
-without native bf16 arithmetic loses to fp32 GEMM; the 784-512-256-128-10 MLP runs 0.65x
-to 0.8x at batch 1 (its weights fit in cache, so the per-call casts dominate) and about
-0.5x at batch 64. The ``dequantize`` path runs 0.02x to 0.16x. onnxruntime's MatMulNBits
-(see the ONNX form below) beats both: 4x to 8x at batch 1, 1.2x to 1.7x at batch 64 on
-the 4096 Linear.
+Both kernels accept fp32 activations, but run them in scalar code (7 to 50 times slower
+than their bf16 path, 1 thread, AVX512 EPYC, torch 2.13), so inputs are cast to bf16 and
+outputs back to fp32; that rounding (about 2^-9 relative) is part of what the method
+measures. Per layer, against an ``nn.Linear`` call (``thread_time``, paired rounds, one
+thread, 2-core AMD EPYC with avx512_vnni and avx512_bf16, torch 2.13), as ratios of fp32's
+time to the layer's (above 1: faster):
+
+=================  =====  =====  =====  =====  =====  =====
+int8 layer, rows     1      8     16     32     64     96
+=================  =====  =====  =====  =====  =====  =====
+768x3072 kernel    1.34   1.34   1.06   0.91   0.85   0.83
+768x3072 widened   0.34   1.07   1.33   1.59   1.76   1.84
+3072x768 kernel    1.30   1.79   1.30   1.03   0.90   0.86
+3072x768 widened   0.33   1.35   1.52   1.63   1.80   1.85
+128x512 kernel     0.75   0.78   0.68   0.62   0.56   0.55
+128x512 widened    0.24   0.46   0.59   0.79   1.00   1.16
+=================  =====  =====  =====  =====  =====  =====
+
+One row (a decoded token at batch 1) is where an op's fixed cost (1 to 3 us) is most of a
+call, so it runs three ops: the input cast (and AWQ-scaled) into a bf16 scratch row the
+layer keeps per input shape and thread, already padded for the kernel; the kernel; the
+bias add that casts back. More rows run cast, reshape, kernel, bias add, view.
+
+``_weight_int8pack_mm`` is a matrix-vector kernel: it wins where a call reads the weights
+for a few rows, and loses to fp32 GEMM from a few dozen rows on; widening wins from about
+16 rows at GPT-2's width and, at every width, beats the kernel from 32 rows
+(``INT8_WIDEN_ROWS``). At a width of 128 the packed kernels only draw level with an fp32
+``nn.Linear`` for one row: the kernel saves 1 to 3 us over fp32's 6 to 9, and the copy
+into the scratch row (0.7 us) and the bias add that casts the output back (2.5 us) spend
+most of it again (a 128x384 layer: 10.8 us against 9.4 for ``nn.Linear``; 512x128: 11.3
+against 10.0). The ``dequantize`` path runs 0.02x to 0.16x.
+onnxruntime's MatMulNBits (see the ONNX form below) is faster still at batch 1.
 
 The kernels' operands are non-persistent buffers: counted as resident weights, not saved
 (the int4 layout is a second copy of the weights in memory, half a byte per weight; 8-bit
@@ -44,6 +72,7 @@ fuses into ``MatMulNBits``.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -61,12 +90,34 @@ from qatbench.quant.weight_only_onnx import required_opset
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 KERNEL_DTYPE = torch.bfloat16
+#: From this many rows (prompt tokens x batch) an int8 layer runs oneDNN's bf16 GEMM on its
+#: integers widened to bf16 for the call, where the CPU has native bf16 (measured in the
+#: module docstring: ``_weight_int8pack_mm`` is a GEMV-shaped kernel that loses to fp32 GEMM
+#: from a few dozen rows on); below it, and on CPUs without native bf16, the packed kernel.
+INT8_WIDEN_ROWS = 32
 WEIGHT_ONLY_BITS = frozenset({2, 3, 4, 5, 6, 7, 8})
 
 
 # Resolved once: looking an operator up on torch.ops costs microseconds per call.
 _INT8_MM = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
 _INT4_MM = getattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", None)
+
+
+def _native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), where oneDNN's bf16
+    GEMM is fast; without it, oneDNN emulates bf16 and widening int8 weights loses."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+NATIVE_BF16 = _native_bf16()
+NEVER = 2**62
+_thread = threading.get_ident
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel's bf16 output in fp32 plus the bias: one op (bf16 + fp32 promotes)."""
+    return y.float() if bias is None else torch.add(bias, y)
 
 
 def choose_kernel(bits: int, group_size: int | None) -> str:
@@ -123,9 +174,31 @@ class WeightOnlyLinear(torch.nn.Module):
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         # Per-input-feature factor applied to x before the product (AWQ's 1 / s), if any.
         self.register_buffer("input_scale", torch.ones(in_features) if input_scaled else None)
-        self.torch_kernel = choose_kernel(bits, group_size)
+        self._torch_kernel = choose_kernel(bits, group_size)
+        self._int8_widen_rows = INT8_WIDEN_ROWS if NATIVE_BF16 else NEVER
         self._kernel_group = 0
-        self._padded_in = in_features
+        self._padded_in, self._padded_out = in_features, False
+
+    @property
+    def torch_kernel(self) -> str:
+        """``int8pack_mm``, ``int4pack_mm`` or ``dequantize`` (module docstring)."""
+        return self._torch_kernel
+
+    @torch_kernel.setter
+    def torch_kernel(self, kernel: str) -> None:
+        self._torch_kernel = kernel
+        self.__dict__.pop("_scratch", None)  # the one-row path follows the kernel
+
+    @property
+    def int8_widen_rows(self) -> int:
+        """Rows (tokens) from which an ``int8pack_mm`` layer widens its integers to bf16
+        for one oneDNN GEMM instead (:data:`INT8_WIDEN_ROWS`; ``NEVER`` without native bf16)."""
+        return self._int8_widen_rows
+
+    @int8_widen_rows.setter
+    def int8_widen_rows(self, rows: int) -> None:
+        self._int8_widen_rows = rows
+        self.__dict__.pop("_scratch", None)
 
     # ---- construction ----------------------------------------------------------------
 
@@ -206,9 +279,10 @@ class WeightOnlyLinear(torch.nn.Module):
 
     def _build_kernel(self) -> None:
         """Build the kernel operands from the stored integers (non-persistent buffers)."""
-        for name in ("kernel_weight", "kernel_scales", "kernel_zero_term"):
+        for name in ("kernel_weight", "kernel_scales", "kernel_scales_fp32", "kernel_zero_term"):
             self._buffers.pop(name, None)
             self.__dict__.pop(name, None)
+        self.__dict__.pop("_scratch", None)  # new operands: a new scratch row on next call
         if self.torch_kernel == "int8pack_mm":
             self._build_int8()
         elif self.torch_kernel == "int4pack_mm":
@@ -234,6 +308,8 @@ class WeightOnlyLinear(torch.nn.Module):
             weight = F.pad(q, (0, self._padded_in - self.in_features)).to(torch.int8)
             self._register_kernel("kernel_weight", weight.contiguous())
         self._register_kernel("kernel_scales", scales.to(KERNEL_DTYPE))
+        # The same (bf16-rounded) scales in fp32 for the widened path: both paths agree.
+        self._register_kernel("kernel_scales_fp32", scales.to(KERNEL_DTYPE).float())
 
     def _build_int4(self) -> None:
         n, k = self.out_features, self.in_features
@@ -260,7 +336,7 @@ class WeightOnlyLinear(torch.nn.Module):
         mins = F.pad(mins, (0, 0, 0, padded_n - n))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 2)
         scales_and_zeros = torch.stack([scales.t(), mins.t()], dim=-1).contiguous()
-        self._kernel_group, self._padded_in = group, padded_k
+        self._kernel_group, self._padded_in, self._padded_out = group, padded_k, padded_n != n
         self._register_kernel("kernel_weight", packed)
         self._register_kernel("kernel_scales", scales_and_zeros.to(KERNEL_DTYPE))
 
@@ -271,40 +347,103 @@ class WeightOnlyLinear(torch.nn.Module):
     # ---- execution ---------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return self._export_forward(x)
+        # Cheap checks first: torch.onnx.is_in_onnx_export() alone costs about 2 us a call
+        # (two imports), a tenth of a decode-sized layer; the exporter traces.
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            if torch.onnx.is_in_onnx_export():
+                return self._export_forward(x)
+        elif x.numel() == self.in_features and not x.requires_grad:  # one row: a decoded token
+            scratch = self.__dict__.get("_scratch")
+            if scratch is not None and scratch.shape == x.shape and scratch.thread == _thread():
+                return self._one_row(x, scratch)
+            if self._one_row_runs():
+                scratch = self.__dict__["_scratch"] = _OneRowScratch(self, x.shape)
+                return self._one_row(x, scratch)
         # Buffers read from the dict directly: nn.Module.__getattr__ costs about a
-        # microsecond per name, a fifth of a small layer's whole kernel call at batch 1.
+        # microsecond per name. Each tensor op costs 1 to 3 us at batch 1, as much as the
+        # kernel of a 128-wide layer: the path below is as few ops as the kernel allows.
         buffers = self._buffers
-        input_scale, bias = buffers["input_scale"], buffers["bias"]
+        input_scale = buffers["input_scale"]
         if input_scale is not None:
             x = x * input_scale
         kernel = self.torch_kernel
         if kernel == "dequantize":
-            return F.linear(x.float(), self.dequantized_weight(), bias)
-        in_features, out_features = self.in_features, self.out_features
-        x2 = x if x.dim() == 2 else x.reshape(-1, in_features)
-        xb = x2.to(KERNEL_DTYPE)
-        if self._padded_in != in_features:
-            xb = F.pad(xb, (0, self._padded_in - in_features))
+            return F.linear(x.float(), self.dequantized_weight(), buffers["bias"])
+        shape = x.shape
+        xb = x.bfloat16()  # the kernels read bf16 (module doc); .to(dtype) parses slower
+        if len(shape) != 2:
+            xb = xb.reshape(-1, shape[-1])
+        if self._padded_in != self.in_features:
+            xb = F.pad(xb, (0, self._padded_in - self.in_features))
         weight = self.__dict__.get("kernel_weight")  # int8 in place: a plain attribute
         if weight is None:
             weight = buffers["kernel_weight"]
-        if kernel == "int8pack_mm":
-            assert _INT8_MM is not None  # chosen only where the operator exists
-            y = _INT8_MM(xb, weight, buffers["kernel_scales"])
-            if not self.symmetric:
-                zero_term = buffers["kernel_zero_term"]
-                assert zero_term is not None  # built for every asymmetric int8 layer
-                y = y.float() - xb.sum(-1, keepdim=True, dtype=torch.float32) * zero_term
-        else:
+            assert weight is not None  # built with the layer
+        if kernel == "int4pack_mm":
             assert _INT4_MM is not None  # chosen only where the operator exists
             y = _INT4_MM(xb, weight, self._kernel_group, buffers["kernel_scales"])
-            if y.shape[-1] != out_features:
-                y = y[:, :out_features]
-        # One op: bf16 + fp32 bias promotes to fp32 (no separate cast, no in-place add).
-        y = y.float() if bias is None else torch.add(bias, y)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_features)
+            if self._padded_out:
+                y = y[:, : self.out_features]
+            y = _add_bias(y, buffers["bias"])
+        else:
+            y = self._int8(xb, weight)
+        return y if len(shape) == 2 else y.view(*shape[:-1], self.out_features)
+
+    def _one_row_runs(self) -> bool:
+        """Whether one row takes :meth:`_one_row`: a kernel that needs no correction after
+        it (not asymmetric int8) and does not widen a single row."""
+        if self.torch_kernel == "int4pack_mm":
+            return True
+        return self.torch_kernel == "int8pack_mm" and self.symmetric and self.int8_widen_rows > 1
+
+    def _one_row(self, x: torch.Tensor, scratch: _OneRowScratch) -> torch.Tensor:
+        """One row (decoding at batch 1), where the fixed cost of each op is most of the
+        call: the input is cast (and AWQ-scaled) in one op into this layer's bf16 scratch
+        row, already shaped and padded for the kernel, and the bias, shaped like the
+        output, is added with the cast back in one op: cast, kernel, add. The scratch is
+        made once per input shape and thread (a thread that finds another's makes its own),
+        dropped when the kernel's operands or ``torch_kernel`` change, and never returned."""
+        buffers = self._buffers
+        input_scale = buffers["input_scale"]
+        if input_scale is None:
+            scratch.target.copy_(x)
+        else:
+            torch.mul(x, input_scale, out=scratch.target)
+        weight = self.__dict__.get("kernel_weight")  # int8 in place: a plain attribute
+        if weight is None:
+            weight = buffers["kernel_weight"]
+        if self.torch_kernel == "int4pack_mm":
+            assert _INT4_MM is not None  # chosen only where the operator exists
+            y = _INT4_MM(scratch.row, weight, self._kernel_group, buffers["kernel_scales"])
+            if self._padded_out:
+                y = y[:, : self.out_features]
+        else:
+            assert _INT8_MM is not None  # chosen only where the operator exists
+            y = _INT8_MM(scratch.row, weight, buffers["kernel_scales"])
+        if scratch.bias is None:
+            return y.float().view(scratch.out_shape)
+        return torch.add(scratch.bias, y)  # [1, .., 1, out] + [1, out]: the output's shape
+
+    def _int8(self, xb: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``xb @ W.T + bias`` for int8 weights: the packed kernel for few rows; from
+        ``int8_widen_rows`` rows on, the integers widened to bf16 for this call (exact:
+        integers up to 256 fit bf16's significand; no scale applied, nothing kept), one
+        oneDNN bf16 GEMM accumulating in fp32, then the kernel's scales in fp32."""
+        buffers = self._buffers
+        bias = buffers["bias"]
+        if xb.shape[0] < self.int8_widen_rows:
+            assert _INT8_MM is not None  # chosen only where the operator exists
+            y = _add_bias(_INT8_MM(xb, weight, buffers["kernel_scales"]), bias)
+        else:
+            scales = buffers["kernel_scales_fp32"]
+            assert scales is not None  # built with every int8 layer
+            y = F.linear(xb, weight.to(KERNEL_DTYPE))
+            y = y * scales if bias is None else torch.addcmul(bias, y, scales)
+        if self.symmetric:
+            return y
+        zero_term = buffers["kernel_zero_term"]
+        assert zero_term is not None  # built for every asymmetric int8 layer
+        return y - xb.sum(-1, keepdim=True, dtype=torch.float32) * zero_term
 
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Integers and scales transposed to the [in, out] layout of the ONNX MatMul, outside
@@ -325,6 +464,24 @@ class WeightOnlyLinear(torch.nn.Module):
             f"in={self.in_features}, out={self.out_features}, w{self.bits} {grouping} {kind}, "
             f"kernel={self.torch_kernel}"
         )
+
+
+class _OneRowScratch:
+    """A layer's bf16 input row for :meth:`WeightOnlyLinear._one_row`: ``target`` (shaped
+    like the input) is written each call; ``row`` is the same memory as the kernel's 2-d
+    operand, zero-padded to the kernel's width; ``bias`` is shaped like the output."""
+
+    __slots__ = ("bias", "out_shape", "row", "shape", "target", "thread")
+
+    def __init__(self, layer: WeightOnlyLinear, shape: torch.Size) -> None:
+        self.shape, self.thread = shape, _thread()
+        lead = (1,) * (len(shape) - 1)
+        padded = torch.zeros((*lead, layer._padded_in), dtype=KERNEL_DTYPE)
+        self.target = padded[..., : layer.in_features]
+        self.row = padded.view(1, layer._padded_in)
+        self.out_shape = (*lead, layer.out_features)
+        bias = layer._buffers["bias"]
+        self.bias = None if bias is None else bias.view(self.out_shape)
 
 
 class _WeightOnlyExport(torch.autograd.Function):
@@ -388,9 +545,21 @@ def fp32_kernels(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 def kernel_summary(model: torch.nn.Module) -> dict[str, Any]:
     """What the model's weight-only layers run in torch, for a trial's details:
-    ``{"torch_kernels": {kernel: layers}, "dequantizes_per_call": bool}``."""
+    ``{"torch_kernels": {kernel: layers}, "dequantizes_per_call": bool}``, plus the
+    activations' dtype in the kernels (``torch_activations``) where any runs, and
+    ``int8_widened_from_rows`` (the row count from which the int8 layers run the widened
+    bf16 GEMM; None: never, no native bf16) where int8 layers are."""
+    layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     counts: dict[str, int] = {}
-    for module in model.modules():
-        if isinstance(module, WeightOnlyLinear):
-            counts[module.torch_kernel] = counts.get(module.torch_kernel, 0) + 1
-    return {"torch_kernels": counts, "dequantizes_per_call": "dequantize" in counts}
+    for module in layers:
+        counts[module.torch_kernel] = counts.get(module.torch_kernel, 0) + 1
+    summary: dict[str, Any] = {
+        "torch_kernels": counts,
+        "dequantizes_per_call": "dequantize" in counts,
+    }
+    if counts.keys() - {"dequantize"}:
+        summary["torch_activations"] = "bf16"
+    widen = {m.int8_widen_rows for m in layers if m.torch_kernel == "int8pack_mm"}
+    if widen:  # from this many rows the int8 layers run the widened bf16 GEMM (None: never)
+        summary["int8_widened_from_rows"] = min(widen) if min(widen) < NEVER else None
+    return summary
