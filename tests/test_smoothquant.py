@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -147,7 +149,18 @@ class _Outliers(torch.nn.Module):
         return self.head(F.relu(self.fc(self.ln(self.embed(x)))))
 
 
-def test_smoothing_beats_plain_ptq_on_activation_outliers(tmp_path: Path) -> None:
+@dataclass
+class _OutlierCase:
+    """The outlier model, its calibration loop, an evaluation batch and fp32's outputs."""
+
+    model: torch.nn.Module
+    loop: Callable[[torch.nn.Module], None]
+    evaluation: torch.Tensor
+    ref: torch.Tensor
+
+
+@pytest.fixture
+def outliers() -> _OutlierCase:
     model = _seeded(_Outliers)
     gen = torch.Generator().manual_seed(4)
     calib, evaluation = torch.randn(256, 16, generator=gen), torch.randn(128, 16, generator=gen)
@@ -158,6 +171,13 @@ def test_smoothing_beats_plain_ptq_on_activation_outliers(tmp_path: Path) -> Non
 
     with torch.inference_mode():
         ref = model(evaluation)
+    return _OutlierCase(model, loop, evaluation, ref)
+
+
+def test_smoothing_beats_plain_ptq_on_activation_outliers(
+    tmp_path: Path, outliers: _OutlierCase
+) -> None:
+    model, loop, evaluation, ref = outliers.model, outliers.loop, outliers.evaluation, outliers.ref
     errors = {}
     for name, method in {
         "ptq": PtqMethod(PtqMethod.Config(), W8A8),
@@ -198,18 +218,9 @@ def test_options_validated() -> None:
 
 
 def test_dynamic_activations_run_on_the_smoothed_weights_and_beat_plain_dynamic(
-    tmp_path: Path,
+    tmp_path: Path, outliers: _OutlierCase
 ) -> None:
-    model = _seeded(_Outliers)
-    gen = torch.Generator().manual_seed(4)
-    calib, evaluation = torch.randn(256, 16, generator=gen), torch.randn(128, 16, generator=gen)
-
-    def loop(m: torch.nn.Module) -> None:
-        for xb in calib.split(64):
-            m(xb)
-
-    with torch.inference_mode():
-        ref = model(evaluation)
+    model, loop, evaluation, ref = outliers.model, outliers.loop, outliers.evaluation, outliers.ref
     plain = DynamicMethod(DynamicMethod.Config(), W8A8)
     smooth = SmoothQuantMethod(SmoothQuantMethod.Config(activations="dynamic"), W8A8)
     errors = {}

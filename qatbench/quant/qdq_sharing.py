@@ -48,14 +48,33 @@ class _Graph:
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.graph = model.graph
-        self.constants = {t.name: numpy_helper.to_array(t) for t in self.graph.initializer}
+        # Only the quantizers' scales and zero points are ever read: the weights (gigabytes
+        # in a large model) stay protobuf, and a constant is converted when first asked for.
+        self._sources: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
         for node in self.graph.node:  # the exporter writes repeated constants as Identity
-            if node.op_type == "Identity" and node.input[0] in self.constants:
-                self.constants[node.output[0]] = self.constants[node.input[0]]
+            if node.op_type == "Identity" and node.input[0] in self._sources:
+                self._sources[node.output[0]] = self._sources[node.input[0]]
             elif node.op_type == "Constant" and node.attribute[0].name == "value":
-                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+                self._sources[node.output[0]] = node.attribute[0].t
+        self._arrays: dict[str, np.ndarray] = {}
         self.outputs = {o.name for o in self.graph.output}
         self.refresh()
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of the constant ``name`` (an initializer, a Constant node's or an
+        Identity's of one), or None when ``name`` is computed."""
+        if name not in self._arrays:
+            source = self._sources.get(name)
+            if source is None:
+                return None
+            self._arrays[name] = numpy_helper.to_array(source)
+        return self._arrays[name]
+
+    def add_constant(self, name: str, value: np.ndarray) -> None:
+        """A new initializer ``name`` holding ``value``."""
+        tensor = numpy_helper.from_array(value, name)
+        self.graph.initializer.append(tensor)
+        self._sources[name] = tensor
 
     def refresh(self) -> None:
         self.producer: dict[str, onnx.NodeProto] = {}
@@ -72,8 +91,7 @@ class _Graph:
         they are not constants or not per tensor."""
         if len(node.input) < 3:
             return None
-        scale = self.constants.get(node.input[1])
-        zero = self.constants.get(node.input[2])
+        scale, zero = self.constant(node.input[1]), self.constant(node.input[2])
         if scale is None or zero is None or scale.size != 1 or zero.size != 1:
             return None
         return scale.tobytes(), zero.tobytes(), str(zero.dtype)
@@ -145,12 +163,11 @@ def _hoist_relus(g: _Graph) -> int:
 
 def _lowest_zero_point(g: _Graph, zero_point: str) -> str:
     """The name of a constant zero point at the lowest integer of ``zero_point``'s type."""
-    dtype = g.constants[zero_point].dtype
-    name = f"qdq_sharing_zero_point_{dtype}"
-    if name not in g.constants:
-        value = np.array(np.iinfo(dtype).min, dtype=dtype)
-        g.graph.initializer.append(numpy_helper.from_array(value, name))
-        g.constants[name] = value
+    current = g.constant(zero_point)
+    assert current is not None  # grid() of the pair read it
+    name = f"qdq_sharing_zero_point_{current.dtype}"
+    if g.constant(name) is None:
+        g.add_constant(name, np.array(np.iinfo(current.dtype).min, dtype=current.dtype))
     return name
 
 
