@@ -140,7 +140,7 @@ def resnet_graphs(tmp_path_factory: pytest.TempPathFactory):
     folder = tmp_path_factory.mktemp("qdq")
     shared = export_onnx(converted, (example,), folder / "shared.onnx")
     patch = pytest.MonkeyPatch()
-    patch.setattr(qdq_sharing, "share_grids", lambda model: 0)
+    patch.setattr(qdq_sharing, "share_grids", lambda model, base_dir="": 0)
     plain = export_onnx(converted, (example,), folder / "plain.onnx")
     patch.undo()
     with torch.no_grad():

@@ -10,6 +10,8 @@ from typing import IO, Any, cast
 import onnx
 import torch
 
+from qatbench.runtimes.onnx_weights import load_structure
+
 
 def save_torch_artifact(model: torch.nn.Module, path: Path) -> int:
     """Serialize the state dict (packed integers stay packed); returns bytes on disk."""
@@ -63,7 +65,7 @@ def torch_weight_bytes(model: torch.nn.Module) -> int:
 
 def onnx_weight_bytes(path: Path) -> int:
     """Bytes of the graph's initializers (the weights a session keeps resident)."""
-    model = onnx.load(str(path), load_external_data=False)  # sizes, not the weights
+    model = load_structure(path)  # sizes, not the weights
     total = 0
     for init in model.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
@@ -133,10 +135,10 @@ def onnx_quantized_weight_fraction(fp32: torch.nn.Module, path: Path) -> float:
     total = sum(_layer_weight_bytes(fp32).values())
     if not total:
         return 0.0
-    model = onnx.load(str(path))
+    model = load_structure(path)  # sizes are in the dims
     floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     left = 0
     for init in model.graph.initializer:
         if init.data_type in floating and len(init.dims) >= 2:
-            left += onnx.numpy_helper.to_array(init).astype("float32").nbytes
+            left += 4 * math.prod(init.dims)  # counted as fp32
     return max(0.0, 1.0 - left / total)

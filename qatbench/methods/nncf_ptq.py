@@ -42,7 +42,7 @@ from qatbench.methods.base import (
     QuantMethod,
 )
 from qatbench.methods.ort_quantizers import InputRecorder
-from qatbench.runtimes.onnx_export import export_onnx
+from qatbench.runtimes.onnx_export import export_onnx, save_graph
 
 INSTALL_HINT = "nncf is not installed: pip install 'qatbench[nncf]'"
 INT8 = frozenset({8})
@@ -131,5 +131,5 @@ class NncfPtqMethod(QuantMethod):
             if cfg.nodes_to_exclude
             else None,
         )
-        onnx.save(quantized, str(path))
+        save_graph(quantized, path)
         return path

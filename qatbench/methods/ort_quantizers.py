@@ -46,7 +46,7 @@ from qatbench.methods.base import (
     MethodConfig,
     QuantMethod,
 )
-from qatbench.runtimes.onnx_export import export_onnx
+from qatbench.runtimes.onnx_export import export_onnx, save_graph
 
 ORT_ONLY = frozenset({"onnxruntime"})
 INT8 = frozenset({8})
@@ -121,7 +121,7 @@ def _fp32_graph(model: torch.nn.Module, example: tuple[torch.Tensor, ...], path:
     proto = onnx.load(str(path))
     rewritten = gemm_to_matmul(proto)
     if _unshare_initializers(proto) or rewritten:
-        onnx.save(proto, str(path))
+        save_graph(proto, path)
     return path
 
 

@@ -46,8 +46,9 @@ _JOINS = frozenset({"Add", "Relu", "MaxPool"})
 class _Graph:
     """Producers, consumers and constant values of one ONNX graph, rebuilt on demand."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, base_dir: str = "") -> None:
         self.graph = model.graph
+        self.base_dir = base_dir  # where external data lives
         # Only the quantizers' scales and zero points are ever read: the weights (gigabytes
         # in a large model) stay protobuf, and a constant is converted when first asked for.
         self._sources: dict[str, onnx.TensorProto] = {t.name: t for t in self.graph.initializer}
@@ -67,7 +68,7 @@ class _Graph:
             source = self._sources.get(name)
             if source is None:
                 return None
-            self._arrays[name] = numpy_helper.to_array(source)
+            self._arrays[name] = numpy_helper.to_array(source, self.base_dir)
         return self._arrays[name]
 
     def add_constant(self, name: str, value: np.ndarray) -> None:
@@ -119,12 +120,13 @@ class _Graph:
         return quantizers[0]
 
 
-def share_grids(model: onnx.ModelProto) -> int:
+def share_grids(model: onnx.ModelProto, base_dir: str = "") -> int:
     """Apply the three rules of this module to ``model`` in place; returns how many
-    rewrites were made (0: the graph is as it was)."""
+    rewrites were made (0: the graph is as it was). ``base_dir``: where the graph's
+    external data lives (only quantizers' scales and zero points are read)."""
     if not any(node.op_type == Q for node in model.graph.node):
         return 0
-    g = _Graph(model)
+    g = _Graph(model, base_dir)
     changes = _hoist_relus(g)
     g.refresh()
     changes += _quantize_joins(g)

@@ -73,8 +73,9 @@ def packed_initializer(name: str, values: np.ndarray, width: int, signed: bool) 
     return tensor
 
 
-def lower_weight_only(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace every placeholder node by DequantizeLinear + MatMul (in place; returned)."""
+def lower_weight_only(model: onnx.ModelProto, base_dir: str = "") -> onnx.ModelProto:
+    """Replace every placeholder node by DequantizeLinear + MatMul (in place; returned).
+    ``base_dir``: where external data the placeholders' inputs point to lives."""
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
     new_nodes: list[onnx.NodeProto] = []
@@ -88,7 +89,7 @@ def lower_weight_only(model: onnx.ModelProto) -> onnx.ModelProto:
         x, q_name, s_name, *optional = node.input
         zp = [name for name in optional[:1] if name]
         bias = [name for name in optional[1:2] if name]
-        q = numpy_helper.to_array(inits[q_name])
+        q = numpy_helper.to_array(inits[q_name], base_dir)
         signed = not zp
         width = onnx_bits(bits, q.shape[1])
         w_name = f"{q_name}_q{bits}"
@@ -97,12 +98,11 @@ def lower_weight_only(model: onnx.ModelProto) -> onnx.ModelProto:
         dq_inputs = [w_name, s_name]
         if zp:
             z_name = f"{zp[0]}_q{bits}"
-            graph.initializer.append(
-                packed_initializer(z_name, numpy_helper.to_array(inits[zp[0]]), width, False)
-            )
+            zero_points = numpy_helper.to_array(inits[zp[0]], base_dir)
+            graph.initializer.append(packed_initializer(z_name, zero_points, width, False))
             dropped.add(zp[0])
             dq_inputs.append(z_name)
-        scales = numpy_helper.to_array(inits[s_name])
+        scales = numpy_helper.to_array(inits[s_name], base_dir)
         if block == 0:  # per output channel: scales [1, out] -> [out] along axis 1
             inits[s_name].CopyFrom(numpy_helper.from_array(scales.reshape(-1), s_name))
             if zp:

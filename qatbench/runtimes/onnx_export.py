@@ -7,6 +7,7 @@ exporter on small models (0.4 s against 6 s for the seed MLP here) and honours t
 
 from __future__ import annotations
 
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,14 +17,14 @@ import torch
 
 from qatbench.errors import PluginError
 from qatbench.quant import qdq_sharing, weight_only_onnx
+from qatbench.runtimes import onnx_weights
 
 OPSET = 17
-# Graphs whose weights pass this are saved with every weight in one external-data file
-# beside them (``model.onnx.data``): protobuf cannot hold 2 GiB, and the TorchScript
-# exporter would otherwise leave one file per tensor.
-EXTERNAL_DATA_BYTES = 1 << 30
 TORCHSCRIPT_MAX_OPSET = 20  # the newest opset the TorchScript exporter writes
 INPUT_NAME, OUTPUT_NAME = "input", "output"
+# Graphs whose weights pass this keep them in one external-data file beside them
+# (``model.onnx.data``; see qatbench.runtimes.onnx_weights).
+EXTERNAL_DATA_BYTES = onnx_weights.EXTERNAL_DATA_BYTES
 
 
 def required_opset(model: torch.nn.Module, opset: int = OPSET) -> int:
@@ -46,6 +47,11 @@ def export_onnx(
     then lowered to standard ONNX (:mod:`qatbench.quant.weight_only_onnx`). Adjacent
     integer layers' QDQ patterns are joined so that each tensor is quantized once
     (:mod:`qatbench.quant.qdq_sharing`).
+
+    The weights never pass through a protobuf message whole: the exporter writes the graph
+    alone and they are streamed to disk (:mod:`qatbench.runtimes.onnx_weights`); the
+    graph passes read only the tensors they change. Saved as one file up to
+    ``EXTERNAL_DATA_BYTES`` of weights, else with one ``model.onnx.data`` beside it.
     """
     opset = required_opset(model, opset)
     path = Path(path)
@@ -58,8 +64,11 @@ def export_onnx(
         if len(example_inputs) == 1
         else [f"{INPUT_NAME}{i}" for i in range(len(example_inputs))]
     )
-    before = set(path.parent.iterdir())
-    with warnings.catch_warnings(), torch.no_grad():
+    with (
+        warnings.catch_warnings(),
+        torch.no_grad(),
+        onnx_weights.captured_weights() as weights,
+    ):
         # The TorchScript exporter announces its own deprecation on every call.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
@@ -74,49 +83,32 @@ def export_onnx(
             output_names=[OUTPUT_NAME],
             dynamic_axes={name: {0: "batch"} for name in [*input_names, OUTPUT_NAME]},
         )
-    per_tensor = set(path.parent.iterdir()) - before - {path}  # external data, one per tensor
-    model_proto = onnx.load(str(path))
-    changed = _constants_to_initializers(model_proto) or bool(per_tensor)
+    model_proto = onnx.load(str(path))  # the graph alone: its weights are in ``weights``
+    onnx_weights.attach_weights(model_proto, weights, path)
+    del weights  # the tensors constant folding made are freed here
+    _constants_to_initializers(model_proto)
     if opset > TORCHSCRIPT_MAX_OPSET:
         model_proto = _convert_opset(model_proto, opset)
-        changed = True
+    weights_dir = str(path.parent)  # the passes read the few tensors they change
     if any(node.domain == weight_only_onnx.DOMAIN for node in model_proto.graph.node):
-        model_proto = weight_only_onnx.lower_weight_only(model_proto)
-        changed = True
-    if qdq_sharing.share_grids(model_proto):  # one grid per tensor between integer layers
-        changed = True
-    if changed:
-        save_graph(model_proto, path)
-    for leftover in per_tensor:
-        leftover.unlink()
+        model_proto = weight_only_onnx.lower_weight_only(model_proto, weights_dir)
+    qdq_sharing.share_grids(model_proto, weights_dir)  # one grid per tensor between layers
+    save_graph(model_proto, path)
     return path
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:
     """Save ``model`` at ``path``: inline, or with its weights in one external-data file
-    ``<name>.data`` beside it when they pass ``EXTERNAL_DATA_BYTES``."""
-    path = Path(path)
-    data = path.with_name(path.name + ".data")
-    weights = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weights <= EXTERNAL_DATA_BYTES:
-        onnx.save(model, str(path))
-        data.unlink(missing_ok=True)
-        return
-    data.unlink(missing_ok=True)  # save_model appends to an existing file
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data.name,
-        size_threshold=1024,
-    )
+    ``<name>.data`` beside it when they pass ``EXTERNAL_DATA_BYTES``
+    (:func:`qatbench.runtimes.onnx_weights.save_graph`)."""
+    onnx_weights.EXTERNAL_DATA_BYTES = EXTERNAL_DATA_BYTES  # this module's setting rules
+    onnx_weights.save_graph(model, path)
 
 
 def graph_bytes(path: Path) -> int:
     """Bytes of an exported graph on disk: the file and its external data, if any."""
     path = Path(path)
-    data = path.with_name(path.name + ".data")
+    data = onnx_weights.data_path(path)
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
@@ -155,8 +147,12 @@ def _constants_to_initializers(model: onnx.ModelProto) -> bool:
 def check_onnx(path: Path) -> onnx.ModelProto:
     """Run the full ONNX checker (with shape inference) and :func:`check_batch_axis`;
     returns the loaded model."""
-    onnx.checker.check_model(str(path), full_check=True)
-    model = onnx.load(str(path))
+    model = onnx_weights.load_structure(path)  # the weights stay on disk
+    # The checker reads a copy of the structure beside the graph, whose tensors point
+    # into the graph's own files: it checks where they are without loading them.
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".onnx") as structure:
+        onnx.save(model, structure.name)
+        onnx.checker.check_model(structure.name, full_check=True)
     check_batch_axis(model)
     return model
 
@@ -183,7 +179,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 def write_metadata(path: Path, props: dict[str, str]) -> None:
     """Set ``props`` (and ``qatbench.opset``, read from the graph) in the model's
     ``metadata_props``, replacing entries of the same keys; rewrites ``path``."""
-    model = onnx.load(str(path))
+    model = onnx_weights.load_structure(path)
     merged = {p.key: p.value for p in model.metadata_props}
     merged.update(props)
     merged["qatbench.opset"] = str(default_opset(model))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import filecmp
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -25,6 +26,8 @@ TRIAL_TAG = "qatbench.trial_id"  # = qatbench.tracking.tracker.TRIAL_TAG
 # A protobuf message holds at most 2 GiB: larger graphs keep their weights beside model.onnx
 # (download the model's folder whole, or use mlflow.onnx.load_model).
 EMBED_LIMIT_BYTES = 2 * 1024**3 - 64 * 1024**2
+# Graphs above this are logged without the sweep's process loading their weights.
+LEAN_LOG_BYTES = 256 * 1024**2
 
 
 def model_name(trial_id: str) -> str:
@@ -45,16 +48,19 @@ def log_onnx_model(
     of the run: loadable with ``mlflow.onnx.load_model`` or ``mlflow.pyfunc.load_model``
     (``runs:/<run id>/<trial id>``), with a signature read from the graph (a dynamic
     dimension is -1) and, when the worker saved one (``example``, a ``.npy`` file), an
-    input example. The logged model's ``model.onnx`` (weights inside below
-    :data:`EMBED_LIMIT_BYTES`) is then a hard link to the sweep folder's file where the two
-    are identical on one file system (:func:`share_storage`): the graph is on disk once."""
+    input example. The logged model's ``model.onnx`` is then a hard link to the sweep
+    folder's file where the two are identical on one file system (:func:`share_storage`):
+    the graph is on disk once. Above :data:`LEAN_LOG_BYTES` the graph is logged from its
+    structure (weights never loaded here, no input example) and its file linked in; its
+    external data, where the graph has some (over 2 GiB of weights), is copied: onnx's
+    loader refuses an external-data file with two links. A remote store gets MLflow's own
+    copy (weights inside below :data:`EMBED_LIMIT_BYTES`)."""
     import mlflow.onnx  # heavy: only runs that have a graph pay for it
     import numpy as np
     import onnx
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    model = onnx.load(str(path))
-    input_example = np.load(example) if example and Path(example).is_file() else None
+    data = path.with_name(path.name + ".data")  # its external data, if any
     # The logged model is created here, in the tracker's experiment (log_model alone
     # would put it in the fluent API's active experiment); log_model, which works on
     # the fluent client, is pointed at this store for the call only. Explicit
@@ -62,6 +68,22 @@ def log_onnx_model(
     logged = client.create_logged_model(
         experiment_id, name=model_name(trial_id), source_run_id=run_id, tags={TRIAL_TAG: trial_id}
     )
+    local = _local_dir(logged.artifact_location)
+    size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    # A large graph logged to a local store is logged as its structure, and the files
+    # are then put in place: the sweep's process never holds the weights. MLflow checks
+    # an input example by loading and running the model, so it is logged without one
+    # (the trial ran the graph on onnxruntime already).
+    lean = local is not None and size > LEAN_LOG_BYTES
+    if lean:
+        from qatbench.runtimes.onnx_weights import load_structure
+
+        model = load_structure(path)
+        input_example = None
+    else:
+        model = onnx.load(str(path))
+        shown = example if example and Path(example).is_file() else None
+        input_example = np.load(shown) if shown else None
     with _use_tracking_uri(uri), no_progress_bars():
         mlflow.onnx.log_model(
             model,
@@ -72,10 +94,28 @@ def log_onnx_model(
             onnx_execution_providers=["CPUExecutionProvider"],  # what qatbench measured
             model_id=logged.model_id,
             run_id=run_id,
-            save_as_external_data=not _embeddable(model),
+            save_as_external_data=not lean and not _embeddable(model),
         )
     del model  # the graph's weights: not held while the copies are compared
-    share_storage(path, _local_dir(client.get_logged_model(logged.model_id).artifact_location))
+    if not lean:
+        share_storage(path, local)
+        return
+    assert local is not None
+    link_or_copy(path, local / "model.onnx")  # the graph whole: its structure was logged
+    if data.exists():  # onnx refuses external data with two links: this one is copied
+        shutil.copyfile(data, local / data.name)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """``target`` becomes a hard link to ``source``, or a copy where links cannot be made
+    (another file system); replaced atomically."""
+    staged = target.with_name(target.name + ".link")
+    staged.unlink(missing_ok=True)
+    try:
+        os.link(source, staged)
+    except OSError:
+        shutil.copyfile(source, staged)
+    os.replace(staged, target)
 
 
 def _local_dir(location: str | None) -> Path | None:
@@ -92,8 +132,8 @@ def share_storage(graph: Path, logged: Path | None) -> bool:
     """Make the logged model's ``model.onnx`` a hard link to the sweep folder's ``graph``
     where the two files are byte for byte the same and on one file system, so the graph is
     stored once; returns whether it did. Either name stays valid when the other is deleted.
-    A graph with external data, a remote store or another file system keeps its copy."""
-    if logged is None or graph.with_name(graph.name + ".data").exists():
+    A remote store or another file system keeps its copy."""
+    if logged is None:
         return False
     copy = logged / "model.onnx"
     try:

@@ -45,6 +45,7 @@ from qatbench.models.copies import weight_bytes
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.weight_only_linear import kernel_summary
 from qatbench.results import TrialFailure, TrialResult
+from qatbench.runtimes import onnx_weights
 from qatbench.runtimes.base import (
     ONNX_GRAPH,
     REFERENCE_GRAPH_RUNTIME,
@@ -311,6 +312,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         if data.task == "language_modelling" and trial.measure.generation.enabled:
             generation(trial, out_dir, state, subjects, data, method)
     peak("measure")
+    if "onnx" in state.artifacts:  # kept as one file: MLflow's logged model links to it
+        onnx_weights.store_inline(Path(state.artifacts["onnx"]))
     state.metrics["peak_rss_bytes"] = _peak_rss()
     state.metrics["peak_rss_vs_fp32_weights"] = (
         state.metrics["peak_rss_bytes"] / state.metrics["fp32_weight_bytes"]
@@ -341,6 +344,8 @@ def _export(
         method.export(candidate, example, onnx_path)
         write_metadata(onnx_path, onnx_metadata(trial, method))
         check_onnx(onnx_path)
+        # counted before the trial's session opens: the count opens a session of its own
+        fraction = graph_runtime.integer_fraction(onnx_path)
         loaded = graph_runtime.load(onnx_path, [])
     except Exception as exc:
         if state_runs_graph(trial):
@@ -355,7 +360,6 @@ def _export(
         state.artifacts["onnx_input_example"] = str(onnx_path.with_name(INPUT_EXAMPLE))
     state.metrics["onnx_export_ok"] = 1.0
     state.metrics["onnx_size_bytes"] = float(graph_bytes(onnx_path))
-    fraction = graph_runtime.integer_fraction(onnx_path)
     if fraction is not None:
         state.metrics["int_op_fraction"] = fraction
     return loaded

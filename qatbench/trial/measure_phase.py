@@ -32,6 +32,7 @@ from qatbench.measure import size
 from qatbench.measure.latency_metrics import batch_metrics
 from qatbench.measure.timing import Pair, PairedTiming, TimingSettings, time_pairs
 from qatbench.methods.base import QuantMethod
+from qatbench.methods.fp32 import Fp32Method
 from qatbench.models.copies import shared_copy
 from qatbench.quant.weight_only_linear import fp32_kernels
 from qatbench.runtimes import parity
@@ -127,10 +128,14 @@ def measure(
         m["size_bytes"] = m["onnx_size_bytes"]
         # The reference is exported and labelled like the artifact, so fp32 on a graph
         # runtime is exactly 1.0 and every ratio compares the bytes of two files as written.
-        fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
-        write_metadata(fp32_path, subjects.fp32_onnx_metadata)
-        fp32_bytes = graph_bytes(fp32_path)
-        shutil.rmtree(fp32_path.parent)
+        # fp32's own graph is that reference: not exported twice.
+        if trial.method.name == Fp32Method.name:
+            fp32_bytes = graph_bytes(Path(state.artifacts["onnx"]))
+        else:
+            fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
+            write_metadata(fp32_path, subjects.fp32_onnx_metadata)
+            fp32_bytes = graph_bytes(fp32_path)
+            shutil.rmtree(fp32_path.parent)
         m["weight_bytes"] = float(size.onnx_weight_bytes(Path(state.artifacts["onnx"])))
     else:
         # Counted as torch.save writes them; the file is kept only where the experiment's
