@@ -445,14 +445,43 @@ class WeightOnlyLinear(torch.nn.Module):
         assert zero_term is not None  # built for every asymmetric int8 layer
         return y - xb.sum(-1, keepdim=True, dtype=torch.float32) * zero_term
 
+    @contextlib.contextmanager
+    def onnx_export_operands(self) -> Iterator[None]:
+        """For the duration of an export: the integers and scales transposed to the
+        ``[in, out]`` layout of the ONNX MatMul, as buffers of the layer. The exporter
+        takes buffers as initializers, which reach disk without passing through its
+        protobuf message (:func:`qatbench.runtimes.onnx_weights.captured_weights`);
+        computed while tracing they would be constants inside the message."""
+        names = ("export_q_t", "export_scales_t", "export_zp_t")
+        operands = (
+            torch.from_numpy(self.int_weight().numpy().T.copy()),
+            self.scales.t().contiguous(),
+            self.zero_points.t().contiguous() if not self.symmetric else None,
+        )
+        for name, tensor in zip(names, operands, strict=True):
+            self.register_buffer(name, tensor)  # persistent: the tracer reads the state dict
+        try:
+            yield
+        finally:
+            for name in names:
+                del self._buffers[name]
+
     def _export_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Integers and scales transposed to the [in, out] layout of the ONNX MatMul, outside
-        # the traced graph, so they become initializers the lowering pass can repack.
+        # The operands are initializers the lowering pass repacks (onnx_export_operands).
         if self.input_scale is not None:
             x = x * self.input_scale
-        q_t = torch.from_numpy(self.int_weight().numpy().T.copy())
-        scales_t = self.scales.t().contiguous()
-        zp_t = self.zero_points.t().contiguous() if not self.symmetric else None
+        buffers = self._buffers
+        if "export_q_t" in buffers:
+            q_t, scales_t, zp_t = (
+                buffers["export_q_t"],
+                buffers["export_scales_t"],
+                buffers["export_zp_t"],
+            )
+        else:  # exported without the context: the same values, as traced constants
+            q_t = torch.from_numpy(self.int_weight().numpy().T.copy())
+            scales_t = self.scales.t().contiguous()
+            zp_t = self.zero_points.t().contiguous() if not self.symmetric else None
+        assert q_t is not None and scales_t is not None
         return _WeightOnlyExport.apply(
             x, q_t, scales_t, zp_t, self.bias, self.bits, self.group_size or 0, self.out_features
         )

@@ -103,13 +103,15 @@ class Loaded:
     once, outside timing. ``metrics``, ``details`` and
     ``warnings`` are what loading measured (a compile time, the precision used); the trial
     records them. ``details[RUNTIME_SETTINGS]`` (a flat dict: the precision used, threads)
-    is also logged as the trial's MLflow params ``runtime_settings.*``."""
+    is also logged as the trial's MLflow params ``runtime_settings.*``. ``handle`` is the
+    runtime's own (what its :meth:`Runtime.fresh` renews in place), never recorded."""
 
     fn: Callable[..., Any]
     binder: Callable[..., Callable[[], object]] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    handle: Any = field(default=None, repr=False)
 
     def bind(self, *inputs: torch.Tensor) -> Callable[[], object]:
         if self.binder is not None:

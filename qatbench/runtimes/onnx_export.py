@@ -7,6 +7,7 @@ exporter on small models (0.4 s against 6 s for the seed MLP here) and honours t
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -67,8 +68,13 @@ def export_onnx(
     with (
         warnings.catch_warnings(),
         torch.no_grad(),
+        contextlib.ExitStack() as operands,
         onnx_weights.captured_weights() as weights,
     ):
+        for module in model.modules():  # tensors a layer computes for its ONNX form
+            made = getattr(module, "onnx_export_operands", None)
+            if made is not None:
+                operands.enter_context(made())
         # The TorchScript exporter announces its own deprecation on every call.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
@@ -146,7 +152,8 @@ def _constants_to_initializers(model: onnx.ModelProto) -> bool:
 
 def check_onnx(path: Path) -> onnx.ModelProto:
     """Run the full ONNX checker (with shape inference) and :func:`check_batch_axis`;
-    returns the loaded model."""
+    returns the graph's structure, its weights left on disk (read one with
+    ``onnx.numpy_helper.to_array(tensor, str(path.parent))``)."""
     model = onnx_weights.load_structure(path)  # the weights stay on disk
     # The checker reads a copy of the structure beside the graph, whose tensors point
     # into the graph's own files: it checks where they are without loading them.

@@ -294,7 +294,7 @@ def save_graph(model: onnx.ModelProto, path: Path, base_dir: Path | None = None)
     in_place = (
         base_dir.resolve() == path.parent.resolve()
         and sources <= {data.name}
-        and (not sources or data.stat().st_size - live <= max(1 << 20, live // 100))
+        and (not sources or data.stat().st_size - live <= live // 100)
     )
     if in_place:  # the data file holds nothing stale: append what the message holds
         with open(data, "ab") as sink:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,14 +62,16 @@ def make_session(path: Path, threads: int) -> ort.InferenceSession:
     )
 
 
-def as_callable(session: ort.InferenceSession) -> Callable[..., Any]:
+def as_callable(session: ort.InferenceSession | _Slot) -> Callable[..., Any]:
     """``fn(*inputs)`` over torch tensors, like calling the torch model: one output is a
-    tensor, several a tuple of tensors."""
-    names = [i.name for i in session.get_inputs()]
+    tensor, several a tuple of tensors. A :class:`_Slot` is read at each call: the call
+    runs the slot's current session."""
+    slot = session if isinstance(session, _Slot) else _Slot(session)
+    names = [i.name for i in slot.session.get_inputs()]
 
     def run(*inputs: torch.Tensor) -> Any:
         feed = {n: x.numpy() for n, x in zip(names, inputs, strict=True)}
-        outs = [torch.from_numpy(o) for o in session.run(None, feed)]
+        outs = [torch.from_numpy(o) for o in slot.session.run(None, feed)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     return run
@@ -81,15 +84,28 @@ def runner_for(session: ort.InferenceSession, *inputs: torch.Tensor) -> Callable
     return lambda: session.run(None, feed)
 
 
+class _Slot:
+    """The session a :class:`Loaded` calls; :meth:`OnnxRuntime.fresh` replaces it."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self.session = session
+
+
 def graph_call(session: ort.InferenceSession) -> Loaded:
     """A session as a runtime's :class:`~qatbench.runtimes.base.Loaded` call."""
-    return Loaded(as_callable(session), binder=lambda *inputs: runner_for(session, *inputs))
+    slot = _Slot(session)
+    binder = lambda *inputs: runner_for(slot.session, *inputs)  # noqa: E731
+    return Loaded(as_callable(slot), binder=binder, handle=slot)
 
 
 class OnnxRuntime(Runtime):
     """``onnxruntime``: the exported graph on the CPU execution provider, all graph
     optimisations, ``measure.threads`` intra-op threads; each timing repeat opens a new
-    session; ``int_op_fraction`` counts the integer nodes of the optimised graph."""
+    session; ``int_op_fraction`` counts the integer nodes of the optimised graph.
+
+    A fresh session replaces the one its :class:`Loaded` held, which is closed first:
+    a trial holds one session of its graph at a time, not the evaluation's and each
+    repeat's (a graph's weights, prepacked, are about its size again)."""
 
     name = "onnxruntime"
     capabilities = RuntimeCapabilities(artifact=ONNX_GRAPH)
@@ -97,6 +113,15 @@ class OnnxRuntime(Runtime):
 
     def load(self, artifact: Any, inputs: Sequence[Batch]) -> Loaded:
         return graph_call(make_session(Path(artifact), self.threads))
+
+    def fresh(self, artifact: Any, loaded: Loaded) -> Loaded:
+        slot = loaded.handle
+        if not isinstance(slot, _Slot):
+            return self.load(artifact, [])
+        slot.session = None  # closed here unless a caller still holds it
+        gc.collect()
+        slot.session = make_session(Path(artifact), self.threads)
+        return loaded
 
     def integer_fraction(self, artifact: Any) -> float | None:
         integer, floating = kernel_counts(Path(artifact), self.threads)
@@ -109,6 +134,7 @@ def kernel_counts(path: Path, threads: int) -> tuple[int, int]:
         optimized = Path(tmp) / "optimized.onnx"
         options = session_options(threads)
         options.optimized_model_filepath = str(optimized)
+        options.add_session_config_entry("session.disable_prepacking", "1")  # nodes only
         # weights beside the optimised graph, not in it: only its nodes are read
         options.add_session_config_entry(
             "session.optimized_model_external_initializers_file_name", "optimized.onnx.data"
