@@ -38,6 +38,7 @@ from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError, TrialError
 from qatbench.measure import size
 from qatbench.methods.base import QuantMethod
+from qatbench.methods.fp32 import Fp32Method
 from qatbench.methods.layer_selection import AUTO
 from qatbench.methods.lifecycle import quantize_copy
 from qatbench.models.adapters import adapt
@@ -62,6 +63,7 @@ from qatbench.trial.measure_phase import (
     generation,
     measure,
     predict,
+    reference_graph_bytes,
     runtime_for,
 )
 from qatbench.trial.measure_phase import TrialState as _State
@@ -238,6 +240,10 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     with step("reference"):
         fp32 = model
         reference_out = predict(fp32, data.eval_x, trial.data.batch_size)
+        graph_bytes_fp32 = None
+        graph_trial = runtime_for(trial).capabilities.artifact == ONNX_GRAPH
+        if graph_trial and trial.method.name != Fp32Method.name:
+            graph_bytes_fp32 = reference_graph_bytes(fp32, example, out_dir, _fp32_metadata())
 
     state.phase = "prepare"  # a method that cannot be made fails where it would run
     method = method_for(trial)
@@ -260,7 +266,13 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
 
     runtime = runtime_for(trial)
     onnx_path = out_dir / "model.onnx"
-    subjects = Subjects(fp32, candidate, runtime, fp32_onnx_metadata=_fp32_metadata())
+    subjects = Subjects(
+        fp32,
+        candidate,
+        runtime,
+        fp32_onnx_metadata=_fp32_metadata(),
+        fp32_graph_bytes=graph_bytes_fp32,
+    )
     graph_runtime = (
         runtime
         if runtime.capabilities.artifact == ONNX_GRAPH

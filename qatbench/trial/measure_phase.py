@@ -73,6 +73,24 @@ class Subjects:
     graph: Loaded | None = None
     fp32_loaded: Loaded | None = None
     fp32_onnx_metadata: dict[str, str] = field(default_factory=dict)
+    fp32_graph_bytes: int | None = None  # see reference_graph_bytes
+
+
+def reference_graph_bytes(
+    fp32: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    out_dir: Path,
+    metadata: dict[str, str],
+) -> int:
+    """Bytes of fp32's graph, exported and labelled like a trial's artifact (then deleted),
+    so fp32 on a graph runtime is exactly 1.0 and every ratio compares the bytes of two
+    files as written. A trial calls it before it quantizes: the exporter's constant
+    folding copies the weights for a moment, best done while fp32 is the only model held."""
+    path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
+    write_metadata(path, metadata)
+    size = graph_bytes(path)
+    shutil.rmtree(path.parent)
+    return size
 
 
 def runtime_for(trial: TrialSpec) -> Runtime:
@@ -126,16 +144,13 @@ def measure(
     run = loaded.fn
     if runtime.capabilities.artifact == ONNX_GRAPH:
         m["size_bytes"] = m["onnx_size_bytes"]
-        # The reference is exported and labelled like the artifact, so fp32 on a graph
-        # runtime is exactly 1.0 and every ratio compares the bytes of two files as written.
-        # fp32's own graph is that reference: not exported twice.
+        # fp32's own graph is the reference (see reference_graph_bytes): not exported twice.
         if trial.method.name == Fp32Method.name:
             fp32_bytes = graph_bytes(Path(state.artifacts["onnx"]))
+        elif subjects.fp32_graph_bytes is not None:
+            fp32_bytes = subjects.fp32_graph_bytes
         else:
-            fp32_path = export_onnx(fp32, example, out_dir / "fp32_reference" / "model.onnx")
-            write_metadata(fp32_path, subjects.fp32_onnx_metadata)
-            fp32_bytes = graph_bytes(fp32_path)
-            shutil.rmtree(fp32_path.parent)
+            fp32_bytes = reference_graph_bytes(fp32, example, out_dir, subjects.fp32_onnx_metadata)
         m["weight_bytes"] = float(size.onnx_weight_bytes(Path(state.artifacts["onnx"])))
     else:
         # Counted as torch.save writes them; the file is kept only where the experiment's
