@@ -122,3 +122,26 @@ def test_a_candidate_that_cannot_be_copied_is_timed_as_it_is_with_a_note() -> No
         "the same instance: copy failed (holds a handle that cannot be copied)"
     )
     assert _Uncopyable.tries == 1  # a failed copy is not tried again in every repeat
+
+
+def test_a_fresh_session_replaces_the_one_before_it(tmp_path: Path) -> None:
+    """A trial holds one session of its graph at a time: the evaluation's session is
+    closed when the first repeat's opens, and the trial's call runs the newest."""
+    import weakref
+
+    from qatbench.runtimes.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 3).eval()
+    path = export_onnx(model, (torch.zeros(1, 8),), tmp_path / "model.onnx")
+    runtime = ortrt.OnnxRuntime(1)
+    loaded = runtime.load(path, [])
+    first = weakref.ref(loaded.handle.session)
+    again = runtime.fresh(path, loaded)
+    assert again is loaded
+    assert first() is None  # closed, not kept beside the new one
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        want = model(x)
+    assert torch.allclose(loaded.fn(x), want, atol=1e-5)
+    assert torch.allclose(torch.from_numpy(loaded.bind(x)()[0]), want, atol=1e-5)
