@@ -11,17 +11,25 @@ from qatbench.data.inputs import Batch, call
 
 
 def output_error(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
-    """``mse``, ``max_abs_error``, ``sqnr_db`` and ``cosine`` of ``actual`` vs ``reference``."""
-    ref = reference.detach().double().flatten()
-    out = actual.detach().double().flatten()
+    """``mse``, ``max_abs_error``, ``sqnr_db`` and ``cosine`` of ``actual`` vs ``reference``.
+
+    Elementwise in the outputs' own precision (fp32: a language model's logits are tens of
+    millions of values), every sum accumulated in float64."""
+    ref = reference.detach().float().flatten()
+    out = actual.detach().float().flatten()
     noise = ref - out
-    mse = float(noise.pow(2).mean())
-    signal = float(ref.pow(2).mean())
+    count = max(ref.numel(), 1)
+    mse = float(torch.sum(noise * noise, dtype=torch.float64)) / count
+    signal_sum = float(torch.sum(ref * ref, dtype=torch.float64))
+    signal = signal_sum / count
     sqnr = math.inf if mse == 0 else 10 * math.log10(max(signal, 1e-300) / mse)
-    cosine = float(torch.nn.functional.cosine_similarity(ref, out, dim=0, eps=1e-12))
+    out_sum = float(torch.sum(out * out, dtype=torch.float64))
+    dot = float(torch.sum(ref * out, dtype=torch.float64))
+    norms = math.sqrt(signal_sum) * math.sqrt(out_sum)
+    cosine = max(-1.0, min(1.0, dot / norms)) if norms > 0 else 0.0
     return {
         "mse": mse,
-        "max_abs_error": float(noise.abs().max()),
+        "max_abs_error": float(noise.abs().max()) if noise.numel() else 0.0,
         "sqnr_db": min(sqnr, 400.0),  # identical outputs: capped, so the value stays a number
         "cosine": cosine,
     }
