@@ -179,3 +179,22 @@ def test_a_barely_indefinite_hessian_gets_more_damping() -> None:
     hessian = 2 * x.t() @ x - 1e-3 * torch.eye(32, dtype=torch.float64)  # rank 2, minus a bit
     gq = gptq_quantize(torch.randn(8, 32, generator=torch.Generator().manual_seed(12)), hessian, 4)
     assert torch.isfinite(gq.scale).all() and gq.q.shape == (8, 32)
+
+
+def test_sequential_calibration_stops_each_pass_after_its_layer() -> None:
+    """Layer by layer, a calibration pass runs the model only as far as the layer it is
+    for: the first layer's pass never reaches the last layer."""
+    model, calib, _ = _mlp_and_data()
+    candidate = copy.deepcopy(model)
+    last = candidate.get_submodule("net.3")
+    reached: list[int] = []
+    last.register_forward_pre_hook(lambda _m, args: reached.append(args[0].shape[0]))
+    method = GptqMethod(GptqMethod.Config(sequential=True), BitWidth.parse("w4"))
+
+    def forward_loop(m: torch.nn.Module) -> None:
+        for xb in calib.split(64):
+            m(xb)
+
+    method.calibrate(method.prepare(candidate), forward_loop)
+    batches = len(calib.split(64))
+    assert len(reached) == batches  # only the last layer's own pass reached it

@@ -36,6 +36,10 @@ from qatbench.quant.gptq import HessianAccumulator, gptq_quantize
 from qatbench.quant.weight_only_linear import WeightOnlyLinear
 
 
+class _AllSeen(Exception):
+    """Raised inside a calibration forward pass once it has fed every layer it is for."""
+
+
 class GptqMethod(QuantMethod):
     """GPTQ (``w8``, ``w4``, ``w3``, ``w2``); needs calibration data."""
 
@@ -96,18 +100,41 @@ class GptqMethod(QuantMethod):
     def _collect(
         model: torch.nn.Module, names: list[str], forward_loop: ForwardLoop
     ) -> dict[str, HessianAccumulator]:
+        """The Hessians of ``names``' inputs over the calibration data. Each forward pass
+        stops once every layer of ``names`` has seen its input (nothing after them is
+        needed): taken layer by layer, the passes cost half of whole forwards. A layer
+        run more than once in a pass (shared weights) contributes the calls made before
+        the pass stops."""
         hessians: dict[str, HessianAccumulator] = {}
         handles = []
+        pending: set[str] = set()
+
+        def seen(name: str, acc: HessianAccumulator, inputs: torch.Tensor) -> None:
+            acc.add(inputs)
+            pending.discard(name)
+            if not pending:
+                raise _AllSeen
+
         for name in names:
             layer = model.get_submodule(name)
             assert isinstance(layer, torch.nn.Linear)  # planned layers are Linear layers
             acc = hessians[name] = HessianAccumulator(layer.in_features)
             handles.append(
-                layer.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0]))
+                layer.register_forward_pre_hook(
+                    lambda _m, args, name=name, acc=acc: seen(name, acc, args[0])
+                )
             )
+
+        def until_seen(*args: object, **kwargs: object) -> object:
+            pending.update(names)
+            try:
+                return model(*args, **kwargs)
+            except _AllSeen:
+                return None
+
         try:
             with torch.no_grad():
-                forward_loop(model)
+                forward_loop(until_seen)  # type: ignore[arg-type]  # called like the model
         finally:
             for handle in handles:
                 handle.remove()
