@@ -246,6 +246,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         graph_trial = runtime_for(trial).capabilities.artifact == ONNX_GRAPH
         if graph_trial and trial.method.name != Fp32Method.name:
             graph_bytes_fp32 = reference_graph_bytes(fp32, example, out_dir, _fp32_metadata())
+            peak("reference")  # the exporter's copies given back before quantizing
 
     state.phase = "prepare"  # a method that cannot be made fails where it would run
     method = method_for(trial)
