@@ -107,8 +107,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     """Save ``model`` at ``path``: inline, or with its weights in one external-data file
     ``<name>.data`` beside it when they pass ``EXTERNAL_DATA_BYTES``
     (:func:`qatbench.runtimes.onnx_weights.save_graph`)."""
-    onnx_weights.EXTERNAL_DATA_BYTES = EXTERNAL_DATA_BYTES  # this module's setting rules
-    onnx_weights.save_graph(model, path)
+    onnx_weights.save_graph(model, Path(path), external_bytes=EXTERNAL_DATA_BYTES)
 
 
 def graph_bytes(path: Path) -> int:
@@ -154,6 +153,7 @@ def check_onnx(path: Path) -> onnx.ModelProto:
     """Run the full ONNX checker (with shape inference) and :func:`check_batch_axis`;
     returns the graph's structure, its weights left on disk (read one with
     ``onnx.numpy_helper.to_array(tensor, str(path.parent))``)."""
+    path = Path(path)
     model = onnx_weights.load_structure(path)  # the weights stay on disk
     # The checker reads a copy of the structure beside the graph, whose tensors point
     # into the graph's own files: it checks where they are without loading them.

@@ -271,18 +271,25 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def save_graph(model: onnx.ModelProto, path: Path, base_dir: Path | None = None) -> None:
+def save_graph(
+    model: onnx.ModelProto,
+    path: Path,
+    base_dir: Path | None = None,
+    external_bytes: int | None = None,
+) -> None:
     """Save ``model`` at ``path``: one file when its weights come to at most
     ``EXTERNAL_DATA_BYTES`` (written tensor by tensor, :func:`write_inline`), else with
     every tensor of ``INLINE_TENSOR_BYTES`` or more in ``<name>.data`` beside it, each
     once (bytes no tensor points to any more are dropped).
 
     ``base_dir`` is where the external data ``model`` points to lives (default: beside
-    ``path``). Either way memory stays the size of the message plus one tensor."""
+    ``path``); ``external_bytes`` replaces ``EXTERNAL_DATA_BYTES``. Either way memory
+    stays the size of the message plus one tensor."""
     path = Path(path)
     base_dir = Path(base_dir) if base_dir is not None else path.parent
     data = data_path(path)
-    if weight_bytes(model) <= EXTERNAL_DATA_BYTES:
+    limit = EXTERNAL_DATA_BYTES if external_bytes is None else external_bytes
+    if weight_bytes(model) <= limit:
         staged = path.with_name(path.name + ".tmp")
         write_inline(model, staged, base_dir)
         os.replace(staged, path)
