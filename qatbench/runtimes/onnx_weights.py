@@ -105,7 +105,7 @@ def attach_weights(model: onnx.ModelProto, weights: dict[str, torch.Tensor], pat
     data.parent.mkdir(parents=True, exist_ok=True)
     with open(data, "wb") as sink:
         for name, tensor in weights.items():
-            graph.initializer.append(_tensor_proto(name, tensor.detach(), sink, data.name))
+            graph.initializer.append(_tensor_proto(name, tensor.detach().cpu(), sink, data.name))
     if data.stat().st_size == 0:
         data.unlink()
 
