@@ -335,7 +335,11 @@ def store_inline(path: Path) -> bool:
     if weight_bytes(model) > INLINE_LIMIT_BYTES:
         return False
     staged = path.with_name(path.name + ".tmp")
-    write_inline(model, staged, path.parent)
+    try:
+        write_inline(model, staged, path.parent)
+    except BaseException:
+        staged.unlink(missing_ok=True)  # the graph as it was stays whole
+        raise
     os.replace(staged, path)
     data_path(path).unlink()
     return True

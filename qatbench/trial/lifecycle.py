@@ -328,7 +328,10 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
             generation(trial, out_dir, state, subjects, data, method)
     peak("measure")
     if "onnx" in state.artifacts:  # kept as one file: MLflow's logged model links to it
-        onnx_weights.store_inline(Path(state.artifacts["onnx"]))
+        try:
+            onnx_weights.store_inline(Path(state.artifacts["onnx"]))
+        except OSError as exc:  # the graph stays valid with its data file; nothing lost
+            state.warnings.append(f"graph kept with its external data: {_one_line(exc)}")
     state.metrics["peak_rss_bytes"] = _peak_rss()
     state.metrics["peak_rss_vs_fp32_weights"] = (
         state.metrics["peak_rss_bytes"] / state.metrics["fp32_weight_bytes"]
