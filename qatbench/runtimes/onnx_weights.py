@@ -191,24 +191,20 @@ def load_structure(path: Path) -> onnx.ModelProto:
             return onnx.load_model_from_string(bytes(view))
         parts = [bytes(view[:head])]
         graph: list[bytes] = []
-        pos = graph_at
-        while pos < graph_end:
-            key, at = _read_varint(view, pos)
-            length, body = _read_varint(view, at)
-            end = body + length
-            if key == (5 << 3 | 2):  # an initializer: its raw_data becomes a reference
+        for number, pos, body, end in _fields(view, graph_at, graph_end):
+            if number == 5:  # an initializer: its raw_data becomes a reference
                 graph.append(_referenced_tensor(view, body, end, path.name))
             else:
                 graph.append(bytes(view[pos:end]))
-            pos = end
         graph_bytes = b"".join(graph)
         parts += [_key(7), _varint(len(graph_bytes)), graph_bytes, bytes(view[graph_end:])]
     return onnx.load_model_from_string(b"".join(parts))
 
 
-def _field_span(data: mmap.mmap, start: int, end: int, field: int) -> tuple[int, int | None, int]:
-    """(offset of ``field``'s key, offset of its body, end of its body) among the
-    top-level fields of the message in ``data[start:end]``; (end, None, end) if absent."""
+def _fields(data: bytes | mmap.mmap, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """The top-level fields of the message in ``data[start:end]``: (field number, offset
+    of its key, offset of its body, end), the body of a length-delimited field without
+    its length prefix."""
     pos = start
     while pos < end:
         key, at = _read_varint(data, pos)
@@ -218,13 +214,20 @@ def _field_span(data: mmap.mmap, start: int, end: int, field: int) -> tuple[int,
         elif wire == 2:
             length, at = _read_varint(data, at)
             nxt = at + length
-            if key >> 3 == field:
-                return pos, at, nxt
         elif wire in (1, 5):
             nxt = at + (8 if wire == 1 else 4)
         else:
             raise ValueError(f"not an ONNX model: protobuf wire type {wire}")
+        yield key >> 3, pos, at, nxt
         pos = nxt
+
+
+def _field_span(data: mmap.mmap, start: int, end: int, field: int) -> tuple[int, int | None, int]:
+    """(offset of ``field``'s key, offset of its body, end of its body) among the
+    top-level fields of the message in ``data[start:end]``; (end, None, end) if absent."""
+    for number, pos, body, nxt in _fields(data, start, end):
+        if number == field:
+            return pos, body, nxt
     return end, None, end
 
 
@@ -233,31 +236,18 @@ def _referenced_tensor(data: mmap.mmap, start: int, end: int, location: str) -> 
     replaced by a reference to where those bytes are in the file."""
     fields: list[bytes] = []
     raw: tuple[int, int] | None = None
-    pos = start
-    while pos < end:
-        key, at = _read_varint(data, pos)
-        wire = key & 7
-        if wire == 0:
-            _, nxt = _read_varint(data, at)
-        elif wire == 2:
-            length, at = _read_varint(data, at)
-            nxt = at + length
-            if key >> 3 == 9 and length >= INLINE_TENSOR_BYTES:
-                raw = (at, length)
-                pos = nxt
-                continue
+    for number, pos, body, nxt in _fields(data, start, end):
+        if number == 9 and nxt - body >= INLINE_TENSOR_BYTES:
+            raw = (body, nxt - body)
         else:
-            nxt = at + (8 if wire == 1 else 4)
-        fields.append(bytes(data[pos:nxt]))
-        pos = nxt
+            fields.append(bytes(data[pos:nxt]))
     if raw is None:  # small, or not stored as raw_data: kept as it is
         return _key(5) + _varint(end - start) + bytes(data[start:end])
     tensor = TensorProto.FromString(b"".join(fields))
-    if raw is not None:
-        for name, value in (("location", location), ("offset", raw[0]), ("length", raw[1])):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = name, str(value)
-        tensor.data_location = TensorProto.EXTERNAL
+    for name, value in (("location", location), ("offset", raw[0]), ("length", raw[1])):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = name, str(value)
+    tensor.data_location = TensorProto.EXTERNAL
     record = tensor.SerializeToString()
     return _key(5) + _varint(len(record)) + record
 
@@ -426,22 +416,9 @@ def _varint(value: int) -> bytes:
 
 def _split_fields(message: bytes, before: int) -> tuple[bytes, bytes]:
     """``message``'s serialised fields numbered below ``before``, and the others."""
-    pos = 0
-    while pos < len(message):
-        key, at = _read_varint(message, pos)
-        if key >> 3 >= before:
+    for number, pos, _body, _end in _fields(message, 0, len(message)):
+        if number >= before:
             return message[:pos], message[pos:]
-        wire = key & 7
-        if wire == 0:
-            _, at = _read_varint(message, at)
-        elif wire == 2:
-            length, at = _read_varint(message, at)
-            at += length
-        elif wire in (1, 5):
-            at += 8 if wire == 1 else 4
-        else:
-            raise ValueError(f"unexpected protobuf wire type {wire}")
-        pos = at
     return message, b""
 
 
