@@ -56,6 +56,25 @@ def test_a_function_slower_than_the_round_gets_one_call() -> None:
     assert calibrate_calls(clock.work, min_round_s=0.002, clock=clock) == 1
 
 
+def test_a_call_ten_times_the_round_is_timed_once_to_calibrate() -> None:
+    clock = FakeClock(read_ns=1, call_ns=20_000_000)  # 20 ms against a 2 ms round
+    calls = 0
+
+    def work() -> None:
+        nonlocal calls
+        calls += 1
+        clock.work()
+
+    assert calibrate_calls(work, min_round_s=0.002, clock=clock) == 1
+    assert calls == 1
+    # a warm-up that already saw such a call spares calibration any call at all
+    assert calibrate_calls(work, 0.002, clock=clock, known_call_ns=20_000_000) == 1
+    assert calls == 1
+    # ... but a warm-up call near the target proves nothing: calibration times it
+    assert calibrate_calls(work, 0.002, clock=clock, known_call_ns=3_000_000) == 1
+    assert calls == 2
+
+
 def test_a_fast_function_gets_many_calls_per_round() -> None:
     timing = time_callable(lambda: None, QUICK)
     assert timing.calls_per_round > 1
@@ -238,6 +257,21 @@ def test_pairs_made_afresh_per_repeat_time_only_that_repeats_instances() -> None
     assert len(paired.repeat_speedups) == 3
     # each later block: an untimed round of its new instances, then its one pair
     assert [tag for tag in calls if tag[1] != "0"] == ["b1", "c1"] * 2 + ["b2", "c2"] * 2
+
+
+def test_one_pair_made_afresh_and_warmed_up_is_timed_at_once() -> None:
+    calls: list[str] = []
+
+    def pairs(repeat: int) -> list[tuple[_Instance, _Instance]]:
+        return [(_Instance(calls, f"b{repeat}"), _Instance(calls, f"c{repeat}"))]
+
+    settings = TimingSettings(
+        warmup_s=0.0001, min_round_s=0.001, min_rounds=3, max_time_s=0.0, repeats=3
+    )
+    time_pairs(pairs, settings)
+    # each later set: its warm-up (one call each: a call outlasts warmup_s), then its pair,
+    # no untimed round between them
+    assert [tag for tag in calls if tag[1] != "0"] == ["b1", "c1", "b1", "c1"] + ["b2", "c2"] * 2
 
 
 def test_a_renewal_that_changes_the_number_of_pairs_is_an_error() -> None:

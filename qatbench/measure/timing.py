@@ -47,6 +47,7 @@ SELF_WARMING_ROUND_NS = 100_000_000
 _RESOLUTION_MULTIPLE = 1000  # a round lasts at least this many clock ticks
 _RESOLUTION_PROBES = 200
 _MAX_GROWTH = 10  # calibration grows calls per round by at most this factor per try
+CLEARLY_LONG = 10  # a call this many times the round's target is timed once to calibrate
 
 
 @dataclass(frozen=True)
@@ -141,27 +142,48 @@ def _round_ns(fn: Callable[[], object], calls: int, clock: Clock = time.perf_cou
 
 
 def calibrate_calls(
-    fn: Callable[[], object], min_round_s: float, clock: Clock = time.perf_counter_ns
+    fn: Callable[[], object],
+    min_round_s: float,
+    clock: Clock = time.perf_counter_ns,
+    known_call_ns: int | None = None,
 ) -> int:
     """Calls per round so one round lasts >= ``min_round_s`` and >= 1000 clock ticks.
 
     Times rounds of growing length (at most 10x per try, aiming 10% past the target) and
     returns the first call count whose round reached the target; a function slower than the
     target gets 1. Each count is timed twice and the faster round counts, so one round
-    stretched by a busy machine does not end the search early.
+    stretched by a busy machine does not end the search early; a single call of
+    ``CLEARLY_LONG`` times the target needs no second look (a busy spell does not stretch
+    a call tenfold), and neither does a function whose fastest warm-up call
+    (``known_call_ns``) was that long: a decode of many tokens is not called again for it.
     """
     target_ns = max(min_round_s * _NS_PER_S, _RESOLUTION_MULTIPLE * clock_resolution_ns(clock))
+    if known_call_ns is not None and known_call_ns >= CLEARLY_LONG * target_ns:
+        return 1
     calls = 1
-    while (elapsed_ns := min(_round_ns(fn, calls, clock) for _ in range(2))) < target_ns:
+    while (elapsed_ns := _probe_ns(fn, calls, target_ns, clock)) < target_ns:
         wanted = math.ceil(calls * 1.1 * target_ns / elapsed_ns) if elapsed_ns > 0 else math.inf
         calls = int(min(max(wanted, calls + 1), calls * _MAX_GROWTH))
     return calls
 
 
-def _warm_up(fn: Callable[[], object], seconds: float) -> None:
+def _probe_ns(fn: Callable[[], object], calls: int, target_ns: float, clock: Clock) -> int:
+    """The faster of two rounds of ``calls`` calls, or the one where it is clearly long."""
+    first_ns = _round_ns(fn, calls, clock)
+    if first_ns >= CLEARLY_LONG * target_ns:
+        return first_ns
+    return min(first_ns, _round_ns(fn, calls, clock))
+
+
+def _warm_up(fn: Callable[[], object], seconds: float) -> int | None:
+    """Call ``fn`` for ``seconds``; the fastest call's nanoseconds (None if none was made)."""
     deadline_ns = time.perf_counter_ns() + seconds * _NS_PER_S
-    while time.perf_counter_ns() < deadline_ns:
+    fastest_ns: int | None = None
+    while (now_ns := time.perf_counter_ns()) < deadline_ns:
         fn()
+        took_ns = time.perf_counter_ns() - now_ns
+        fastest_ns = took_ns if fastest_ns is None else min(fastest_ns, took_ns)
+    return fastest_ns
 
 
 @contextmanager
@@ -188,11 +210,11 @@ def _timing(round_ns: list[int], calls: int) -> Timing:
 
 def time_callable(fn: Callable[[], object], settings: TimingSettings) -> Timing:
     """Warm ``fn`` up, calibrate its round and time rounds within the settings' budget."""
-    _warm_up(fn, settings.warmup_s)
+    fastest_ns = _warm_up(fn, settings.warmup_s)
     budget_ns = settings.max_time_s * _NS_PER_S
     rounds: list[int] = []
     with _gc_paused():
-        calls = calibrate_calls(fn, settings.min_round_s)
+        calls = calibrate_calls(fn, settings.min_round_s, known_call_ns=fastest_ns)
         start_ns = time.perf_counter_ns()
         while len(rounds) < settings.min_rounds or _fits(start_ns, rounds[-1], budget_ns):
             rounds.append(_round_ns(fn, calls))
@@ -223,10 +245,17 @@ class _PairRounds:
     base: list[int] = field(default_factory=list)  # round nanoseconds
     cand: list[int] = field(default_factory=list)
     repeat: list[int] = field(default_factory=list)  # the block of each round
+    # the fastest warm-up call of each function (None: the warm-up made no call)
+    base_warm_ns: int | None = None
+    cand_warm_ns: int | None = None
 
     def warm_up(self, seconds: float) -> None:
-        _warm_up(self.baseline_fn, seconds)
-        _warm_up(self.candidate_fn, seconds)
+        self.base_warm_ns = _warm_up(self.baseline_fn, seconds)
+        self.cand_warm_ns = _warm_up(self.candidate_fn, seconds)
+
+    def warmed(self) -> bool:
+        """Whether the last warm-up called both functions."""
+        return self.base_warm_ns is not None and self.cand_warm_ns is not None
 
     def warms_itself(self) -> bool:
         """Whether both functions' rounds are so long (a generation of many tokens) that
@@ -279,8 +308,9 @@ def time_pairs(
     (see the module's docstring): it is called once per repeat, after the previous
     repeat's functions are let go (so at most one set of copies is alive), and must return
     as many pairs, in the same order. Calls per round stay those calibrated on the first
-    set; each later set is warmed up for ``warmup_s / repeats`` and starts its block with
-    an untimed round.
+    set; each later set is warmed up for ``warmup_s / repeats`` (at least one call each,
+    where ``warmup_s`` is set), so a single pair's block starts timing at once; with
+    several pairs, or without warm-up, a new set starts its block with an untimed round.
     """
     renew = pairs if callable(pairs) else None
     block_budget_ns = settings.max_time_s * _NS_PER_S / settings.repeats
@@ -292,13 +322,19 @@ def time_pairs(
         p.warm_up(settings.warmup_s)
     with _gc_paused():
         for p in timed:
-            p.base_calls = calibrate_calls(p.baseline_fn, settings.min_round_s)
-            p.cand_calls = calibrate_calls(p.candidate_fn, settings.min_round_s)
+            p.base_calls = calibrate_calls(
+                p.baseline_fn, settings.min_round_s, known_call_ns=p.base_warm_ns
+            )
+            p.cand_calls = calibrate_calls(
+                p.candidate_fn, settings.min_round_s, known_call_ns=p.cand_warm_ns
+            )
         for repeat in range(settings.repeats):
-            if renew is not None and repeat > 0:
+            renewed = renew is not None and repeat > 0
+            if renew is not None and renewed:
                 _renew(timed, renew, repeat, settings.warmup_s / settings.repeats)
             for p in timed:
-                if renew is not None or (len(timed) > 1 and not p.warms_itself()):
+                new_and_cold = renewed and not p.warmed()
+                if new_and_cold or (len(timed) > 1 and not p.warms_itself()):
                     _round_ns(p.baseline_fn, p.base_calls)  # new, or cold from another block
                     _round_ns(p.candidate_fn, p.cand_calls)
                 start_ns = time.perf_counter_ns()

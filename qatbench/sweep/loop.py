@@ -34,11 +34,13 @@ from qatbench.sweep.outcome import RunOutcome, check_expectations
 from qatbench.sweep.progress import SweepProgress
 from qatbench.sweep.signals import shielded, signals_interrupt
 from qatbench.tracking.tags import env_tags, trial_env_tags
+from qatbench.trial.shared_fp32 import shared_folder
 
 if TYPE_CHECKING:
     from qatbench.tracking.tracker import SweepRun, Tracker
 
 RESULT_FILE = "result.json"  # trials/<id>/result.json: the result before it is logged
+SHARED_FOLDER = "shared"  # what the sweep's trials work out once (trial/shared_fp32.py)
 
 
 class SweepLoop:
@@ -73,7 +75,12 @@ class SweepLoop:
             todo = [t for t in self.trials if t.id not in done]
             try:
                 progress = SweepProgress(self.console, len(todo))
-                with signals_interrupt(), progress.shown(), self._phases_to(progress):
+                with (
+                    signals_interrupt(),
+                    progress.shown(),
+                    self._phases_to(progress),
+                    shared_folder(self.run_dir / SHARED_FOLDER),
+                ):
                     pending = []
                     for trial in todo:  # what an interrupted attempt got to, then the rest
                         recovered = self._recover(trial)

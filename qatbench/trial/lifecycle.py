@@ -69,6 +69,7 @@ from qatbench.trial.measure_phase import (
 )
 from qatbench.trial.measure_phase import TrialState as _State
 from qatbench.trial.mixed_precision import search_keep_fp32
+from qatbench.trial.shared_fp32 import SharedFp32
 
 PhaseReporter = Callable[[str], None]
 INPUT_EXAMPLE = "input_example.npy"
@@ -239,14 +240,21 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     peak("build")
     state.metrics["model_rss_delta_bytes"] = float(psutil.Process().memory_info().rss - rss_before)
 
-    with step("reference"):
+    with step("reference"):  # shared by the sweep's trials of this model (shared_fp32.py)
         fp32 = model
-        reference_out = predict(fp32, data.eval_x, trial.data.batch_size)
+        shared = SharedFp32.of(trial, fp32)
+        reference_out = shared.reference_outputs(
+            lambda: predict(fp32, data.eval_x, trial.data.batch_size)
+        )
         graph_bytes_fp32 = None
         graph_trial = runtime_for(trial).capabilities.artifact == ONNX_GRAPH
         if graph_trial and trial.method.name != Fp32Method.name:
-            graph_bytes_fp32 = reference_graph_bytes(fp32, example, out_dir, _fp32_metadata())
+            graph_bytes_fp32 = shared.graph_bytes(
+                lambda: reference_graph_bytes(fp32, example, out_dir, _fp32_metadata())
+            )
             peak("reference")  # the exporter's copies given back before quantizing
+        if shared.read:
+            state.details["read_from_sweep"] = shared.read
 
     state.phase = "prepare"  # a method that cannot be made fails where it would run
     method = method_for(trial)
@@ -302,6 +310,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     peak("export")
     if runtime.capabilities.artifact == ONNX_GRAPH:
         subjects.artifact, subjects.loaded = onnx_path, subjects.graph
+        if trial.method.name == Fp32Method.name and subjects.graph is not None:
+            shared.record_graph_bytes(graph_bytes(onnx_path))  # the others' reference
         if subjects.graph is not None:  # what loading measured (the precision used)
             _record_load(state, subjects.graph)
 

@@ -174,7 +174,9 @@ def measure(
         on = (
             runtime.name if runtime.capabilities.artifact == ONNX_GRAPH else REFERENCE_GRAPH_RUNTIME
         )
-        _parity(trial, state, candidate, subjects.graph, data, on, reference_out)
+        # on a graph runtime the graph's outputs are the ones just evaluated
+        graph_out = outputs if subjects.graph is loaded else None
+        _parity(trial, state, candidate, subjects.graph, data, on, reference_out, graph_out)
     # the quality task: the experiment's, else the dataset's (accuracy, perplexity)
     task = task_for(data, resolve_task(trial.task) if trial.task else None)
     if task is not None and (data.eval_y is not None or not task.needs_targets):
@@ -197,11 +199,12 @@ def _parity(
     data: TaskData,
     graph_runtime: str,
     reference_out: torch.Tensor,
+    graph_out: torch.Tensor | None = None,
 ) -> None:
     batch = trial.data.batch_size
     with fp32_kernels(candidate):  # ONNX graphs compute in fp32: so does the reference
         torch_out = predict(candidate, data.eval_x, batch)
-    ort_out = predict(graph.fn, data.eval_x, batch)
+    ort_out = graph_out if graph_out is not None else predict(graph.fn, data.eval_x, batch)
     step = parity.output_step(candidate, data.eval_x[:batch])
     # the tolerance is never tighter than the quantization's own error (runtimes/parity.py)
     compounding = parity.activation_quantizing_layers(candidate) >= 2

@@ -1,0 +1,118 @@
+"""A sweep's shared fp32 work: keyed by what it depends on, read instead of computed, and
+gone with the sweep. (The real sweep in test_runner.py checks that trials read it.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from qatbench.spec.schema import TrialSpec, validate_experiment
+from qatbench.trial.shared_fp32 import SHARED_ENV, SharedFp32, fingerprint, shared_folder
+
+
+def _trial(threads: int = 1) -> TrialSpec:
+    spec = validate_experiment(
+        {
+            "name": "shared",
+            "models": ["mlp"],
+            "methods": ["fp32", "ptq"],
+            "measure": {"threads": threads},
+        }
+    )
+    return spec.expand()[0]
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+
+
+class _Counted:
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value, self.calls = value, 0
+
+    def __call__(self) -> torch.Tensor:
+        self.calls += 1
+        return self.value
+
+
+@pytest.fixture
+def shared_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(SHARED_ENV, str(tmp_path / "shared"))
+    return tmp_path / "shared"
+
+
+def test_a_second_build_of_the_same_model_reads_what_the_first_computed(
+    shared_dir: Path,
+) -> None:
+    outputs = _Counted(torch.randn(3, 2))
+    first = SharedFp32.of(_trial(), _model(0))
+    assert torch.equal(first.reference_outputs(outputs), outputs.value)
+    assert first.read == []
+    second = SharedFp32.of(_trial(), _model(0))
+    assert second.folder == first.folder
+    assert torch.equal(second.reference_outputs(outputs), outputs.value)
+    assert outputs.calls == 1
+    assert second.read == ["reference_outputs"]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        lambda: SharedFp32.of(_trial(), _model(1)),  # other weights (a factory not seeded)
+        lambda: SharedFp32.of(_trial(threads=2), _model(0)),  # other threads: sums in another order
+    ],
+)
+def test_what_differs_from_the_first_build_computes_its_own(
+    shared_dir: Path, other: object
+) -> None:
+    outputs = _Counted(torch.randn(3, 2))
+    SharedFp32.of(_trial(), _model(0)).reference_outputs(outputs)
+    assert callable(other)
+    again = other()
+    again.reference_outputs(outputs)
+    assert outputs.calls == 2
+    assert again.read == []
+
+
+def test_graph_bytes_recorded_by_fp32_are_read_by_the_others(shared_dir: Path) -> None:
+    fp32 = SharedFp32.of(_trial(), _model(0))
+    fp32.record_graph_bytes(12345)
+    other = SharedFp32.of(_trial(), _model(0))
+    assert other.graph_bytes(lambda: pytest.fail("exported again")) == 12345
+    assert other.read == ["graph_bytes"]
+
+
+def test_without_a_shared_folder_everything_is_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SHARED_ENV, raising=False)
+    outputs = _Counted(torch.randn(3, 2))
+    alone = SharedFp32.of(_trial(), _model(0))
+    alone.reference_outputs(outputs)
+    alone.reference_outputs(outputs)
+    alone.record_graph_bytes(1)
+    assert alone.graph_bytes(lambda: 7) == 7
+    assert outputs.calls == 2
+    assert alone.folder is None and alone.read == []
+
+
+def test_the_fingerprint_sees_one_changed_weight() -> None:
+    model = _model(0)
+    before = fingerprint(model)
+    assert fingerprint(_model(0)) == before
+    with torch.no_grad():
+        model[2].bias[0] += 1e-3
+    assert fingerprint(model) != before
+
+
+def test_the_shared_folder_goes_with_the_sweep(tmp_path: Path) -> None:
+    folder = tmp_path / "shared"
+    assert SHARED_ENV not in os.environ
+    with shared_folder(folder):
+        assert os.environ[SHARED_ENV] == str(folder.absolute())
+        SharedFp32.of(_trial(), _model(0)).record_graph_bytes(1)
+        assert any(folder.iterdir())
+    assert not folder.exists()
+    assert SHARED_ENV not in os.environ
