@@ -201,11 +201,14 @@ def _parity(
     reference_out: torch.Tensor,
     graph_out: torch.Tensor | None = None,
 ) -> None:
+    # one batch of the evaluation data: the graph's agreement with torch, not its quality
     batch = trial.data.batch_size
+    x = data.eval_x[:batch]
+    reference_out = reference_out[:batch]
     with fp32_kernels(candidate):  # ONNX graphs compute in fp32: so does the reference
-        torch_out = predict(candidate, data.eval_x, batch)
-    ort_out = graph_out if graph_out is not None else predict(graph.fn, data.eval_x, batch)
-    step = parity.output_step(candidate, data.eval_x[:batch])
+        torch_out = predict(candidate, x, batch)
+    ort_out = graph_out[:batch] if graph_out is not None else predict(graph.fn, x, batch)
+    step = parity.output_step(candidate, x)
     # the tolerance is never tighter than the quantization's own error (runtimes/parity.py)
     compounding = parity.activation_quantizing_layers(candidate) >= 2
     quantization_error = (
