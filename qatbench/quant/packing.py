@@ -81,10 +81,18 @@ def unpack_bits(
             f"unpack_bits: {packed.numel()} bytes hold fewer than {n} {bits}-bit values"
         )
     data = packed.flatten()[: packed_size(n, bits)]
-    if 8 % bits == 0:
+    if 8 % bits == 0:  # whole values per byte: done in bytes, sign-extended by shifts
         per = 8 // bits
-        lanes = [(data >> (bits * j)) & (2**bits - 1) for j in range(per)]
-        codes = torch.stack(lanes, dim=1).flatten()[:n].to(torch.int16)
+        if per == 1:
+            codes8 = data if signed else data.clone()  # the signed path copies anyway
+        else:
+            lanes = [(data >> (bits * j)) & (2**bits - 1) for j in range(per)]
+            codes8 = torch.stack(lanes, dim=1).flatten()[:n]
+        if signed:  # the value's top bit moved to the byte's, then shifted back arithmetically
+            spare = 8 - bits
+            # (a dtype cast, not a view: the ONNX exporter traces this and has no dtype view)
+            return ((codes8 << spare).to(torch.int8) >> spare).reshape(shape)
+        return codes8.reshape(shape)
     else:
         wide_dtype = torch.int32 if 8 * bits < 31 else torch.int64
         wide = data.to(wide_dtype)

@@ -68,7 +68,8 @@ def packed_initializer(name: str, values: np.ndarray, width: int, signed: bool) 
     tensor.name = name
     tensor.data_type = _TYPES[(width, signed)]
     tensor.dims.extend(values.shape)
-    flat = torch.from_numpy(np.ascontiguousarray(values).astype(np.int64).ravel())
+    # int8 or uint8 codes; copied only where read-only (a memory-mapped weights file)
+    flat = torch.from_numpy(np.require(values.ravel(), requirements=("C", "W")))
     tensor.raw_data = pack_bits(flat, width, signed=signed).numpy().tobytes()
     return tensor
 
