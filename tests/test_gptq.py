@@ -198,3 +198,50 @@ def test_sequential_calibration_stops_each_pass_after_its_layer() -> None:
     method.calibrate(method.prepare(candidate), forward_loop)
     batches = len(calib.split(64))
     assert len(reached) == batches  # only the last layer's own pass reached it
+
+
+def _calibrated(
+    model: torch.nn.Module, calib: torch.Tensor, **options: object
+) -> tuple[GptqMethod, torch.nn.Module]:
+    method = GptqMethod(GptqMethod.Config.model_validate(options), BitWidth.parse("w4"))
+
+    def forward_loop(m: torch.nn.Module) -> None:
+        for xb in calib.split(64):
+            m(xb)
+
+    return method, method.calibrate(method.prepare(copy.deepcopy(model)), forward_loop)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_an_fp32_layers_integers_are_read_back_from_its_weight_exactly(
+    monkeypatch: pytest.MonkeyPatch, symmetric: bool
+) -> None:
+    """Between calibrate and convert an fp32 layer keeps only its grid: the integers
+    convert reads back from the dequantized weight are GPTQ's, every one."""
+    import qatbench.methods.gptq as gptq_method
+
+    chosen: list[torch.Tensor] = []
+
+    def recording(*args: object, **kwargs: object) -> object:
+        result = gptq_quantize(*args, **kwargs)  # type: ignore[arg-type]
+        chosen.append(result.q.clone())
+        return result
+
+    monkeypatch.setattr(gptq_method, "gptq_quantize", recording)
+    model, calib, _ = _mlp_and_data()
+    method, calibrated = _calibrated(model, calib, group_size=32, symmetric=symmetric)
+    assert not any(hasattr(kept, "q") for kept in method._results.values())  # grids only
+    converted = method.convert(calibrated)
+    layers = [converted.get_submodule(n) for n in ("net.1", "net.3")]
+    assert all(isinstance(layer, WeightOnlyLinear) for layer in layers)
+    for layer, q in zip(layers, chosen, strict=True):
+        assert torch.equal(layer.int_weight(), q)
+
+
+def test_a_layer_changed_between_calibrate_and_convert_is_a_plugin_error() -> None:
+    model, calib, _ = _mlp_and_data()
+    method, calibrated = _calibrated(model, calib)
+    with torch.no_grad():
+        calibrated.get_submodule("net.1").weight[0, 0] += 1e-3
+    with pytest.raises(PluginError, match=r"'net\.1' changed between calibrate and convert"):
+        method.convert(calibrated)

