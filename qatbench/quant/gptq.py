@@ -27,6 +27,8 @@ from qatbench.quant.affine import (
     storage_dtype,
 )
 
+ROW_BLOCK_BYTES = 32 << 20  # float64 rows quantized at a time: 4096 rows of 1,024 inputs
+
 
 class HessianAccumulator:
     """Running ``2/n * sum x^T x`` of a layer's inputs (rows of the flattened input)."""
@@ -93,11 +95,9 @@ def gptq_quantize(
     check_bits(bits)
     out_features, in_features = weight.shape
     check_group_size(in_features, group_size)
-    w = weight.detach().double().clone()
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
 
     groups = 1 if group_size is None else in_features // group_size
     size = in_features if group_size is None else group_size
@@ -106,7 +106,10 @@ def gptq_quantize(
     static = group_size is None or act_order
     if static:  # parameters from the original weights, before any error feedback
         for g in range(groups):
-            s, z = _params(w[:, g * size : (g + 1) * size].float(), bits, symmetric)
+            columns = slice(g * size, (g + 1) * size)
+            wg = weight[:, columns].detach().float().clone()
+            wg[:, dead[columns]] = 0.0
+            s, z = _params(wg, bits, symmetric)
             scales[:, g] = s
             if zeros is not None and z is not None:
                 zeros[:, g] = z
@@ -114,10 +117,53 @@ def gptq_quantize(
     perm = torch.arange(in_features)
     if act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        h = h[perm][:, perm]
     hinv = _inverse_cholesky(h, damp)
+    del h
 
-    q_int = torch.zeros(out_features, in_features, dtype=torch.int32)
+    q_int = torch.empty(out_features, in_features, dtype=storage_dtype(bits, signed=symmetric))
+    # Rows are independent (each row's error moves along its own columns): a block of rows
+    # at a time bounds the float64 working copies (an LM head's were 4x its fp32 weight).
+    rows = max(1, ROW_BLOCK_BYTES // (8 * in_features))
+    for r1 in range(0, out_features, rows):
+        r2 = min(r1 + rows, out_features)
+        w = weight[r1:r2].detach().double()
+        w[:, dead] = 0.0
+        if act_order:
+            w = w[:, perm]
+        _quantize_rows(
+            w,
+            hinv,
+            perm,
+            size,
+            bits,
+            symmetric,
+            static,
+            block_size,
+            scales[r1:r2],
+            None if zeros is None else zeros[r1:r2],
+            q_int[r1:r2],
+        )
+    return GroupQuantized(q_int, scales, zeros, bits, group_size)
+
+
+def _quantize_rows(
+    w: torch.Tensor,
+    hinv: torch.Tensor,
+    perm: torch.Tensor,
+    size: int,
+    bits: int,
+    symmetric: bool,
+    static: bool,
+    block_size: int,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    q_out: torch.Tensor,
+) -> None:
+    """GPTQ's column loop over rows ``w`` (float64, updated in place; permuted columns
+    under act-order), writing their integers into ``q_out`` and, unless ``static``, their
+    groups' parameters into ``scales``/``zeros`` (views of the whole layer's)."""
+    in_features = w.shape[1]
     for i1 in range(0, in_features, block_size):
         i2 = min(i1 + block_size, in_features)
         w1 = w[:, i1:i2].clone()
@@ -134,12 +180,9 @@ def gptq_quantize(
                     zeros[:, g] = z
             zero = None if zeros is None else zeros[:, g]
             q, deq = _quant_column(w1[:, i].float(), scales[:, g], zero, bits)
-            q_int[:, col] = q.to(torch.int32)
+            q_out[:, col] = q
             d = hinv1[i, i]
             e = (w1[:, i] - deq.double()) / d
             w1[:, i:] -= e.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-
-    q_int = q_int.to(storage_dtype(bits, signed=symmetric))
-    return GroupQuantized(q_int, scales, zeros, bits, group_size)

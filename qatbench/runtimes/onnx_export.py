@@ -17,6 +17,7 @@ import onnx.version_converter
 import torch
 
 from qatbench.errors import PluginError
+from qatbench.memory import release_free_memory
 from qatbench.quant import qdq_sharing, weight_only_onnx
 from qatbench.runtimes import onnx_weights
 
@@ -75,6 +76,7 @@ def export_onnx(
             made = getattr(module, "onnx_export_operands", None)
             if made is not None:
                 operands.enter_context(made())
+                release_free_memory()  # its temporaries, not under the next layer's
         # The TorchScript exporter announces its own deprecation on every call.
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)

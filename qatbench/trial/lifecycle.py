@@ -16,7 +16,6 @@ is saved beside it (``input_example.npy``) for MLflow's ONNX flavour.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import importlib.metadata
 import json
@@ -38,6 +37,7 @@ from qatbench.data.tasks import task_for
 from qatbench.data.training import forward_loop, pretrained, train_loop
 from qatbench.errors import PluginError, QatbenchError, TrialError
 from qatbench.measure import size
+from qatbench.memory import release_free_memory
 from qatbench.methods.base import QuantMethod
 from qatbench.methods.fp32 import Fp32Method
 from qatbench.methods.layer_selection import AUTO
@@ -222,7 +222,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     def peak(name: str) -> None:  # resident high-water mark after a phase, then collect
         state.details.setdefault("peak_rss_after_phase_bytes", {})[name] = _peak_rss()
         gc.collect()
-        _release_free_memory()
+        release_free_memory()
 
     with step("build"):
         model, example = build_model(trial)
@@ -346,15 +346,6 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     state.metrics["peak_rss_vs_fp32_weights"] = (
         state.metrics["peak_rss_bytes"] / state.metrics["fp32_weight_bytes"]
     )
-
-
-def _release_free_memory() -> None:
-    """Give the heap's free pages back to the system (glibc's ``malloc_trim``): the
-    temporaries of a phase (a layer quantized, a graph exported) leave free memory
-    the allocator keeps, resident, under the next phase's peak (0.26 GiB after rtn w4
-    converted a 0.25B Llama). Nothing on other C libraries."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
 
 
 def _peak_rss() -> float:
