@@ -168,7 +168,29 @@ def quantize_with_qparams(
     bits: int,
     group_size: int | None,
 ) -> torch.Tensor:
-    """Integers of ``w`` ``[out, in]`` under per-group params ``[out, groups]``."""
+    """Integers of ``w`` ``[out, in]`` under per-group params ``[out, groups]``, a block of
+    rows at a time (each row's integers depend on that row alone): the float temporaries
+    stay within ``ROW_BLOCK_BYTES`` instead of three copies of an LM head's weight."""
+    w = w.detach()  # integers carry no gradient
+    q = torch.empty(w.shape, dtype=storage_dtype(bits, signed=zero_point is None))
+    rows = max(1, ROW_BLOCK_BYTES // (4 * max(w.shape[1], 1)))
+    for r1 in range(0, w.shape[0], rows):
+        r2 = r1 + rows
+        zero = None if zero_point is None else zero_point[r1:r2]
+        q[r1:r2] = _rows_quantized(w[r1:r2], scale[r1:r2], zero, bits, group_size)
+    return q
+
+
+ROW_BLOCK_BYTES = 32 << 20  # fp32 rows quantized at a time (quantize_with_qparams)
+
+
+def _rows_quantized(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+) -> torch.Tensor:
     g = _grouped(w.float(), group_size)
     if zero_point is None:
         qmax = 2 ** (bits - 1) - 1
@@ -178,7 +200,7 @@ def quantize_with_qparams(
         q = (torch.round(g / scale.unsqueeze(-1)) + zero_point.unsqueeze(-1).float()).clamp(
             qmin, qmax
         )
-    return q.reshape(w.shape).to(storage_dtype(bits, signed=zero_point is None))
+    return q.reshape(w.shape)
 
 
 def quantize_per_group(
