@@ -24,6 +24,7 @@ import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from qatbench.errors import PluginError
+from qatbench.memory import release_free_memory
 from qatbench.methods.base import ALL_RUNTIMES, COMPILED, Capabilities, QuantMethod
 from qatbench.methods.layer_selection import LayerSelection, select_linears
 from qatbench.quant.bitwidth import BitWidth
@@ -124,11 +125,14 @@ def swap_planned_linears(
     plan: dict[str, int],
     quantize: Callable[[str, torch.nn.Linear, int], WeightOnlyLinear],
 ) -> torch.nn.Module:
-    """Swap each planned ``nn.Linear`` for ``quantize(name, layer, bits)``."""
+    """Swap each planned ``nn.Linear`` for ``quantize(name, layer, bits)``, giving each
+    layer's temporaries back before the next (:func:`~qatbench.memory.release_free_memory`:
+    freed, they had stayed resident, 0.7 GiB by the end of a 0.25B Llama's 113 layers)."""
     for name, bits in plan.items():
         layer = model.get_submodule(name)
         assert isinstance(layer, torch.nn.Linear)  # planned layers are Linear layers
         model.set_submodule(name, quantize(name, layer, bits))
+        release_free_memory()
     return model
 
 

@@ -90,6 +90,7 @@ from qatbench.quant.weight_only_onnx import required_opset
 
 INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts
 KERNEL_DTYPE = torch.bfloat16
+DEQUANTIZE_BLOCK_BYTES = 32 << 20  # fp32 weight rows the dequantize path makes at a time
 #: From this many rows (prompt tokens x batch) an int8 layer runs oneDNN's bf16 GEMM on its
 #: integers widened to bf16 for the call, where the CPU has native bf16 (measured in the
 #: module docstring: ``_weight_int8pack_mm`` is a GEMV-shaped kernel that loses to fp32 GEMM
@@ -270,6 +271,19 @@ class WeightOnlyLinear(torch.nn.Module):
             self.int_weight(), self.scales, self.zero_point_tensor(), self.group_size
         )
 
+    def dequantized_rows(self, r1: int, r2: int) -> torch.Tensor:
+        """Rows ``r1:r2`` of :meth:`dequantized_weight`, unpacking only their bytes
+        (``r1 * in_features * bits`` must fall on a byte: ``r1`` a multiple of 8 does)."""
+        bits, n_in = self.bits, self.in_features
+        start, end = r1 * n_in * bits, r2 * n_in * bits
+        assert start % 8 == 0, "a block of rows must start on a byte"
+        packed = self.qweight[start // 8 : (end + 7) // 8]
+        q = unpack_bits(packed, bits, (r2 - r1, n_in), signed=self.symmetric)
+        zero = self.zero_point_tensor()
+        return dequantize_per_group(
+            q, self.scales[r1:r2], None if zero is None else zero[r1:r2], self.group_size
+        )
+
     def effective_weight(self) -> torch.Tensor:
         """The fp32 ``[out, in]`` weight the layer computes with: ``x @ W.T + bias``."""
         weight = self.dequantized_weight()
@@ -368,7 +382,7 @@ class WeightOnlyLinear(torch.nn.Module):
             x = x * input_scale
         kernel = self.torch_kernel
         if kernel == "dequantize":
-            return F.linear(x.float(), self.dequantized_weight(), buffers["bias"])
+            return self._dequantized_linear(x.float())
         shape = x.shape
         xb = x.bfloat16()  # the kernels read bf16 (module doc); .to(dtype) parses slower
         if len(shape) != 2:
@@ -388,6 +402,22 @@ class WeightOnlyLinear(torch.nn.Module):
         else:
             y = self._int8(xb, weight)
         return y if len(shape) == 2 else y.view(*shape[:-1], self.out_features)
+
+    def _dequantized_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + bias`` from the integers dequantized a block of output rows at a
+        time, so no call holds more than ``DEQUANTIZE_BLOCK_BYTES`` of fp32 weight (an LM
+        head's whole weight and its unpacking's temporaries were half a GiB)."""
+        # a multiple of 8 rows: every block starts on a byte of the packed integers
+        rows = max(8, DEQUANTIZE_BLOCK_BYTES // (4 * self.in_features) // 8 * 8)
+        bias = self._buffers["bias"]
+        if rows >= self.out_features:
+            return F.linear(x, self.dequantized_weight(), bias)
+        parts = []
+        for r1 in range(0, self.out_features, rows):
+            r2 = min(r1 + rows, self.out_features)
+            weight = self.dequantized_rows(r1, r2)
+            parts.append(F.linear(x, weight, None if bias is None else bias[r1:r2]))
+        return torch.cat(parts, dim=-1)
 
     def _one_row_runs(self) -> bool:
         """Whether one row takes :meth:`_one_row`: a kernel that needs no correction after
