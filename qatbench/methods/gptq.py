@@ -83,11 +83,12 @@ class GptqMethod(QuantMethod):
             for name in names:
                 layer = model.get_submodule(name)
                 assert isinstance(layer, torch.nn.Linear)  # planned layers are Linear layers
-                if hessians[name].samples == 0:
+                accumulated = hessians.pop(name)  # not held under the next layer's pass
+                if accumulated.samples == 0:
                     raise PluginError(f"gptq: layer {name!r} saw no calibration data")
                 result = gptq_quantize(
                     layer.weight,
-                    hessians[name].hessian,
+                    accumulated.hessian,
                     plan[name],
                     self.config.group_size,
                     self.config.symmetric,
@@ -103,7 +104,7 @@ class GptqMethod(QuantMethod):
                 layer.weight = torch.nn.Parameter(
                     result.dequantize().to(layer.weight.dtype), layer.weight.requires_grad
                 )
-                del result
+                del result, accumulated
         return model
 
     @staticmethod

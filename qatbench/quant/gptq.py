@@ -68,14 +68,18 @@ def _quant_column(
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; the damping grows
     tenfold (at most three times) while ``H`` is not numerically positive definite."""
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
     mean_diag = torch.mean(torch.diag(h))
     for attempt in range(4):
+        # At most two [in, in] float64 matrices besides ``h`` at once (a 5,632-wide MLP's
+        # are 254 MB each; the damped copy, its factor and the inverse had all been alive).
+        damped = h.clone()
+        damped.diagonal().add_(damp * 10**attempt * mean_diag)
         try:
-            damped = h + damp * 10**attempt * mean_diag * eye
-            return torch.linalg.cholesky(
-                torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True
-            )
+            factor = torch.linalg.cholesky(damped)
+            del damped
+            inverse = torch.cholesky_inverse(factor)
+            del factor
+            return torch.linalg.cholesky(inverse, upper=True)
         except torch.linalg.LinAlgError:
             continue
     raise ValueError(f"gptq: the Hessian is not positive definite even with damping {damp * 1e3}")
@@ -95,9 +99,11 @@ def gptq_quantize(
     check_bits(bits)
     out_features, in_features = weight.shape
     check_group_size(in_features, group_size)
-    h = hessian.double().clone()
+    h = hessian.double()
     dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
+    if bool(dead.any()):  # written only where needed: no copy of a whole Hessian else
+        h = h.clone()
+        h[dead, dead] = 1.0
 
     groups = 1 if group_size is None else in_features // group_size
     size = in_features if group_size is None else group_size
