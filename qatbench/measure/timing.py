@@ -330,7 +330,7 @@ def time_pairs(
             )
         for repeat in range(settings.repeats):
             renewed = renew is not None and repeat > 0
-            if renew is not None and renewed:
+            if renew is not None and repeat > 0:
                 _renew(timed, renew, repeat, settings.warmup_s / settings.repeats)
             for p in timed:
                 new_and_cold = renewed and not p.warmed()

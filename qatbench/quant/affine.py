@@ -161,6 +161,9 @@ def group_qparams(
     return scale, zero_point.to(torch.uint8 if bits <= 8 else torch.int32)
 
 
+ROW_BLOCK_BYTES = 32 << 20  # fp32 rows quantized at a time (quantize_with_qparams)
+
+
 def quantize_with_qparams(
     w: torch.Tensor,
     scale: torch.Tensor,
@@ -179,9 +182,6 @@ def quantize_with_qparams(
         zero = None if zero_point is None else zero_point[r1:r2]
         q[r1:r2] = _rows_quantized(w[r1:r2], scale[r1:r2], zero, bits, group_size)
     return q
-
-
-ROW_BLOCK_BYTES = 32 << 20  # fp32 rows quantized at a time (quantize_with_qparams)
 
 
 def _rows_quantized(
