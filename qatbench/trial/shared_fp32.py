@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -41,15 +42,10 @@ GRAPH_FILE = "fp32_graph.json"
 @contextlib.contextmanager
 def shared_folder(folder: Path) -> Iterator[None]:
     """Name ``folder`` as the shared folder of the trials started inside, then remove it."""
-    before = os.environ.get(SHARED_ENV)
-    os.environ[SHARED_ENV] = str(folder.absolute())
     try:
-        yield
+        with mock.patch.dict(os.environ, {SHARED_ENV: str(folder.absolute())}):
+            yield
     finally:
-        if before is None:
-            os.environ.pop(SHARED_ENV, None)
-        else:
-            os.environ[SHARED_ENV] = before
         shutil.rmtree(folder, ignore_errors=True)
 
 
