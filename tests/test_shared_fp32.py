@@ -8,9 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from qatbench.spec.schema import TrialSpec, validate_experiment
-from qatbench.trial.shared_fp32 import SHARED_ENV, SharedFp32, fingerprint, shared_folder
+from qatbench.trial.shared_fp32 import (
+    CONVERTED_PREFIX,
+    SHARED_ENV,
+    Conversion,
+    SharedFp32,
+    fingerprint,
+    shared_folder,
+)
 
 
 def _trial(threads: int = 1) -> TrialSpec:
@@ -116,3 +124,91 @@ def test_the_shared_folder_goes_with_the_sweep(tmp_path: Path) -> None:
         assert any(folder.iterdir())
     assert not folder.exists()
     assert SHARED_ENV not in os.environ
+
+
+class _Converts:
+    """A conversion counted, of ``make()``'s model."""
+
+    def __init__(self, make: object, by: str = "first-trial") -> None:
+        self.make, self.by, self.calls = make, by, 0
+
+    def __call__(self) -> Conversion:
+        self.calls += 1
+        assert callable(self.make)
+        return Conversion(self.make(), {"alpha": 0.5}, self.by)
+
+
+def _grid(runtimes: str = "[torch, onnxruntime]", bits: str = "[w4, w8]") -> list[TrialSpec]:
+    """rtn on ``runtimes`` at ``bits``, as one sweep expands it."""
+    spec = validate_experiment(
+        {
+            "name": "shared",
+            "models": ["mlp"],
+            "methods": [{"name": "rtn", "bits": yaml.safe_load(bits)}],
+            "runtimes": yaml.safe_load(runtimes),
+        }
+    )
+    return spec.expand()
+
+
+def test_a_converted_model_is_saved_once_and_loaded_by_the_other_runtimes(
+    tmp_path: Path,
+) -> None:
+    trials = {t.id: t for t in _grid()}
+    w4_torch, w4_ort = trials["mlp-rtn-w4-torch"], trials["mlp-rtn-w4-onnxruntime"]
+    with shared_folder(tmp_path / "shared", list(trials.values())):
+        convert = _Converts(lambda: _model(3))
+        first = SharedFp32.of(w4_torch, _model(0)).converted(w4_torch, convert)
+        other = SharedFp32.of(w4_ort, _model(0))
+        second = other.converted(w4_ort, _Converts(lambda: pytest.fail("converted again")))
+        assert convert.calls == 1
+        assert other.read == ["converted_model"]
+        assert second.by == "first-trial" and second.choices == {"alpha": 0.5}
+        x = torch.randn(5, 8)
+        assert torch.equal(second.model(x), first.model(x))
+        # another bit-width is another conversion
+        w8 = _Converts(lambda: _model(3))
+        w8_ort = trials["mlp-rtn-w8-onnxruntime"]
+        SharedFp32.of(w8_ort, _model(0)).converted(w8_ort, w8)
+        assert w8.calls == 1
+        assert len(list((tmp_path / "shared").glob(f"*/{CONVERTED_PREFIX}*.pt"))) == 2
+
+
+def test_a_conversion_no_other_trial_loads_is_not_saved(tmp_path: Path) -> None:
+    (trial,) = _grid(runtimes="[torch]", bits="[w4]")
+    with shared_folder(tmp_path / "shared", [trial]):
+        SharedFp32.of(trial, _model(0)).converted(trial, _Converts(lambda: _model(3)))
+        assert not list((tmp_path / "shared").glob(f"*/{CONVERTED_PREFIX}*"))
+
+
+class _Unpicklable(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 2)
+        self.hook = lambda x: x  # a lambda does not pickle
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def test_a_model_that_does_not_pickle_is_converted_by_each_trial(tmp_path: Path) -> None:
+    trials = _grid(bits="[w4]")
+    convert = _Converts(_Unpicklable)
+    with shared_folder(tmp_path / "shared", trials):
+        for trial in trials:
+            made = SharedFp32.of(trial, _model(0)).converted(trial, convert)
+            assert isinstance(made.model, _Unpicklable)
+        assert convert.calls == 2
+        assert not list((tmp_path / "shared").glob("*/*.tmp"))
+
+
+def test_a_saved_model_that_does_not_load_is_converted_again(tmp_path: Path) -> None:
+    first, second = _grid(bits="[w4]")
+    with shared_folder(tmp_path / "shared", [first, second]):
+        SharedFp32.of(first, _model(0)).converted(first, _Converts(lambda: _model(3)))
+        (saved,) = (tmp_path / "shared").glob(f"*/{CONVERTED_PREFIX}*.pt")
+        saved.write_bytes(b"not a checkpoint")
+        convert = _Converts(lambda: _model(3), by="second-trial")
+        other = SharedFp32.of(second, _model(0))
+        assert other.converted(second, convert).by == "second-trial"
+        assert convert.calls == 1 and other.read == []

@@ -73,6 +73,7 @@ class AwqMethod(QuantMethod):
         weight_only=True,
         needs_calibration=True,
         runtimes=ALL_RUNTIMES | COMPILED,
+        reusable_model=True,
     )
 
     class Config(WeightOnlyConfig):

@@ -112,6 +112,11 @@ class Capabilities:
     is given (it may replace tensors and modules): the driver then hands it a copy sharing
     the fp32 model's weight storage instead of a deep copy, so a trial holds the fp32
     weights once (:func:`qatbench.methods.lifecycle.quantize_copy`).
+    ``reusable_model`` promises that the converted model is all that ``export``,
+    ``choices`` and measurement read afterwards (the method keeps nothing of its
+    calibration for later) and that it is picklable: a sweep then converts once per model,
+    method, options and bits, and its trials on other runtimes load that model instead of
+    quantizing again (:mod:`qatbench.trial.shared_fp32`).
     """
 
     weight_bits: frozenset[int] = frozenset()
@@ -122,6 +127,7 @@ class Capabilities:
     artifacts: frozenset[str] = field(default_factory=lambda: ALL_RUNTIMES)
     layer_types: frozenset[str] = LINEAR_ONLY
     keeps_weights: bool = False
+    reusable_model: bool = False
     runtimes: InitVar[frozenset[str] | None] = None
 
     def __post_init__(self, runtimes: frozenset[str] | None) -> None:

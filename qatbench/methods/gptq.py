@@ -56,6 +56,7 @@ class GptqMethod(QuantMethod):
         weight_only=True,
         needs_calibration=True,
         runtimes=ALL_RUNTIMES | COMPILED,
+        reusable_model=True,
     )
 
     class Config(WeightOnlyConfig):

@@ -94,6 +94,7 @@ class PtqMethod(QuantMethod):
         activation_bits=frozenset({4, 8}),
         needs_calibration=True,
         layer_types=LINEAR_AND_CONV,
+        reusable_model=True,
     )
 
     class Config(LayerSelection):

@@ -146,6 +146,7 @@ class RtnMethod(QuantMethod):
         weight_only=True,
         runtimes=ALL_RUNTIMES | COMPILED,
         keeps_weights=True,
+        reusable_model=True,
     )
 
     class Config(WeightOnlyConfig):

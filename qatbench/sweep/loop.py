@@ -79,7 +79,7 @@ class SweepLoop:
                     signals_interrupt(),
                     progress.shown(),
                     self._phases_to(progress),
-                    shared_folder(self.run_dir / SHARED_FOLDER),
+                    shared_folder(self.run_dir / SHARED_FOLDER, todo),
                 ):
                     pending = []
                     for trial in todo:  # what an interrupted attempt got to, then the rest

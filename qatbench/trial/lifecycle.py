@@ -69,7 +69,7 @@ from qatbench.trial.measure_phase import (
 )
 from qatbench.trial.measure_phase import TrialState as _State
 from qatbench.trial.mixed_precision import search_keep_fp32
-from qatbench.trial.shared_fp32 import SharedFp32
+from qatbench.trial.shared_fp32 import Conversion, SharedFp32
 
 PhaseReporter = Callable[[str], None]
 INPUT_EXAMPLE = "input_example.npy"
@@ -253,25 +253,37 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
                 lambda: reference_graph_bytes(fp32, example, out_dir, _fp32_metadata())
             )
             peak("reference")  # the exporter's copies given back before quantizing
-        if shared.read:
-            state.details["read_from_sweep"] = shared.read
 
     state.phase = "prepare"  # a method that cannot be made fails where it would run
     method = method_for(trial)
-    if trial.method.options.get("keep_fp32") == AUTO:
+    searched = trial.method.options.get("keep_fp32") == AUTO
+    if searched:
         with step("search"):
             method = _mixed_precision(trial, fp32, data, state)
     caps = method.capabilities
-    candidate = quantize_copy(
-        method,
-        fp32,
-        forward_loop=lambda: forward_loop(data, trial.data.batch_size),
-        train_loop=lambda: train_loop(data, trial.data.batch_size, trial.seed),
-        step=step,
-    )
+
+    def convert() -> Conversion:
+        model = quantize_copy(
+            method,
+            fp32,
+            forward_loop=lambda: forward_loop(data, trial.data.batch_size),
+            train_loop=lambda: train_loop(data, trial.data.batch_size, trial.seed),
+            step=step,
+        )
+        return Conversion(model, method.choices(), trial.id)
+
+    if caps.reusable_model and not searched:  # converted once a sweep (shared_fp32.py)
+        conversion = shared.converted(trial, convert)
+        if conversion.by != trial.id:
+            state.details["converted_by"] = conversion.by
+    else:
+        conversion = convert()
+    candidate = conversion.model
+    if shared.read:
+        state.details["read_from_sweep"] = shared.read
     state.details.update(kernel_summary(candidate))
     state.details["simulated"] = method.simulated
-    state.details.update(method.choices())
+    state.details.update(conversion.choices)
     state.metrics["quantized_weight_fraction"] = size.quantized_weight_fraction(fp32, candidate)
     peak("convert")
 

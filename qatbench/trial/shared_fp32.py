@@ -14,6 +14,13 @@ and a fingerprint of the built model's weights, so a factory that does not build
 weights twice never reads another build's outputs. Later trials read it instead of
 computing it. A trial run alone (the pytest plugin, ``qatbench trial``) computes everything
 itself. Files are written atomically, so trials running at once at worst compute twice.
+
+A method whose capabilities promise ``reusable_model`` is converted once a sweep too: the
+first trial of a model, method, options and bits saves its converted model (a pickle with
+its tensors, loaded memory-mapped, from the sweep's own folder), and that method's trials
+on the other runtimes load it instead of calibrating and converting again: a GPTQ of a 1B
+model is half an hour of calibration, the same for torch and for onnxruntime. A model that
+does not pickle or load is converted by each trial, as before.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ import importlib.metadata
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import torch
@@ -37,16 +46,50 @@ from qatbench.spec.schema import TrialSpec
 SHARED_ENV = "QATBENCH_SHARED_DIR"
 REFERENCE_FILE = "reference_outputs.pt"
 GRAPH_FILE = "fp32_graph.json"
+CONVERTED_PREFIX = "converted-"
+REUSED_FILE = "reused.json"  # the ids of trials whose converted model another will load
+
+
+@dataclass
+class Conversion:
+    """A method's converted model with what the trial records of it: the method's
+    ``choices()`` and the id of the trial that converted it."""
+
+    model: torch.nn.Module
+    choices: dict[str, Any]
+    by: str
 
 
 @contextlib.contextmanager
-def shared_folder(folder: Path) -> Iterator[None]:
-    """Name ``folder`` as the shared folder of the trials started inside, then remove it."""
+def shared_folder(folder: Path, trials: Sequence[TrialSpec] = ()) -> Iterator[None]:
+    """Name ``folder`` as the shared folder of the trials started inside, then remove it.
+    ``trials`` are the sweep's trials to run: those whose converted model another of them
+    can load are listed in the folder, and only those save it."""
     try:
+        keys = {t.id: json.dumps(conversion_key(t), sort_keys=True, default=str) for t in trials}
+        groups = Counter(keys.values())
+        folder.mkdir(parents=True, exist_ok=True)
+        reused = [trial_id for trial_id, key in keys.items() if groups[key] > 1]
+        write_text_atomic(folder / REUSED_FILE, json.dumps(reused))
         with mock.patch.dict(os.environ, {SHARED_ENV: str(folder.absolute())}):
             yield
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def conversion_key(trial: TrialSpec) -> dict[str, Any]:
+    """What a trial's converted model depends on: its model entry, data, seed and threads,
+    and its method, options and bits, not its runtime (the built weights' fingerprint is
+    in the shared folder's own key)."""
+    return {
+        "model": trial.model.model_dump(exclude={"expect"}),
+        "data": trial.data.model_dump(),
+        "seed": trial.seed,
+        "threads": trial.measure.threads,
+        "method": trial.method.name,
+        "options": trial.method.options,
+        "bits": trial.bits,
+    }
 
 
 def fingerprint(model: torch.nn.Module) -> list[object]:
@@ -125,3 +168,40 @@ class SharedFp32:
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.folder / GRAPH_FILE, json.dumps({"graph_bytes": size}))
+
+    def converted(self, trial: TrialSpec, compute: Callable[[], Conversion]) -> Conversion:
+        """``trial``'s converted model: loaded (memory-mapped) if a trial of the sweep on
+        another runtime saved it, else computed, and saved where the sweep has such a
+        trial still to run. A model that cannot be saved is returned as computed; one that
+        cannot be loaded is computed again."""
+        if self.folder is None:
+            return compute()
+        text = json.dumps(conversion_key(trial), sort_keys=True, default=str)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+        path = self.folder / f"{CONVERTED_PREFIX}{digest}.pt"
+        if path.exists():
+            try:
+                saved = torch.load(path, mmap=True, weights_only=False)
+            except Exception:  # a class that no longer imports: convert as if first
+                saved = None
+            if isinstance(saved, dict) and isinstance(saved.get("model"), torch.nn.Module):
+                self.read.append("converted_model")
+                return Conversion(saved["model"], saved["choices"], saved["by"])
+        made = compute()
+        if trial.id not in _reused(self.folder.parent):
+            return made
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save({"model": made.model, "choices": made.choices, "by": made.by}, tmp)
+            os.replace(tmp, path)
+        except Exception:  # a model that does not pickle: this trial's alone
+            tmp.unlink(missing_ok=True)
+        return made
+
+
+def _reused(root: Path) -> set[str]:
+    try:
+        return set(json.loads((root / REUSED_FILE).read_text()))
+    except (OSError, ValueError):
+        return set()
