@@ -90,3 +90,25 @@ def test_validate_rejects_then_forced_accepts(tmp_path: Path) -> None:
     forced = runner.invoke(app, ["validate", "--force", str(path)])
     assert forced.exit_code == 0, forced.output
     assert "ok, 2 trials" in forced.output
+
+
+def test_a_quantized_graph_and_a_shared_conversion_are_counted_at_their_bits(
+    tmp_path: Path,
+) -> None:
+    small = {**HUGE, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    small.update(num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    rtn = [{"name": "rtn", "bits": ["w4"]}]
+    spec = validate_experiment(_experiment(small, methods=rtn), source="t")
+    size = resources.model_size(spec.models[0])
+    assert size is not None
+    # per layer q, o 64x64; k, v 64x32; gate, up, down 64x128; and the 256x64 head
+    linear = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) + 256 * 64
+    assert size.bytes_by_layer_type["Linear"] == 4 * linear
+    assert size.bytes_by_layer_type["Embedding"] == 4 * 256 * 64
+    quantized = size.fp32_bytes - 4 * linear + 4 * linear * (4 + resources.SCALE_BITS) // 32
+    assert size.quantized_bytes(frozenset({"Linear"}), 4) == quantized
+    found = resources.estimate(spec)
+    assert found is not None
+    # onnxruntime's graph twice, the fp32 reference graph for a moment, and the converted
+    # model that the torch and onnxruntime trials share; torch keeps nothing
+    assert found.disk_bytes == resources.ONNX_COPIES * quantized + size.fp32_bytes + quantized

@@ -11,6 +11,7 @@ allowed. The schema and the grid are here; the checks against what is registered
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -378,6 +379,21 @@ class TrialSpec:
 
     def expectations(self) -> list[Expectation]:
         return [parse_expectation(e) for e in self.expect]
+
+    def conversion_key(self) -> str:
+        """What the trial's converted model depends on, as text: its model entry, data,
+        seed and threads, and its method, options and bits, not its runtime. Trials of a
+        sweep with equal keys can share one conversion (qatbench/trial/shared_fp32.py)."""
+        key = {
+            "model": self.model.model_dump(exclude={"expect"}),
+            "data": self.data.model_dump(),
+            "seed": self.seed,
+            "threads": self.measure.threads,
+            "method": self.method.name,
+            "options": self.method.options,
+            "bits": self.bits,
+        }
+        return json.dumps(key, sort_keys=True, default=str)
 
 
 def load_experiment(path: str | Path) -> ExperimentSpec:

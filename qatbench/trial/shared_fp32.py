@@ -66,7 +66,7 @@ def shared_folder(folder: Path, trials: Sequence[TrialSpec] = ()) -> Iterator[No
     ``trials`` are the sweep's trials to run: those whose converted model another of them
     can load are listed in the folder, and only those save it."""
     try:
-        keys = {t.id: json.dumps(conversion_key(t), sort_keys=True, default=str) for t in trials}
+        keys = {t.id: t.conversion_key() for t in trials}
         groups = Counter(keys.values())
         folder.mkdir(parents=True, exist_ok=True)
         reused = [trial_id for trial_id, key in keys.items() if groups[key] > 1]
@@ -75,21 +75,6 @@ def shared_folder(folder: Path, trials: Sequence[TrialSpec] = ()) -> Iterator[No
             yield
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def conversion_key(trial: TrialSpec) -> dict[str, Any]:
-    """What a trial's converted model depends on: its model entry, data, seed and threads,
-    and its method, options and bits, not its runtime (the built weights' fingerprint is
-    in the shared folder's own key)."""
-    return {
-        "model": trial.model.model_dump(exclude={"expect"}),
-        "data": trial.data.model_dump(),
-        "seed": trial.seed,
-        "threads": trial.measure.threads,
-        "method": trial.method.name,
-        "options": trial.method.options,
-        "bits": trial.bits,
-    }
 
 
 def fingerprint(model: torch.nn.Module) -> list[object]:
@@ -176,8 +161,7 @@ class SharedFp32:
         cannot be loaded is computed again."""
         if self.folder is None:
             return compute()
-        text = json.dumps(conversion_key(trial), sort_keys=True, default=str)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:20]
+        digest = hashlib.sha256(trial.conversion_key().encode()).hexdigest()[:20]
         path = self.folder / f"{CONVERTED_PREFIX}{digest}.pt"
         if path.exists():
             try:
