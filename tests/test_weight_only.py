@@ -19,6 +19,7 @@ from qatbench.methods.layer_selection import layer_bits
 from qatbench.methods.ptq import PtqMethod
 from qatbench.methods.rtn import RtnMethod
 from qatbench.models.mlp import Mlp, MlpConfig
+from qatbench.quant import native_rows
 from qatbench.quant.affine import quantize_per_group
 from qatbench.quant.bitwidth import BitWidth
 from qatbench.quant.quantized_linear import QuantizedLinear
@@ -192,6 +193,7 @@ def test_the_widening_threshold_follows_the_cpu_and_is_in_the_details() -> None:
         "torch_kernels": {"int8pack_mm": 1, "int4pack_mm": 1},
         "dequantizes_per_call": False,
         "torch_activations": "bf16",
+        "torch_one_row": native_rows.status(),
         "int8_widened_from_rows": INT8_WIDEN_ROWS if NATIVE_BF16 else None,
     }
     int8.int8_widen_rows = NEVER
@@ -207,12 +209,22 @@ def _awq_like(k: int, n: int, bits: int, group_size: int | None, bias: bool) -> 
     )
 
 
+@pytest.fixture
+def three_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers made inside run one row as three ops, as where the native kernel does not
+    build."""
+    monkeypatch.setattr(native_rows, "one_row_kernel", lambda: None)
+
+
+NATIVE = pytest.mark.skipif(native_rows.one_row_kernel() is None, reason=native_rows.status())
+
+
 @pytest.mark.parametrize(
     ("bits", "group_size", "kernel"),
     [(8, None, "_weight_int8pack_mm"), (4, 32, "_weight_int4pack_mm_for_cpu")],
 )
 def test_a_decoded_token_is_three_ops_cast_kernel_bias(
-    bits: int, group_size: int | None, kernel: str
+    bits: int, group_size: int | None, kernel: str, three_ops: None
 ) -> None:
     """One row with a bias: the cast into the layer's scratch row, the kernel, the bias add
     with the cast back; the stored integers are read in place, nothing else runs."""
@@ -226,6 +238,82 @@ def test_a_decoded_token_is_three_ops_cast_kernel_bias(
     reference = x @ layer.dequantized_weight().t() + layer.bias
     assert out.shape == (1, 1, 96) and out.dtype == torch.float32
     assert float((out - reference).abs().max()) <= 1e-2 * float(reference.abs().max())
+
+
+@NATIVE
+@pytest.mark.parametrize(
+    ("bits", "group_size", "kernel"),
+    [(8, None, "_weight_int8pack_mm"), (4, 32, "_weight_int4pack_mm_for_cpu")],
+)
+def test_natively_a_decoded_token_is_the_kernel_and_its_output(
+    bits: int, group_size: int | None, kernel: str
+) -> None:
+    """The native row: the dispatcher sees only the kernel and the fp32 output allocated;
+    the cast in and the bias add are loops in the same call."""
+    layer = WeightOnlyLinear.from_float(_layer(128, 96), bits, group_size)
+    x = _x(1, 1, 128)
+    _ops_of(layer, x)
+    _, ops = _ops_of(layer, x)
+    assert ops.names == [kernel, "empty"], ops.names
+    assert ops.calls[-1][1] == [((1, 1, 96), torch.float32)]
+    assert kernel_summary(layer)["torch_one_row"] == "native"
+
+
+@NATIVE
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    ("k", "n", "bits", "group_size"),
+    [(28, 24, 8, None), (784, 10, 4, None), (64, 40, 3, 32), (128, 48, 2, None), (96, 33, 4, 32)],
+)
+def test_the_native_row_is_the_three_ops_bit_for_bit(
+    k: int, n: int, bits: int, group_size: int | None, bias: bool, scaled: bool
+) -> None:
+    """Padded inputs and outputs, AWQ's input scale, no bias, 2- to 4-d inputs, and inputs
+    the loops do not take (not contiguous, float64: the native call copies them as the
+    three ops do)."""
+    if scaled:
+        layer = _awq_like(k, n, bits, group_size, bias)
+    else:
+        layer = WeightOnlyLinear.from_float(_layer(k, n, bias=bias), bits, group_size)
+    wide = _x(1, 2 * k, seed=9)
+    inputs = [_x(1, k), _x(1, 1, k, seed=2), _x(1, 1, 1, k, seed=3), wide[:, ::2]]
+    for x in [*inputs, _x(1, k, seed=4).double()]:
+        with torch.inference_mode():
+            native = layer(x)
+            scratch = layer.__dict__["_scratch"]
+            assert scratch.native is not None
+            scratch.native = None  # the same scratch row, three ops
+            ops = layer(x)
+            layer.__dict__.pop("_scratch")
+        assert native.dtype == ops.dtype == torch.float32
+        assert torch.equal(native, ops), (x.shape, x.dtype)
+
+
+def test_a_kernel_that_does_not_build_leaves_the_three_ops_and_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch.utils.cpp_extension as cpp
+
+    def no_compiler(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("Error building extension 'qatbench_rows': c++: not found\nmore")
+
+    monkeypatch.setattr(cpp, "load_inline", no_compiler)
+    native_rows.one_row_kernel.cache_clear()
+    try:
+        assert native_rows.one_row_kernel() is None
+        assert native_rows.status() == (
+            "three ops: the native row kernel did not build "
+            "(Error building extension 'qatbench_rows': c++: not found)"
+        )
+        layer = WeightOnlyLinear.from_float(_layer(128, 96), 4, 32)
+        _, ops = _ops_of(layer, _x(1, 1, 128))
+        assert ops.names[-3:] == ["copy_", "_weight_int4pack_mm_for_cpu", "add"]
+        monkeypatch.setenv(native_rows.DISABLE_ENV, "0")
+        native_rows.one_row_kernel.cache_clear()
+        assert native_rows.status() == "three ops: QATBENCH_NATIVE_ROWS=0"
+    finally:
+        native_rows.one_row_kernel.cache_clear()
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -463,6 +551,7 @@ def test_keep_fp32_and_overrides(seed_mlp: Mlp) -> None:
         "torch_kernels": {"int4pack_mm": 2, "int8pack_mm": 1},
         "dequantizes_per_call": False,
         "torch_activations": "bf16",
+        "torch_one_row": native_rows.status(),
         "int8_widened_from_rows": INT8_WIDEN_ROWS if NATIVE_BF16 else None,
     }
 

@@ -79,6 +79,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from qatbench.quant import native_rows
 from qatbench.quant.affine import (
     GroupQuantized,
     check_group_size,
@@ -176,6 +177,8 @@ class WeightOnlyLinear(torch.nn.Module):
         # Per-input-feature factor applied to x before the product (AWQ's 1 / s), if any.
         self.register_buffer("input_scale", torch.ones(in_features) if input_scaled else None)
         self._torch_kernel = choose_kernel(bits, group_size)
+        if self._torch_kernel != "dequantize":  # built (once a machine) while converting
+            native_rows.one_row_kernel()
         self._int8_widen_rows = INT8_WIDEN_ROWS if NATIVE_BF16 else NEVER
         self._kernel_group = 0
         self._padded_in, self._padded_out = in_features, False
@@ -435,13 +438,25 @@ class WeightOnlyLinear(torch.nn.Module):
         dropped when the kernel's operands or ``torch_kernel`` change, and never returned."""
         buffers = self._buffers
         input_scale = buffers["input_scale"]
+        weight = self.__dict__.get("kernel_weight")  # int8 in place: a plain attribute
+        if weight is None:
+            weight = buffers["kernel_weight"]
+        native = scratch.native
+        if native is not None:  # the three steps below in one call (native_rows.py)
+            return native(  # type: ignore[no-any-return]
+                x,
+                input_scale,
+                scratch.row,
+                weight,
+                buffers["kernel_scales"],
+                scratch.group,
+                buffers["bias"],
+                self.out_features,
+            )
         if input_scale is None:
             scratch.target.copy_(x)
         else:
             torch.mul(x, input_scale, out=scratch.target)
-        weight = self.__dict__.get("kernel_weight")  # int8 in place: a plain attribute
-        if weight is None:
-            weight = buffers["kernel_weight"]
         if self.torch_kernel == "int4pack_mm":
             assert _INT4_MM is not None  # chosen only where the operator exists
             y = _INT4_MM(scratch.row, weight, self._kernel_group, buffers["kernel_scales"])
@@ -530,10 +545,12 @@ class _OneRowScratch:
     like the input) is written each call; ``row`` is the same memory as the kernel's 2-d
     operand, zero-padded to the kernel's width; ``bias`` is shaped like the output."""
 
-    __slots__ = ("bias", "out_shape", "row", "shape", "target", "thread")
+    __slots__ = ("bias", "group", "native", "out_shape", "row", "shape", "target", "thread")
 
     def __init__(self, layer: WeightOnlyLinear, shape: torch.Size) -> None:
         self.shape, self.thread = shape, _thread()
+        self.native = native_rows.one_row_kernel()  # None: the three ops
+        self.group = layer._kernel_group if layer.torch_kernel == "int4pack_mm" else 0
         lead = (1,) * (len(shape) - 1)
         padded = torch.zeros((*lead, layer._padded_in), dtype=KERNEL_DTYPE)
         self.target = padded[..., : layer.in_features]
@@ -605,7 +622,8 @@ def fp32_kernels(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def kernel_summary(model: torch.nn.Module) -> dict[str, Any]:
     """What the model's weight-only layers run in torch, for a trial's details:
     ``{"torch_kernels": {kernel: layers}, "dequantizes_per_call": bool}``, plus the
-    activations' dtype in the kernels (``torch_activations``) where any runs, and
+    activations' dtype in the kernels (``torch_activations``) and how one row runs
+    (``torch_one_row``: ``native``, or why three ops) where any runs, and
     ``int8_widened_from_rows`` (the row count from which the int8 layers run the widened
     bf16 GEMM; None: never, no native bf16) where int8 layers are."""
     layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
@@ -618,6 +636,7 @@ def kernel_summary(model: torch.nn.Module) -> dict[str, Any]:
     }
     if counts.keys() - {"dequantize"}:
         summary["torch_activations"] = "bf16"
+        summary["torch_one_row"] = native_rows.status()  # "native", or why three ops
     widen = {m.int8_widen_rows for m in layers if m.torch_kernel == "int8pack_mm"}
     if widen:  # from this many rows the int8 layers run the widened bf16 GEMM (None: never)
         summary["int8_widened_from_rows"] = min(widen) if min(widen) < NEVER else None

@@ -1,0 +1,121 @@
+"""One decoded row through a packed integer kernel in one native call.
+
+Decoding at batch 1 sends one row through every weight-only layer, and at the widths of
+small decoders the ops around the kernel cost as much as the kernel saves: from Python, a
+128x384 int4 layer ran the cast into its bf16 scratch row (0.9 us), the kernel (5.2 us)
+and the bias add that casts back (2.7 us), against 8.8 us for ``F.linear``. Each op pays
+the Python-to-dispatcher crossing, and the promoting add a ``TensorIterator``.
+
+:func:`one_row_kernel` is the same three steps in one C++ function, built once per machine
+with :func:`torch.utils.cpp_extension.load_inline` (a C++ compiler and ``ninja``; cached
+under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, rebuilt when the
+source changes): the input is rounded to bf16 into the scratch row in a loop, the kernel
+is called from C++, and the bf16 output is widened to fp32 with the bias added in a loop.
+The numbers are the same as the three ops' (round to nearest even; fp32 add), bit for bit;
+``tests/test_weight_only.py`` compares them. Where the build fails (no compiler, no
+headers) or ``QATBENCH_NATIVE_ROWS=0`` is set, layers keep the three ops, and
+:func:`status` says why (a trial's ``torch_one_row`` detail).
+
+Per call, one thread, ``time.thread_time``, median of 9 rounds of 3,000 calls, 2-core AMD
+EPYC (avx512_vnni, avx512_bf16), torch 2.13: int4 in groups of 32, one row,
+
+==========  ===========  ==============  ===========
+layer       ``F.linear``  three ops       native
+==========  ===========  ==============  ===========
+128x128     6.3 us       7.7 us          2.9 us
+128x384     8.8 us       9.6 us          4.9 us
+512x128     9.3 us       10.6 us         6.0 us
+768x3072    196 us       138 us          132 us
+==========  ===========  ==============  ===========
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+DISABLE_ENV = "QATBENCH_NATIVE_ROWS"  # "0": keep the three ops (an A/B switch)
+
+SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+
+// x [.., in] -> row (bf16 [1, padded_in], its tail kept zero) -> kernel -> fp32 [.., out].
+// group > 0: _weight_int4pack_mm_for_cpu in groups of `group`; group == 0:
+// _weight_int8pack_mm. input_scale (AWQ's 1/s) multiplies x before the rounding.
+at::Tensor one_row(const at::Tensor& x, const c10::optional<at::Tensor>& input_scale,
+                   at::Tensor& row, const at::Tensor& weight, const at::Tensor& scales,
+                   int64_t group, const c10::optional<at::Tensor>& bias,
+                   int64_t out_features) {
+  const int64_t n = x.numel();
+  const bool plain_scale = !input_scale.has_value() ||
+      (input_scale->scalar_type() == at::kFloat && input_scale->is_contiguous() &&
+       input_scale->numel() == n);
+  if (x.scalar_type() == at::kFloat && x.is_contiguous() && plain_scale) {
+    const float* xp = x.data_ptr<float>();
+    auto* rp = row.data_ptr<at::BFloat16>();
+    if (input_scale.has_value()) {
+      const float* sp = input_scale->data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) rp[i] = at::BFloat16(xp[i] * sp[i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) rp[i] = at::BFloat16(xp[i]);
+    }
+  } else {
+    at::Tensor scaled = input_scale.has_value() ? x * *input_scale : x;
+    row.narrow(1, 0, n).copy_(scaled.reshape({1, n}));
+  }
+  at::Tensor y = group > 0 ? at::_weight_int4pack_mm_for_cpu(row, weight, group, scales)
+                           : at::_weight_int8pack_mm(row, weight, scales);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = out_features;
+  const auto* yp = y.data_ptr<at::BFloat16>();
+  if (bias.has_value() && !(bias->scalar_type() == at::kFloat && bias->is_contiguous())) {
+    return at::add(*bias, y.narrow(1, 0, out_features)).view(sizes);
+  }
+  at::Tensor out = at::empty(sizes, x.options().dtype(at::kFloat));
+  float* op = out.data_ptr<float>();
+  if (bias.has_value()) {
+    const float* bp = bias->data_ptr<float>();
+    for (int64_t j = 0; j < out_features; ++j) op[j] = static_cast<float>(yp[j]) + bp[j];
+  } else {
+    for (int64_t j = 0; j < out_features; ++j) op[j] = static_cast<float>(yp[j]);
+  }
+  return out;
+}
+"""
+
+_reason: list[str] = []
+
+
+@functools.cache
+def one_row_kernel() -> Callable[..., Any] | None:
+    """The native one-row function, built or loaded on first use; None where it cannot
+    be (then :func:`status` says why)."""
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        _reason.append(f"three ops: {DISABLE_ENV}=0")
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
+        module = load_inline(
+            f"qatbench_rows_{digest}",
+            cpp_sources=[SOURCE],
+            functions=["one_row"],
+            extra_cflags=["-O2"],
+            verbose=False,
+        )
+    except Exception as exc:  # no compiler, headers or ninja: the three ops stay
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        _reason.append(f"three ops: the native row kernel did not build ({first[:200]})")
+        return None
+    return module.one_row  # type: ignore[no-any-return]
+
+
+def status() -> str:
+    """``native``, or why one row runs three ops."""
+    return "native" if one_row_kernel() is not None else _reason[-1]
