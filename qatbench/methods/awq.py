@@ -68,11 +68,13 @@ class AwqMethod(QuantMethod):
     """AWQ (``w8``, ``w4``, ``w3``, ``w2``); needs calibration data."""
 
     name = "awq"
+    # calibrate reads the weights and convert builds new layers: no tensor is written
     capabilities = Capabilities(
         weight_bits=WEIGHT_ONLY_BITS,
         weight_only=True,
         needs_calibration=True,
         runtimes=ALL_RUNTIMES | COMPILED,
+        keeps_weights=True,
         reusable_model=True,
     )
 
