@@ -46,18 +46,21 @@ int8 layer, rows     1      8     16     32     64     96
 =================  =====  =====  =====  =====  =====  =====
 
 One row (a decoded token at batch 1) is where an op's fixed cost (1 to 3 us) is most of a
-call, so it runs three ops: the input cast (and AWQ-scaled) into a bf16 scratch row the
-layer keeps per input shape and thread, already padded for the kernel; the kernel; the
-bias add that casts back. More rows run cast, reshape, kernel, bias add, view.
+call, so it is one native call (:mod:`qatbench.quant.native_rows`): the input cast (and
+AWQ-scaled) into a bf16 scratch row the layer keeps per input shape and thread, already
+padded for the kernel, the kernel, and the bias added with the cast back, in C++. Where
+that function does not build, the same three steps run as three ops. More rows run cast,
+reshape, kernel, bias add, view.
 
 ``_weight_int8pack_mm`` is a matrix-vector kernel: it wins where a call reads the weights
 for a few rows, and loses to fp32 GEMM from a few dozen rows on; widening wins from about
 16 rows at GPT-2's width and, at every width, beats the kernel from 32 rows
-(``INT8_WIDEN_ROWS``). At a width of 128 the packed kernels only draw level with an fp32
-``nn.Linear`` for one row: the kernel saves 1 to 3 us over fp32's 6 to 9, and the copy
-into the scratch row (0.7 us) and the bias add that casts the output back (2.5 us) spend
-most of it again (a 128x384 layer: 10.8 us against 9.4 for ``nn.Linear``; 512x128: 11.3
-against 10.0). The ``dequantize`` path runs 0.02x to 0.16x.
+(``INT8_WIDEN_ROWS``). At a width of 128, as three ops, the packed kernels only drew level
+with an fp32 ``nn.Linear`` for one row: the kernel saves 1 to 3 us over fp32's 6 to 9, and
+the copy into the scratch row (0.9 us) and the bias add that casts the output back
+(2.7 us) spent most of it again; the native row takes them out (see
+:mod:`qatbench.quant.native_rows` for the figures). The ``dequantize`` path runs 0.02x to
+0.16x.
 onnxruntime's MatMulNBits (see the ONNX form below) is faster still at batch 1.
 
 The kernels' operands are non-persistent buffers: counted as resident weights, not saved
