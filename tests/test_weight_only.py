@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import io
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -290,10 +293,24 @@ def test_the_native_row_is_the_three_ops_bit_for_bit(
         assert torch.equal(native, ops), (x.shape, x.dtype)
 
 
+@NATIVE
+def test_a_built_kernel_is_loaded_without_compiler_or_ninja() -> None:
+    """Another process finds this machine's build and imports it: no ``ninja`` run (one
+    of another version than the build's would compile again), no compiler needed."""
+    code = "from qatbench.quant import native_rows; print(native_rows.status())"
+    env = {**os.environ, "PATH": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == "native", done.stdout + done.stderr
+
+
 def test_a_kernel_that_does_not_build_leaves_the_three_ops_and_says_why(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
 
     def no_compiler(*_args: object, **_kwargs: object) -> None:
         raise RuntimeError("Error building extension 'qatbench_rows': c++: not found\nmore")

@@ -33,8 +33,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 DISABLE_ENV = "QATBENCH_NATIVE_ROWS"  # "0": keep the three ops (an A/B switch)
@@ -93,27 +97,60 @@ _reason: list[str] = []
 
 @functools.cache
 def one_row_kernel() -> Callable[..., Any] | None:
-    """The native one-row function, built or loaded on first use; None where it cannot
-    be (then :func:`status` says why)."""
+    """The native one-row function, loaded if this machine built it, else built; None
+    where it cannot be (then :func:`status` says why)."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         _reason.append(f"three ops: {DISABLE_ENV}=0")
         return None
+    name, folder = _build_place()
     try:
-        from torch.utils.cpp_extension import load_inline
+        module = _load_built(name, folder)
+        if module is None:
+            from torch.utils.cpp_extension import load_inline
 
-        digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
-        module = load_inline(
-            f"qatbench_rows_{digest}",
-            cpp_sources=[SOURCE],
-            functions=["one_row"],
-            extra_cflags=["-O2"],
-            verbose=False,
-        )
+            folder.mkdir(parents=True, exist_ok=True)
+            module = load_inline(
+                name,
+                cpp_sources=[SOURCE],
+                functions=["one_row"],
+                extra_cflags=["-O2"],
+                build_directory=str(folder),
+                verbose=False,
+            )
     except Exception as exc:  # no compiler, headers or ninja: the three ops stay
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         _reason.append(f"three ops: the native row kernel did not build ({first[:200]})")
         return None
     return module.one_row  # type: ignore[no-any-return]
+
+
+def _build_place() -> tuple[str, Path]:
+    """The module's name and build folder: one per source, torch and Python version, under
+    ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)."""
+    import torch
+
+    key = f"{SOURCE}{torch.__version__}{sys.implementation.cache_tag}"
+    name = f"qatbench_rows_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return name, Path(root) / name
+
+
+def _load_built(name: str, folder: Path) -> ModuleType | None:
+    """The module built before, imported without asking ``load_inline``: that reruns
+    ``ninja``, and a ``ninja`` of another version (a virtual environment's against the
+    system's) reads the build log as changed and compiles again, most of a minute. None
+    where there is no finished build (``lock``: one is being made)."""
+    library = folder / f"{name}{'.pyd' if sys.platform == 'win32' else '.so'}"  # torch's names
+    if not library.is_file() or (folder / "lock").exists():
+        return None
+    import torch  # noqa: F401  # the library links against torch's, loaded first
+
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def status() -> str:
