@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import onnx
@@ -303,6 +304,33 @@ def test_a_built_kernel_is_loaded_without_compiler_or_ninja() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.stdout.strip() == "native", done.stdout + done.stderr
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_before_building(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    _name, folder = native_rows._build_place()
+    folder.mkdir(parents=True)
+    lock = folder / "lock"
+    lock.touch()
+    old = time.time() - native_rows.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    seen: list[bool] = []
+
+    def build(*_args: object, **_kwargs: object) -> None:
+        seen.append(lock.exists())
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(cpp, "load_inline", build)
+    native_rows.one_row_kernel.cache_clear()
+    try:
+        assert native_rows.one_row_kernel() is None
+    finally:
+        native_rows.one_row_kernel.cache_clear()
+    assert seen == [False]
 
 
 def test_a_kernel_that_does_not_build_leaves_the_three_ops_and_says_why(

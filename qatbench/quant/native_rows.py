@@ -36,12 +36,14 @@ import hashlib
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 DISABLE_ENV = "QATBENCH_NATIVE_ROWS"  # "0": keep the three ops (an A/B switch)
+STALE_LOCK_S = 600  # a build takes under a minute on two cores; older locks are leftovers
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -109,6 +111,7 @@ def one_row_kernel() -> Callable[..., Any] | None:
             from torch.utils.cpp_extension import load_inline
 
             folder.mkdir(parents=True, exist_ok=True)
+            _drop_stale_lock(folder / "lock")
             module = load_inline(
                 name,
                 cpp_sources=[SOURCE],
@@ -133,6 +136,16 @@ def _build_place() -> tuple[str, Path]:
     name = f"qatbench_rows_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
     return name, Path(root) / name
+
+
+def _drop_stale_lock(lock: Path) -> None:
+    """Remove a build lock older than ``STALE_LOCK_S``: a build killed midway (a trial's
+    timeout) leaves it, and ``load_inline`` would wait for it forever."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 def _load_built(name: str, folder: Path) -> ModuleType | None:
