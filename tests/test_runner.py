@@ -232,3 +232,35 @@ def test_a_method_that_aborts_fails_its_trial_and_the_sweep_goes_on(tmp_path: Pa
     assert runs["mlp-abort_in_convert-w8a8-torch"].info.status == "FAILED"
     assert "SIGABRT" in runs["mlp-abort_in_convert-w8a8-torch"].data.tags["qatbench.error"]
     assert {r.info.status for n, r in runs.items() if "abort" not in n} == {"FINISHED"}
+
+
+def test_a_graph_kept_by_torch_trials_is_exported_once_for_both_runtimes(
+    tmp_path: Path,
+) -> None:
+    """With ``artifacts: [onnx]`` the torch trials export too: each model's graph is
+    exported by its first trial and linked by the onnxruntime trial, whose folder then
+    holds the same file (one inode), and rtn's conversion is made once."""
+    uri = sqlite_uri(tmp_path / "mlruns")
+    exp = write_experiment(
+        tmp_path / "exp.yaml",
+        "linked",
+        uri,
+        methods="[fp32, {name: rtn, bits: [w8]}]",
+        bits="[w8]",
+        runtimes="[torch, onnxruntime]",
+        extra="artifacts: [onnx]\n",
+    )
+    proc = qatbench("run", exp, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (report,) = (tmp_path / "reports" / "linked").glob("*/report.json")
+    trials = {t["id"]: t for t in report_trials(report)}
+    for method in ("fp32-fp32", "rtn-w8"):
+        torch_trial, ort_trial = trials[f"mlp-{method}-torch"], trials[f"mlp-{method}-onnxruntime"]
+        assert "exported_by" not in torch_trial["details"]
+        assert ort_trial["details"]["exported_by"] == torch_trial["id"]
+        assert "exported_graph" in ort_trial["details"]["read_from_sweep"]
+        graphs = [Path(t["artifacts"]["onnx"]) for t in (torch_trial, ort_trial)]
+        assert graphs[0] != graphs[1] and graphs[0].stat().st_ino == graphs[1].stat().st_ino
+        assert ort_trial["metrics"]["onnx_size_bytes"] == torch_trial["metrics"]["onnx_size_bytes"]
+    assert trials["mlp-rtn-w8-onnxruntime"]["details"]["converted_by"] == "mlp-rtn-w8-torch"
+    assert not report.with_name("shared").exists()

@@ -138,7 +138,9 @@ class _Converts:
         return Conversion(self.make(), {"alpha": 0.5}, self.by)
 
 
-def _grid(runtimes: str = "[torch, onnxruntime]", bits: str = "[w4, w8]") -> list[TrialSpec]:
+def _grid(
+    runtimes: str = "[torch, onnxruntime]", bits: str = "[w4, w8]", **more: object
+) -> list[TrialSpec]:
     """rtn on ``runtimes`` at ``bits``, as one sweep expands it."""
     spec = validate_experiment(
         {
@@ -146,6 +148,7 @@ def _grid(runtimes: str = "[torch, onnxruntime]", bits: str = "[w4, w8]") -> lis
             "models": ["mlp"],
             "methods": [{"name": "rtn", "bits": yaml.safe_load(bits)}],
             "runtimes": yaml.safe_load(runtimes),
+            **more,
         }
     )
     return spec.expand()
@@ -212,3 +215,49 @@ def test_a_saved_model_that_does_not_load_is_converted_again(tmp_path: Path) -> 
         other = SharedFp32.of(second, _model(0))
         assert other.converted(second, convert).by == "second-trial"
         assert convert.calls == 1 and other.read == []
+
+
+class _Exports:
+    """An export counted: writes a graph and its data file."""
+
+    def __init__(self, graph: Path) -> None:
+        self.graph, self.calls = graph, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.graph.parent.mkdir(parents=True, exist_ok=True)
+        self.graph.write_bytes(b"graph")
+        self.graph.with_name("model.onnx.data").write_bytes(b"weights")
+
+
+def test_a_graph_is_exported_once_and_linked_by_the_other_exporting_trials(
+    tmp_path: Path,
+) -> None:
+    """A torch trial that keeps the graph exports it; the onnxruntime trial links it."""
+    trials = {t.id: t for t in _grid(bits="[w4]", artifacts=["onnx"])}
+    first, second = trials["mlp-rtn-w4-torch"], trials["mlp-rtn-w4-onnxruntime"]
+    with shared_folder(tmp_path / "shared", list(trials.values())):
+        export = _Exports(tmp_path / "a" / "model.onnx")
+        by = SharedFp32.of(first, _model(0)).exported(first, export.graph, export)
+        assert by == first.id and export.calls == 1
+        target = tmp_path / "b" / "model.onnx"
+        target.parent.mkdir()
+        other = SharedFp32.of(second, _model(0))
+        assert other.exported(second, target, lambda: pytest.fail("exported again")) == first.id
+        assert other.read == ["exported_graph"]
+        for name in ("model.onnx", "model.onnx.data"):
+            assert (target.parent / name).read_bytes() == (export.graph.parent / name).read_bytes()
+            assert (target.parent / name).stat().st_ino == (
+                export.graph.parent / name
+            ).stat().st_ino
+
+
+def test_a_graph_no_other_trial_exports_is_not_kept(tmp_path: Path) -> None:
+    """Without artifacts: [onnx] the torch trial exports nothing: onnxruntime's is alone."""
+    trials = _grid(bits="[w4]")
+    (graph_trial,) = [t for t in trials if t.runtime == "onnxruntime"]
+    with shared_folder(tmp_path / "shared", trials):
+        export = _Exports(tmp_path / "a" / "model.onnx")
+        SharedFp32.of(graph_trial, _model(0)).exported(graph_trial, export.graph, export)
+        assert export.calls == 1
+        assert not list((tmp_path / "shared").glob("*/exported-*"))

@@ -686,3 +686,27 @@ def test_the_shipped_llm_experiments_run_a_kernel_in_every_torch_weight_only_tri
                 for label in method.bits or spec.bits:
                     width = BitWidth.parse(label).weight
                     assert choose_kernel(width, group_size) != "dequantize", (name, label)
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (4, 32)])
+def test_a_layer_saves_whole_after_running_and_loads_running_the_same(
+    bits: int, group_size: int | None
+) -> None:
+    """``torch.save`` of the module (a sweep shares converted models so): the int8 operand
+    is a view of the stored bytes (saved once, viewed again when loaded) and the one-row
+    scratch, made by the call before, is left out."""
+    layer = WeightOnlyLinear.from_float(_layer(64, 32), bits, group_size)
+    x = _x(1, 1, 64)
+    with torch.inference_mode():
+        before = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert "_scratch" not in loaded.__dict__
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), before)
+        assert torch.equal(copy.deepcopy(layer)(x), before)
+    if bits == 8:
+        view = loaded.__dict__["kernel_weight"]
+        assert view.untyped_storage().data_ptr() == loaded.qweight.untyped_storage().data_ptr()

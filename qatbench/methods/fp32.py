@@ -9,4 +9,7 @@ class Fp32Method(QuantMethod):
     """Leaves the model in fp32; every other trial is compared against it."""
 
     name = "fp32"
-    capabilities = Capabilities(runtimes=ALL_RUNTIMES | COMPILED, keeps_weights=True)
+    # reusable: the trials of its graph runtimes share one export of the model
+    capabilities = Capabilities(
+        runtimes=ALL_RUNTIMES | COMPILED, keeps_weights=True, reusable_model=True
+    )

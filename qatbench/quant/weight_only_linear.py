@@ -364,6 +364,22 @@ class WeightOnlyLinear(torch.nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._build_kernel()  # new integers: new kernel operands
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled (``torch.save`` of the model, a deep copy) without the int8 view of the
+        stored bytes, which ``torch.save`` refuses (one storage as two dtypes), and
+        without the one-row scratch (per thread, holding the native function): both are
+        made again, the view when unpickled, the scratch on the next call."""
+        state = self.__dict__.copy()
+        state.pop("kernel_weight", None)
+        state.pop("_scratch", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if self.torch_kernel == "int8pack_mm" and self._buffers.get("kernel_weight") is None:
+            shape = (self.out_features, self.in_features)
+            self.kernel_weight = self.qweight.view(torch.int8).reshape(shape)
+
     # ---- execution ---------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

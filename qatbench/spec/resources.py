@@ -132,7 +132,7 @@ def estimate(spec: ExperimentSpec) -> Estimate | None:
         disk += kept * kept_bytes
         if runs_graph:  # the fp32 reference graph, written and removed again
             transient = max(transient, weights)
-        if caps.reusable_model:
+        if caps.reusable_model and caps.quantizes:
             conversions.setdefault(trial.conversion_key(), []).append(kept_bytes)
         if worst is None or peak > worst.memory_bytes:
             worst = Estimate(peak, 0, size.parameters, weights, trial.id)

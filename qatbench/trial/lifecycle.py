@@ -272,7 +272,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         )
         return Conversion(model, method.choices(), trial.id)
 
-    if caps.reusable_model and not searched:  # converted once a sweep (shared_fp32.py)
+    reusable = caps.reusable_model and not searched  # once a sweep (shared_fp32.py)
+    if reusable and caps.quantizes:  # fp32's conversion is a copy sharing its tensors
         conversion = shared.converted(trial, convert)
         if conversion.by != trial.id:
             state.details["converted_by"] = conversion.by
@@ -310,7 +311,15 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         elif ONNX_GRAPH in caps.artifacts:
             sample = _sample(data.eval_x, example)
             subjects.graph = _export(
-                trial, method, candidate, example, onnx_path, state, graph_runtime, sample
+                trial,
+                method,
+                candidate,
+                example,
+                onnx_path,
+                state,
+                graph_runtime,
+                sample,
+                shared if reusable else None,
             )
             if subjects.graph is not None and TORCH_MODULE not in caps.artifacts:
                 # quantized while exporting: the torch model is fp32, the graph is not
@@ -374,16 +383,29 @@ def _export(
     state: _State,
     graph_runtime: Runtime,
     sample: torch.Tensor | None = None,
+    shared: SharedFp32 | None = None,
 ) -> Loaded | None:
     """Export, check and load the ONNX graph on ``graph_runtime`` (the trial's own when it
-    runs graphs); a failure fails only trials whose runtime runs the graph.
+    runs graphs); a failure fails only trials whose runtime runs the graph. With
+    ``shared``, the graph another trial of the sweep exported from the same conversion is
+    linked instead (``details.exported_by`` names that trial).
 
     ``sample`` (one evaluation input, else the example) is saved beside the graph as the
     input example of MLflow's ONNX flavour."""
-    try:
+
+    def write_graph() -> None:
         method.export(candidate, example, onnx_path)
         write_metadata(onnx_path, onnx_metadata(trial, method))
         check_onnx(onnx_path)
+
+    try:
+        if shared is None:
+            write_graph()
+        else:
+            by = shared.exported(trial, onnx_path, write_graph)
+            if by != trial.id:
+                state.details["exported_by"] = by
+                state.details["read_from_sweep"] = shared.read
         # counted before the trial's session opens: the count opens a session of its own
         fraction = graph_runtime.integer_fraction(onnx_path)
         loaded = graph_runtime.load(onnx_path, [])

@@ -15,12 +15,17 @@ weights twice never reads another build's outputs. Later trials read it instead 
 computing it. A trial run alone (the pytest plugin, ``qatbench trial``) computes everything
 itself. Files are written atomically, so trials running at once at worst compute twice.
 
-A method whose capabilities promise ``reusable_model`` is converted once a sweep too: the
-first trial of a model, method, options and bits saves its converted model (a pickle with
-its tensors, loaded memory-mapped, from the sweep's own folder), and that method's trials
-on the other runtimes load it instead of calibrating and converting again: a GPTQ of a 1B
-model is half an hour of calibration, the same for torch and for onnxruntime. A model that
-does not pickle or load is converted by each trial, as before.
+A method whose capabilities promise ``reusable_model`` is converted and exported once a
+sweep too. The first trial of a model, method, options and bits saves its converted model
+(a pickle with its tensors, loaded memory-mapped, from the sweep's own folder), and that
+method's trials on the other runtimes load it instead of calibrating and converting again:
+a GPTQ of a 1B model is half an hour of calibration, the same for torch and for
+onnxruntime. A model that does not pickle or load is converted by each trial, as before.
+Likewise the first trial that exports the graph (onnxruntime, OpenVINO, a torch trial that
+keeps the graph) hard-links it (and its data file) into the folder, and the others link
+it into their own folders instead of exporting, checking and tagging it again. Only what
+another trial of the sweep will read is saved (``reused.json``, written by
+:func:`shared_folder` from the sweep's trials).
 """
 
 from __future__ import annotations
@@ -40,14 +45,19 @@ from unittest import mock
 
 import torch
 
+from qatbench import registry
 from qatbench.results import write_text_atomic
-from qatbench.spec.schema import TrialSpec
+from qatbench.runtimes.base import ONNX_GRAPH
+from qatbench.runtimes.onnx_weights import data_path
+from qatbench.spec.schema import ONNX_ARTIFACT, TrialSpec
 
 SHARED_ENV = "QATBENCH_SHARED_DIR"
 REFERENCE_FILE = "reference_outputs.pt"
 GRAPH_FILE = "fp32_graph.json"
 CONVERTED_PREFIX = "converted-"
-REUSED_FILE = "reused.json"  # the ids of trials whose converted model another will load
+EXPORTED_PREFIX = "exported-"
+REUSED_FILE = "reused.json"  # per kind, the ids of trials whose work another will read
+CONVERTED, EXPORTED = "converted", "exported"
 
 
 @dataclass
@@ -66,15 +76,28 @@ def shared_folder(folder: Path, trials: Sequence[TrialSpec] = ()) -> Iterator[No
     ``trials`` are the sweep's trials to run: those whose converted model another of them
     can load are listed in the folder, and only those save it."""
     try:
-        keys = {t.id: t.conversion_key() for t in trials}
-        groups = Counter(keys.values())
+        exporting = [t for t in trials if exports_graph(t)]
+        reused = {CONVERTED: _shared_keys(trials), EXPORTED: _shared_keys(exporting)}
         folder.mkdir(parents=True, exist_ok=True)
-        reused = [trial_id for trial_id, key in keys.items() if groups[key] > 1]
         write_text_atomic(folder / REUSED_FILE, json.dumps(reused))
         with mock.patch.dict(os.environ, {SHARED_ENV: str(folder.absolute())}):
             yield
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def exports_graph(trial: TrialSpec) -> bool:
+    """Whether ``trial`` exports its converted model: its runtime runs graphs, or the
+    experiment keeps the graph of a torch trial."""
+    runs_graph = registry.runtimes.get(trial.runtime).capabilities.artifact == ONNX_GRAPH
+    return runs_graph or ONNX_ARTIFACT in trial.artifacts
+
+
+def _shared_keys(trials: Sequence[TrialSpec]) -> list[str]:
+    """The ids of ``trials`` whose conversion key another of them has."""
+    keys = {t.id: t.conversion_key() for t in trials}
+    counts = Counter(keys.values())
+    return [trial_id for trial_id, key in keys.items() if counts[key] > 1]
 
 
 def fingerprint(model: torch.nn.Module) -> list[object]:
@@ -172,7 +195,7 @@ class SharedFp32:
                 self.read.append("converted_model")
                 return Conversion(saved["model"], saved["choices"], saved["by"])
         made = compute()
-        if trial.id not in _reused(self.folder.parent):
+        if trial.id not in _reused(self.folder.parent, CONVERTED):
             return made
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -183,9 +206,51 @@ class SharedFp32:
             tmp.unlink(missing_ok=True)
         return made
 
+    def exported(self, trial: TrialSpec, graph: Path, export: Callable[[], None]) -> str:
+        """Put ``trial``'s graph at ``graph`` (with its data file, if any): hard links to
+        the graph that a trial of the sweep exported from the same conversion, else
+        ``export()``, then linked into the shared folder where another trial will link
+        it. Returns the id of the trial that exported it."""
+        if self.folder is None:
+            export()
+            return trial.id
+        digest = hashlib.sha256(trial.conversion_key().encode()).hexdigest()[:20]
+        stored = self.folder / f"{EXPORTED_PREFIX}{digest}"
+        if (stored / graph.name).exists():
+            try:
+                _link_graph(stored / graph.name, graph)
+                self.read.append("exported_graph")
+                return (stored / "by").read_text()
+            except OSError:  # a folder on another device that cannot copy either
+                for path in (graph, data_path(graph)):
+                    path.unlink(missing_ok=True)
+        export()
+        if trial.id in _reused(self.folder.parent, EXPORTED):
+            staged = stored.with_name(f"{stored.name}.{os.getpid()}.tmp")
+            try:
+                staged.mkdir(parents=True)
+                _link_graph(graph, staged / graph.name)
+                (staged / "by").write_text(trial.id)
+                os.replace(staged, stored)  # whole or not at all
+            except OSError:  # another trial stored it first, or links fail: not shared
+                shutil.rmtree(staged, ignore_errors=True)
+        return trial.id
 
-def _reused(root: Path) -> set[str]:
+
+def _link_graph(source: Path, target: Path) -> None:
+    """``target`` (and its data file) as hard links to ``source``'s, copies where the
+    two folders are on different devices."""
+    for src, dst in ((source, target), (data_path(source), data_path(target))):
+        if not src.exists():
+            continue
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def _reused(root: Path, kind: str) -> set[str]:
     try:
-        return set(json.loads((root / REUSED_FILE).read_text()))
-    except (OSError, ValueError):
+        return set(json.loads((root / REUSED_FILE).read_text())[kind])
+    except (OSError, ValueError, KeyError, TypeError):
         return set()
