@@ -217,13 +217,16 @@ def test_a_method_that_aborts_fails_its_trial_and_the_sweep_goes_on(tmp_path: Pa
     # and the shared folder gone with the sweep
     read = {i: t["details"].get("read_from_sweep", []) for i, t in trials.items()}
     assert read["mlp-fp32-fp32-torch"] == []
-    assert read["mlp-fp32-fp32-onnxruntime"] == ["reference_outputs"]
+    assert read["mlp-fp32-fp32-onnxruntime"] == ["fp32_model", "reference_outputs"]
     w8a8_ort = "mlp-ptq-w8a8-onnxruntime"
-    assert read[w8a8_ort] == ["reference_outputs", "graph_bytes", "converted_model"]
+    assert read[w8a8_ort] == ["fp32_model", "reference_outputs", "graph_bytes", "converted_model"]
     assert trials[w8a8_ort]["details"]["converted_by"] == "mlp-ptq-w8a8-torch"
     assert "calibrate_s" in trials["mlp-ptq-w8a8-torch"]["phases"]
     assert "calibrate_s" not in trials[w8a8_ort]["phases"]
-    assert read["mlp-ptq-w4a8-torch"] == ["reference_outputs"]
+    assert read["mlp-ptq-w4a8-torch"] == ["fp32_model", "reference_outputs"]
+    # the loaded build is the built one: same weights, same outputs, same sizes
+    built, loaded = trials["mlp-fp32-fp32-torch"], trials["mlp-ptq-w4a8-torch"]
+    assert built["metrics"]["fp32_weight_bytes"] == loaded["metrics"]["fp32_weight_bytes"]
     assert "converted_by" not in trials["mlp-ptq-w4a8-torch"]["details"]
     assert not report.with_name("shared").exists()
     sweep = json.loads(report.read_text())["tracking"]["sweep"]

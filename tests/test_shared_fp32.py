@@ -16,6 +16,7 @@ from qatbench.trial.shared_fp32 import (
     SHARED_ENV,
     Conversion,
     SharedFp32,
+    built_model,
     fingerprint,
     shared_folder,
 )
@@ -261,3 +262,45 @@ def test_a_graph_no_other_trial_exports_is_not_kept(tmp_path: Path) -> None:
         SharedFp32.of(graph_trial, _model(0)).exported(graph_trial, export.graph, export)
         assert export.calls == 1
         assert not list((tmp_path / "shared").glob("*/exported-*"))
+
+
+def test_a_model_is_built_once_and_loaded_with_the_random_state_after_its_build(
+    tmp_path: Path,
+) -> None:
+    trials = _grid(bits="[w4]")
+    builds: list[int] = []
+
+    def build() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+        builds.append(1)
+        torch.manual_seed(0)
+        return _model(7), (torch.randn(2, 8),)
+
+    with shared_folder(tmp_path / "shared", trials):
+        model, example, loaded = built_model(trials[0], build)
+        after_build = torch.rand(3)
+        torch.manual_seed(123)  # another trial's process: its own state until it loads
+        again, example_again, loaded_again = built_model(trials[1], build)
+        assert torch.equal(torch.rand(3), after_build)
+    assert builds == [1] and (loaded, loaded_again) == (False, True)
+    assert fingerprint(again) == fingerprint(model)
+    assert torch.equal(example_again[0], example[0])
+
+
+def test_a_build_no_other_trial_loads_is_not_saved_and_one_that_does_not_pickle_is_rebuilt(
+    tmp_path: Path,
+) -> None:
+    (alone,) = _grid(runtimes="[torch]", bits="[w4]")
+    with shared_folder(tmp_path / "shared", [alone]):
+        built_model(alone, lambda: (_model(0), (torch.zeros(1, 8),)))
+        assert not list((tmp_path / "shared").glob("built-*"))
+    trials = _grid(bits="[w4]")
+    builds: list[int] = []
+
+    def unpicklable() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+        builds.append(1)
+        return _Unpicklable(), (torch.zeros(1, 8),)
+
+    with shared_folder(tmp_path / "shared", trials):
+        for trial in trials:
+            assert built_model(trial, unpicklable)[2] is False
+    assert len(builds) == 2

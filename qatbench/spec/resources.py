@@ -9,8 +9,8 @@ libraries. Trials run one at a time, so the sweep's peak is its largest trial's.
 
 On disk, each trial folder keeps what the experiment's ``artifacts:`` and its runtime ask
 for (an exported graph, also logged to MLflow as a model, and ``model.pt``), a graph trial
-writes the fp32 reference graph for a moment, and a converted model that trials on other
-runtimes load stays in the sweep's shared folder until the sweep ends
+writes the fp32 reference graph for a moment, and an fp32 build or a converted model that
+other trials load stays in the sweep's shared folder until the sweep ends
 (:mod:`qatbench.trial.shared_fp32`). A quantized model is counted at the method's bits for
 the weights of the layer types it quantizes, plus ``SCALE_BITS`` a weight for scales and
 zero points, and at fp32 for the rest; the graph twice (folder and MLflow) as an upper
@@ -116,6 +116,7 @@ def estimate(spec: ExperimentSpec) -> Estimate | None:
     disk = transient = 0
     worst: Estimate | None = None
     conversions: dict[str, list[int]] = {}
+    builds: dict[str, list[int]] = {}
     for trial in spec.expand():
         size = sizes.get(trial.model.key)
         if size is None:
@@ -132,14 +133,16 @@ def estimate(spec: ExperimentSpec) -> Estimate | None:
         disk += kept * kept_bytes
         if runs_graph:  # the fp32 reference graph, written and removed again
             transient = max(transient, weights)
+        builds.setdefault(trial.build_key(), []).append(weights)
         if caps.reusable_model and caps.quantizes:
             conversions.setdefault(trial.conversion_key(), []).append(kept_bytes)
         if worst is None or peak > worst.memory_bytes:
             worst = Estimate(peak, 0, size.parameters, weights, trial.id)
     if worst is None:
         return None
-    # converted models loaded by trials on other runtimes, kept until the sweep ends
-    disk += transient + sum(group[0] for group in conversions.values() if len(group) > 1)
+    # fp32 builds and converted models other trials load, kept until the sweep ends
+    shared = (*builds.values(), *conversions.values())
+    disk += transient + sum(group[0] for group in shared if len(group) > 1)
     return Estimate(
         worst.memory_bytes, disk, worst.parameters, worst.fp32_weight_bytes, worst.worst
     )

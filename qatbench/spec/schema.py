@@ -380,6 +380,12 @@ class TrialSpec:
     def expectations(self) -> list[Expectation]:
         return [parse_expectation(e) for e in self.expect]
 
+    def build_key(self) -> str:
+        """What the trial's built fp32 model depends on, as text: its model entry and seed.
+        Trials of a sweep with equal keys can share one build."""
+        key = {"model": self.model.model_dump(exclude={"expect"}), "seed": self.seed}
+        return json.dumps(key, sort_keys=True, default=str)
+
     def conversion_key(self) -> str:
         """What the trial's converted model depends on, as text: its model entry, data,
         seed and threads, and its method, options and bits, not its runtime. Trials of a

@@ -69,7 +69,7 @@ from qatbench.trial.measure_phase import (
 )
 from qatbench.trial.measure_phase import TrialState as _State
 from qatbench.trial.mixed_precision import search_keep_fp32
-from qatbench.trial.shared_fp32 import Conversion, SharedFp32
+from qatbench.trial.shared_fp32 import Conversion, SharedFp32, built_model
 
 PhaseReporter = Callable[[str], None]
 INPUT_EXAMPLE = "input_example.npy"
@@ -224,8 +224,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         gc.collect()
         release_free_memory()
 
-    with step("build"):
-        model, example = build_model(trial)
+    with step("build"):  # or loaded: built once a sweep (shared_fp32.py)
+        model, example, loaded = built_model(trial, lambda: build_model(trial))
     with step("data"):
         data = load_data(trial.data, as_batch(example), trial.seed)
         if data.task == "language_modelling":  # export and time at the data's length
@@ -243,6 +243,8 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     with step("reference"):  # shared by the sweep's trials of this model (shared_fp32.py)
         fp32 = model
         shared = SharedFp32.of(trial, fp32)
+        if loaded:
+            shared.read.append("fp32_model")
         reference_out = shared.reference_outputs(
             lambda: predict(fp32, data.eval_x, trial.data.batch_size)
         )

@@ -1,10 +1,15 @@
 """What every trial of a model works out from the same fp32 model, worked out once a sweep.
 
-Each trial builds its fp32 model, then computes its outputs on the evaluation data (the
-reference of every error and quality figure), and a graph trial the size of fp32's
-exported graph (the denominator of its compression ratio: an export of the whole model,
-whose constant folding copies every weight for a moment). A sweep of several methods
-and runtimes would do both once per trial, the same work on the same model.
+Each trial needs its fp32 model, its outputs on the evaluation data (the reference of
+every error and quality figure), and a graph trial the size of fp32's exported graph (the
+denominator of its compression ratio: an export of the whole model, whose constant folding
+copies every weight for a moment). A sweep of several methods and runtimes would build
+the model and work both out once per trial, the same work on the same model.
+
+The first trial of a model entry and seed saves its build (:func:`built_model`: a pickle
+of the model and example inputs, and torch's random state after the build); the others
+load it memory-mapped instead of calling the factory (a 1.1B Llama from its config: 15 to
+20 s of random initialisation).
 
 So the sweep names a folder for its workers (``QATBENCH_SHARED_DIR``, set by
 :func:`shared_folder` around the sweep's trials; the folder goes when the sweep ends),
@@ -57,7 +62,8 @@ GRAPH_FILE = "fp32_graph.json"
 CONVERTED_PREFIX = "converted-"
 EXPORTED_PREFIX = "exported-"
 REUSED_FILE = "reused.json"  # per kind, the ids of trials whose work another will read
-CONVERTED, EXPORTED = "converted", "exported"
+CONVERTED, EXPORTED, BUILT = "converted", "exported", "built"
+BUILT_PREFIX = "built-"
 
 
 @dataclass
@@ -77,7 +83,11 @@ def shared_folder(folder: Path, trials: Sequence[TrialSpec] = ()) -> Iterator[No
     can load are listed in the folder, and only those save it."""
     try:
         exporting = [t for t in trials if exports_graph(t)]
-        reused = {CONVERTED: _shared_keys(trials), EXPORTED: _shared_keys(exporting)}
+        reused = {
+            BUILT: _shared_keys(trials, TrialSpec.build_key),
+            CONVERTED: _shared_keys(trials, TrialSpec.conversion_key),
+            EXPORTED: _shared_keys(exporting, TrialSpec.conversion_key),
+        }
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / REUSED_FILE, json.dumps(reused))
         with mock.patch.dict(os.environ, {SHARED_ENV: str(folder.absolute())}):
@@ -93,11 +103,47 @@ def exports_graph(trial: TrialSpec) -> bool:
     return runs_graph or ONNX_ARTIFACT in trial.artifacts
 
 
-def _shared_keys(trials: Sequence[TrialSpec]) -> list[str]:
-    """The ids of ``trials`` whose conversion key another of them has."""
-    keys = {t.id: t.conversion_key() for t in trials}
+def _shared_keys(trials: Sequence[TrialSpec], key: Callable[[TrialSpec], str]) -> list[str]:
+    """The ids of ``trials`` whose ``key`` another of them has."""
+    keys = {t.id: key(t) for t in trials}
     counts = Counter(keys.values())
     return [trial_id for trial_id, key in keys.items() if counts[key] > 1]
+
+
+Built = tuple[torch.nn.Module, tuple[torch.Tensor, ...]]
+
+
+def built_model(
+    trial: TrialSpec, build: Callable[[], Built]
+) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...], bool]:
+    """``trial``'s fp32 model and example inputs as ``build()`` makes them, and whether
+    they were read from the sweep: loaded (memory-mapped) if a trial of the sweep with
+    the same model entry and seed saved its build, else built, and saved (with torch's
+    random state after the build, restored on loading, so what follows draws the same
+    numbers) where another trial of the sweep will load it. A model that does not pickle
+    or load is built by each trial."""
+    root = os.environ.get(SHARED_ENV)
+    if not root:
+        return (*build(), False)
+    key = f"{trial.build_key()}{importlib.metadata.version('qatbench')}{torch.__version__}"
+    path = Path(root) / f"{BUILT_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, mmap=True, weights_only=False)
+        except Exception:  # a class that no longer imports: build as if first
+            saved = None
+        if isinstance(saved, dict) and isinstance(saved.get("model"), torch.nn.Module):
+            torch.set_rng_state(saved["rng"])
+            return saved["model"], tuple(saved["example"]), True
+    model, example = build()
+    if trial.id in _reused(Path(root), BUILT):
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        try:
+            torch.save({"model": model, "example": example, "rng": torch.get_rng_state()}, tmp)
+            os.replace(tmp, path)
+        except Exception:  # a model that does not pickle: each trial builds its own
+            tmp.unlink(missing_ok=True)
+    return model, example, False
 
 
 def fingerprint(model: torch.nn.Module) -> list[object]:
