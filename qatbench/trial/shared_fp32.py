@@ -79,8 +79,8 @@ class Conversion:
 @contextlib.contextmanager
 def shared_folder(folder: Path, trials: Sequence[TrialSpec] = ()) -> Iterator[None]:
     """Name ``folder`` as the shared folder of the trials started inside, then remove it.
-    ``trials`` are the sweep's trials to run: those whose converted model another of them
-    can load are listed in the folder, and only those save it."""
+    ``trials`` are the sweep's trials to run: those whose build, conversion or export
+    another of them will read are listed in the folder, and only those save it."""
     try:
         exporting = [t for t in trials if exports_graph(t)]
         reused = {
@@ -127,22 +127,13 @@ def built_model(
         return (*build(), False)
     key = f"{trial.build_key()}{importlib.metadata.version('qatbench')}{torch.__version__}"
     path = Path(root) / f"{BUILT_PREFIX}{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
-    if path.exists():
-        try:
-            saved = torch.load(path, mmap=True, weights_only=False)
-        except Exception:  # a class that no longer imports: build as if first
-            saved = None
-        if isinstance(saved, dict) and isinstance(saved.get("model"), torch.nn.Module):
-            torch.set_rng_state(saved["rng"])
-            return saved["model"], tuple(saved["example"]), True
+    saved = _load_model(path)
+    if saved is not None:
+        torch.set_rng_state(saved["rng"])
+        return saved["model"], tuple(saved["example"]), True
     model, example = build()
     if trial.id in _reused(Path(root), BUILT):
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save({"model": model, "example": example, "rng": torch.get_rng_state()}, tmp)
-            os.replace(tmp, path)
-        except Exception:  # a model that does not pickle: each trial builds its own
-            tmp.unlink(missing_ok=True)
+        _save_model(path, {"model": model, "example": example, "rng": torch.get_rng_state()})
     return model, example, False
 
 
@@ -232,24 +223,13 @@ class SharedFp32:
             return compute()
         digest = hashlib.sha256(trial.conversion_key().encode()).hexdigest()[:20]
         path = self.folder / f"{CONVERTED_PREFIX}{digest}.pt"
-        if path.exists():
-            try:
-                saved = torch.load(path, mmap=True, weights_only=False)
-            except Exception:  # a class that no longer imports: convert as if first
-                saved = None
-            if isinstance(saved, dict) and isinstance(saved.get("model"), torch.nn.Module):
-                self.read.append("converted_model")
-                return Conversion(saved["model"], saved["choices"], saved["by"])
+        saved = _load_model(path)
+        if saved is not None:
+            self.read.append("converted_model")
+            return Conversion(saved["model"], saved["choices"], saved["by"])
         made = compute()
-        if trial.id not in _reused(self.folder.parent, CONVERTED):
-            return made
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save({"model": made.model, "choices": made.choices, "by": made.by}, tmp)
-            os.replace(tmp, path)
-        except Exception:  # a model that does not pickle: this trial's alone
-            tmp.unlink(missing_ok=True)
+        if trial.id in _reused(self.folder.parent, CONVERTED):
+            _save_model(path, {"model": made.model, "choices": made.choices, "by": made.by})
         return made
 
     def exported(self, trial: TrialSpec, graph: Path, export: Callable[[], None]) -> str:
@@ -281,6 +261,33 @@ class SharedFp32:
             except OSError:  # another trial stored it first, or links fail: not shared
                 shutil.rmtree(staged, ignore_errors=True)
         return trial.id
+
+
+def _load_model(path: Path) -> dict[str, Any] | None:
+    """What :func:`_save_model` saved at ``path``, its tensors memory-mapped; None where
+    there is none or it does not load (a class that no longer imports): then the trial
+    works it out as if it were the first."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, mmap=True, weights_only=False)  # the sweep's own files
+    except Exception:
+        return None
+    if isinstance(saved, dict) and isinstance(saved.get("model"), torch.nn.Module):
+        return saved
+    return None
+
+
+def _save_model(path: Path, saved: dict[str, Any]) -> None:
+    """Pickle ``saved`` (a model and what goes with it) to ``path`` atomically; a model
+    that does not pickle is not saved, and each trial makes its own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(saved, staged)
+        os.replace(staged, path)
+    except Exception:
+        staged.unlink(missing_ok=True)
 
 
 def _link_graph(source: Path, target: Path) -> None:
