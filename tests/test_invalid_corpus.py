@@ -225,6 +225,8 @@ def _calls(attribute: str, module: str) -> list[tuple[str, ast.Call]]:
 
 
 def test_every_checkpoint_is_loaded_with_weights_only() -> None:
+    """Except the one load of a sweep's own signed pickles (trial/shared_fp32.py's
+    ``_load_model``, which checks the signature first: the test below)."""
     loads = _calls("load", "torch")
     assert loads, "no torch.load found: the check would pass vacuously"
     unsafe = [
@@ -235,7 +237,48 @@ def test_every_checkpoint_is_loaded_with_weights_only() -> None:
             for k in call.keywords
         )
     ]
-    assert unsafe == [], f"torch.load without weights_only=True: {unsafe}"
+    assert len(unsafe) == 1 and unsafe[0].startswith("trial/shared_fp32.py:"), unsafe
+    source = (PACKAGE / "trial" / "shared_fp32.py").read_text()
+    line = int(unsafe[0].split(":")[1])
+    loader = next(
+        node
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef) and node.lineno <= line <= (node.end_lineno or 0)
+    )
+    assert loader.name == "_load_model"
+
+
+class _Planted:
+    """A pickle that, when loaded whole, touches a file: what a planted model could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_shared_model_not_signed_by_the_sweep_is_never_unpickled(tmp_path: Path) -> None:
+    """A file put in a sweep's shared folder by anyone but its workers (no signature, or
+    one made without the sweep's key, or a signed file changed after) is not loaded."""
+    import torch
+
+    from qatbench.trial import shared_fp32 as shared
+
+    marker = tmp_path / "unpickled"
+    with shared.shared_folder(tmp_path / "shared"):
+        target = tmp_path / "shared" / "converted-x.pt"
+        signature = target.with_name(target.name + shared.SIGNATURE_SUFFIX)
+        torch.save({"model": _Planted(marker)}, target)
+        assert shared._load_model(target) is None
+        signature.write_text("0" * 64)  # a signature made without the key
+        assert shared._load_model(target) is None
+        # signed by the sweep, then changed: the bytes no longer match
+        shared._save_model(target, {"model": torch.nn.Linear(2, 2)})
+        assert shared._load_model(target) is not None
+        torch.save({"model": _Planted(marker)}, target)
+        assert shared._load_model(target) is None
+    assert not marker.exists()
 
 
 def test_yaml_is_only_read_with_the_safe_loader() -> None:

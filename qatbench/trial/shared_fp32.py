@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import importlib.metadata
 import json
 import os
+import secrets
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -57,6 +59,8 @@ from qatbench.runtimes.onnx_weights import data_path
 from qatbench.spec.schema import ONNX_ARTIFACT, TrialSpec
 
 SHARED_ENV = "QATBENCH_SHARED_DIR"
+KEY_ENV = "QATBENCH_SHARED_KEY"  # signs the pickled models (_load_model), never on disk
+SIGNATURE_SUFFIX = ".hmac"
 REFERENCE_FILE = "reference_outputs.pt"
 GRAPH_FILE = "fp32_graph.json"
 CONVERTED_PREFIX = "converted-"
@@ -90,7 +94,8 @@ def shared_folder(folder: Path, trials: Sequence[TrialSpec] = ()) -> Iterator[No
         }
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / REUSED_FILE, json.dumps(reused))
-        with mock.patch.dict(os.environ, {SHARED_ENV: str(folder.absolute())}):
+        names = {SHARED_ENV: str(folder.absolute()), KEY_ENV: secrets.token_hex(32)}
+        with mock.patch.dict(os.environ, names):
             yield
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -265,26 +270,51 @@ class SharedFp32:
 
 def _load_model(path: Path) -> dict[str, Any] | None:
     """What :func:`_save_model` saved at ``path``, its tensors memory-mapped; None where
-    there is none or it does not load (a class that no longer imports): then the trial
-    works it out as if it were the first."""
-    if not path.exists():
+    there is none, it does not load (a class that no longer imports: the trial then works
+    it out as if it were the first), or its signature does not match.
+
+    These are the only files qatbench unpickles whole (``weights_only=False``: a model's
+    classes, not only tensors; every checkpoint a user brings is read with
+    ``weights_only=True``). They are written by the sweep's own workers and signed with
+    HMAC-SHA256 under a key that exists only in the sweep's environment
+    (``QATBENCH_SHARED_KEY``, never on disk): a file anyone else put or changed in the
+    folder fails the check and is not unpickled. The file checked is the file loaded: it
+    is opened once, checked through that descriptor and loaded from it."""
+    key = os.environ.get(KEY_ENV)
+    signature = path.with_name(path.name + SIGNATURE_SUFFIX)
+    if not key or not path.exists() or not signature.exists():
         return None
-    try:
-        saved = torch.load(path, mmap=True, weights_only=False)  # the sweep's own files
-    except Exception:
-        return None
+    with open(path, "rb") as file:
+        mac = hmac.new(bytes.fromhex(key), digestmod=hashlib.sha256)
+        while chunk := file.read(1 << 20):
+            mac.update(chunk)
+        if not hmac.compare_digest(mac.hexdigest(), signature.read_text().strip()):
+            return None
+        try:  # the checked file, by its descriptor: a later rename cannot swap it
+            saved = torch.load(f"/dev/fd/{file.fileno()}", mmap=True, weights_only=False)
+        except Exception:
+            return None
     if isinstance(saved, dict) and isinstance(saved.get("model"), torch.nn.Module):
         return saved
     return None
 
 
 def _save_model(path: Path, saved: dict[str, Any]) -> None:
-    """Pickle ``saved`` (a model and what goes with it) to ``path`` atomically; a model
-    that does not pickle is not saved, and each trial makes its own."""
+    """Pickle ``saved`` (a model and what goes with it) to ``path`` atomically, with its
+    signature beside it (see :func:`_load_model`); a model that does not pickle is not
+    saved, and each trial makes its own."""
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     staged = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(saved, staged)
+        mac = hmac.new(bytes.fromhex(key), digestmod=hashlib.sha256)
+        with open(staged, "rb") as file:
+            while chunk := file.read(1 << 20):
+                mac.update(chunk)
+        write_text_atomic(path.with_name(path.name + SIGNATURE_SUFFIX), mac.hexdigest())
         os.replace(staged, path)
     except Exception:
         staged.unlink(missing_ok=True)
