@@ -3,30 +3,33 @@
 Decoding at batch 1 sends one row through every weight-only layer, and at the widths of
 small decoders the ops around the kernel cost as much as the kernel saves: from Python, a
 128x384 int4 layer ran the cast into its bf16 scratch row (0.9 us), the kernel (5.2 us)
-and the bias add that casts back (2.7 us), against 8.8 us for ``F.linear``. Each op pays
-the Python-to-dispatcher crossing, and the promoting add a ``TensorIterator``.
+and the bias add that casts back (2.7 us), against 8.8 us for ``F.linear`` (each op
+timed alone). Each op pays the Python-to-dispatcher crossing, and the promoting add a
+``TensorIterator``.
 
 :func:`one_row_kernel` is the same three steps in one C++ function, built once per machine
-with :func:`torch.utils.cpp_extension.load_inline` (a C++ compiler and ``ninja``; cached
-under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, rebuilt when the
-source changes): the input is rounded to bf16 into the scratch row in a loop, the kernel
+with :func:`torch.utils.cpp_extension.load_inline` (a C++ compiler and ``ninja``; about
+40 s on two cores) into ``qatbench_rows_<hash of the source, torch and Python>`` under
+``TORCH_EXTENSIONS_DIR`` (by default ``~/.cache/torch_extensions``), which later
+processes import directly: the input is rounded to bf16 into the scratch row in a loop, the kernel
 is called from C++, and the bf16 output is widened to fp32 with the bias added in a loop.
 The numbers are the same as the three ops' (round to nearest even; fp32 add), bit for bit;
 ``tests/test_weight_only.py`` compares them. Where the build fails (no compiler, no
 headers) or ``QATBENCH_NATIVE_ROWS=0`` is set, layers keep the three ops, and
 :func:`status` says why (a trial's ``torch_one_row`` detail).
 
-Per call, one thread, ``time.thread_time``, median of 9 rounds of 3,000 calls, 2-core AMD
-EPYC (avx512_vnni, avx512_bf16), torch 2.13: int4 in groups of 32, one row,
+Per call of the layer (module calls, one row, one thread, ``time.thread_time``, median of
+9 rounds of 3,000 calls, all in one run; 2-core AMD EPYC with avx512_vnni and
+avx512_bf16, torch 2.13), int4 in groups of 32 against ``nn.Linear``:
 
-==========  ===========  ==============  ===========
-layer       ``F.linear``  three ops       native
-==========  ===========  ==============  ===========
-128x128     6.3 us       7.7 us          2.9 us
-128x384     8.8 us       9.6 us          4.9 us
-512x128     9.3 us       10.6 us         6.0 us
-768x3072    196 us       138 us          132 us
-==========  ===========  ==============  ===========
+==========  =============  =========  =========
+layer       ``nn.Linear``  three ops  native
+==========  =============  =========  =========
+128x128     7.1 us         9.2 us     4.9 us
+128x384     9.7 us         11.1 us    6.8 us
+512x128     10.3 us        12.1 us    8.1 us
+768x3072    181 us         139 us     134 us
+==========  =============  =========  =========
 """
 
 from __future__ import annotations
