@@ -103,13 +103,6 @@ def model_size(entry: ModelEntry) -> ModelSize | None:
     return ModelSize(sum(by_type.values()) // 4, by_type)
 
 
-def fp32_weight_bytes(entry: ModelEntry) -> tuple[int, int] | None:
-    """(parameters, bytes as fp32) of ``entry``'s model built on the meta device, or None
-    where its factory cannot build there."""
-    found = model_size(entry)
-    return None if found is None else (found.parameters, found.fp32_bytes)
-
-
 def estimate(spec: ExperimentSpec) -> Estimate | None:
     """What ``spec``'s sweep needs, or None where no model's size could be known."""
     sizes = {entry.key: model_size(entry) for entry in spec.models}
