@@ -58,7 +58,7 @@ from qatbench.runtimes.base import (
 )
 from qatbench.runtimes.onnx_export import check_onnx, graph_bytes, write_metadata
 from qatbench.spec.checks import resolve_model_factory, resolve_task
-from qatbench.spec.schema import ONNX_ARTIFACT, TrialSpec
+from qatbench.spec.schema import TrialSpec
 from qatbench.trial.measure_phase import (
     Subjects,
     generation,
@@ -69,7 +69,7 @@ from qatbench.trial.measure_phase import (
 )
 from qatbench.trial.measure_phase import TrialState as _State
 from qatbench.trial.mixed_precision import search_keep_fp32
-from qatbench.trial.shared_fp32 import Conversion, SharedFp32, built_model
+from qatbench.trial.shared_fp32 import Conversion, SharedFp32, built_model, exports_graph
 
 PhaseReporter = Callable[[str], None]
 INPUT_EXAMPLE = "input_example.npy"
@@ -243,6 +243,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     with step("reference"):  # shared by the sweep's trials of this model (shared_fp32.py)
         fp32 = model
         shared = SharedFp32.of(trial, fp32)
+        state.details["read_from_sweep"] = shared.read  # what it reads, as it reads it
         if loaded:
             shared.read.append("fp32_model")
         reference_out = shared.reference_outputs(
@@ -282,8 +283,6 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
     else:
         conversion = convert()
     candidate = conversion.model
-    if shared.read:
-        state.details["read_from_sweep"] = shared.read
     state.details.update(kernel_summary(candidate))
     state.details["simulated"] = method.simulated
     state.details.update(conversion.choices)
@@ -304,8 +303,7 @@ def _lifecycle(trial: TrialSpec, out_dir: Path, state: _State, report: PhaseRepo
         if runtime.capabilities.artifact == ONNX_GRAPH
         else registry.runtimes.get(REFERENCE_GRAPH_RUNTIME)(trial.measure.threads)
     )
-    runs_graph = runtime.capabilities.artifact == ONNX_GRAPH
-    wanted = runs_graph or ONNX_ARTIFACT in trial.artifacts
+    wanted = exports_graph(trial)  # a torch trial exports only if the graph is kept
     with step("export"):
         if ONNX_GRAPH in caps.artifacts and not wanted:
             # a torch trial exports only when the experiment keeps the graph (artifacts:)
@@ -407,7 +405,6 @@ def _export(
             by = shared.exported(trial, onnx_path, write_graph)
             if by != trial.id:
                 state.details["exported_by"] = by
-                state.details["read_from_sweep"] = shared.read
         # counted before the trial's session opens: the count opens a session of its own
         fraction = graph_runtime.integer_fraction(onnx_path)
         loaded = graph_runtime.load(onnx_path, [])
